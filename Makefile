@@ -1,0 +1,25 @@
+# Two entry points: `make run` (install + generate with the bundled model) and `make test`.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test run lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+
+test: install
+	$(BIN)/python -m pytest
+
+run: install
+	$(BIN)/dgemma generate --model tiny-random --max-new-tokens 32 "def fibonacci(n):"
+
+lint: install
+	$(BIN)/ruff check dgemma tests
+
+clean:
+	rm -rf $(VENV) *.egg-info
