@@ -1,0 +1,386 @@
+"""The DiffusionGemma text model: one set of weights, used as a causal encoder and as a bidirectional denoiser.
+
+Reads top to bottom: norms, rotary embeddings, attention, dense MLP, router and experts, the layer,
+self-conditioning, the model. The math follows the spec (`shared/spec/diffusiongemma.md`, part A2/A3):
+
+    encode(ids, cache)              causal over cache + ids, writes K/V into `cache`  -> hidden [B, T, H]
+    denoise(canvas, cache, sc)      bidirectional over cache + canvas, reads `cache`  -> logits [B, C, V] fp32
+    logits(hidden)                  tied LM head + fp32 soft-cap
+
+The model holds no inference state; the cache is an explicit argument. Module names follow the Hugging Face
+checkpoint (`model.decoder.*`), so the checkpoint map is close to the identity (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import FULL, SLIDING, ModelConfig
+
+Masks = dict[str, torch.Tensor | None]  # per layer type: bool [B|1, 1, Tq, Tk] (True = may attend) or None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Norms
+class RMSNorm(nn.Module):
+    """RMS norm computed in fp32; the weight multiplies directly (no `1 + w`). `with_scale=False` has no weight."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotary embeddings (no weights; computed from positions)
+def rope_inv_freq(config: ModelConfig, layer_type: str) -> torch.Tensor:
+    """Inverse frequencies `[d/2]` fp32. Full layers use proportional RoPE: only the first
+    `floor(p*D/2)` pairs rotate, with exponents over the full head dim D; the rest have frequency 0."""
+    if layer_type == SLIDING:
+        d, theta, rotated = config.head_dim, config.sliding_rope_theta, config.head_dim // 2
+    else:
+        d, theta = config.global_head_dim, config.full_rope_theta
+        rotated = int(config.full_partial_rotary_factor * d // 2)
+    inv = 1.0 / (theta ** (torch.arange(0, 2 * rotated, 2, dtype=torch.int64).float() / d))
+    return torch.cat([inv, torch.zeros(d // 2 - rotated)])
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos/sin `[T, d]` for integer positions `[T]` (shared by every row of the batch)."""
+    angles = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, n, d]; rotate-half pairing (element j with j + d/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention
+class Attention(nn.Module):
+    """Sliding layers: q/k/v projections. Full layers: no v_proj, values are the raw key projection."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        H, nh = config.hidden_size, config.num_attention_heads
+        self.head_dim, self.num_kv_heads = config.layer_head_dim(layer), config.layer_kv_heads(layer)
+        self.num_heads = nh
+        self.q_proj = nn.Linear(H, nh * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False) if config.is_sliding(layer) else None
+        self.o_proj = nn.Linear(nh * self.head_dim, H, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.v_norm = RMSNorm(self.head_dim, config.rms_norm_eps, with_scale=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, H], already input-normed
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        prefix: tuple[torch.Tensor | None, torch.Tensor | None],  # cached K/V [B, nkv, S, d] or (None, None)
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the attention output `[B, T, H]` and the keys/values attended to (prefix + new)."""
+        B, T, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)), cos, sin)
+        k_raw = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v_raw = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim) if self.v_proj is not None else k_raw
+        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)  # [B, nkv, T, d]
+        v = self.v_norm(v_raw).transpose(1, 2)
+        pk, pv = prefix
+        if pk is not None:
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        # Scaling is exactly 1: the q/k norms replace 1/sqrt(d).
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=1.0,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), k, v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feed-forward: dense MLP, router, packed experts
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Softmax over all experts (fp32), top-k, renormalised to 1, times a per-expert scale."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H = config.hidden_size
+        self.top_k = config.top_k_experts
+        self.root = H**-0.5
+        self.norm = RMSNorm(H, config.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(H, config.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(H))
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+
+    def forward(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """r: [N, H] -> weights [N, k] fp32, expert ids [N, k]."""
+        z = self.norm(r) * self.scale * self.root
+        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.per_expert_scale[idx], idx
+
+
+class Experts(nn.Module):
+    """Packed expert weights: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x: [N, H]; each token goes through its k experts, outputs summed with the router weights."""
+        out = torch.zeros_like(x)
+        flat = idx.reshape(-1)  # [N*k]
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        tokens = order // idx.shape[1]
+        slots = order % idx.shape[1]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok, slot = tokens[start:start + n], slots[start:start + n]
+            start += n
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+            out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The layer
+class Layer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.layer_type = config.layer_types[layer]
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(H, config.intermediate_size)
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps)  # dense MLP in
+        self.post_feedforward_layernorm_1 = RMSNorm(H, eps)  # dense MLP out
+        self.pre_feedforward_layernorm_2 = RMSNorm(H, eps)  # experts in
+        self.post_feedforward_layernorm_2 = RMSNorm(H, eps)  # experts out
+        self.post_feedforward_layernorm = RMSNorm(H, eps)  # sum
+        # The checkpoint has one scalar per copy (decoder and encoder); they are equal in the release.
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def forward(self, h, cos, sin, prefix, mask, encoder: bool):
+        a, k, v = self.self_attn(self.input_layernorm(h), cos, sin, prefix, mask)
+        h = h + self.post_attention_layernorm(a)
+        r = h
+        m1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
+        flat = r.reshape(-1, r.shape[-1])
+        w, idx = self.router(flat)
+        m2 = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).reshape(r.shape)
+        m2 = self.post_feedforward_layernorm_2(m2)
+        h = r + self.post_feedforward_layernorm(m1 + m2)
+        return h * (self.encoder_layer_scalar if encoder else self.layer_scalar), k, v
+
+
+class SelfConditioning(nn.Module):
+    """Soft embedding of the previous step's logits -> gated MLP -> added to the canvas embedding, no-scale norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H = config.hidden_size
+        self.pre_norm = RMSNorm(H, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(H, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(H, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, H, bias=False)
+        self.post_norm = RMSNorm(H, config.rms_norm_eps, with_scale=False)
+
+    def forward(self, embeds: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        x = self.pre_norm(soft)
+        return self.post_norm(embeds + self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+class DiffusionGemma(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, H)
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(H, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+        self.register_buffer("embed_scale", torch.tensor(math.sqrt(H)), persistent=False)
+        for t in (SLIDING, FULL):
+            self.register_buffer(f"inv_freq_{t}", rope_inv_freq(config, t), persistent=False)
+
+    # ---- pieces ----
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        # The fp32 scale is cast to the weight dtype before the multiply (bf16: sqrt(2816) -> 53.0).
+        return self.embed_tokens(ids) * self.embed_scale.to(self.dtype)
+
+    def soft_embed(self, sc_logits: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning soft embedding: softmax (fp32) cast to the weight dtype, times E, times the scale."""
+        probs = F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(self.dtype)
+        return (probs @ self.embed_tokens.weight) * self.embed_scale.to(self.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head; fp32 soft-cap."""
+        out = F.linear(hidden, self.embed_tokens.weight).float()
+        cap = self.config.final_logit_softcapping
+        return out if cap is None else torch.tanh(out / cap) * cap
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {t: rope_cos_sin(getattr(self, f"inv_freq_{t}"), positions, dtype) for t in (SLIDING, FULL)}
+
+    def _run_layers(self, h, positions, masks: Masks, prefix_of, store, encoder: bool) -> torch.Tensor:
+        rope = self._rope(positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            cos, sin = rope[layer.layer_type]
+            h, k, v = layer(h, cos, sin, prefix_of(i), masks[layer.layer_type], encoder)
+            if store is not None:
+                store(i, k, v)
+        return self.norm(h)
+
+    # ---- encoder ----
+    def encode(self, ids: torch.Tensor, cache: KVCache | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal pass over `ids` [B, T] after whatever `cache` holds; appends their K/V to `cache`.
+
+        attention_mask: [B, T] (1 = token, 0 = left padding) for these positions; all ones if None.
+        Returns the final-normed hidden states [B, T, H] (next-token logits via `logits`)."""
+        B, T = ids.shape
+        valid = (torch.ones(B, T, dtype=torch.bool, device=ids.device) if attention_mask is None
+                 else attention_mask.to(device=ids.device, dtype=torch.bool))
+        if cache is None:
+            cache = KVCache(window=[None] * len(self.layers), keys=[None] * len(self.layers),
+                            values=[None] * len(self.layers))
+        L = cache.length
+        cache.extend_valid(valid)
+        positions = torch.arange(L, L + T, device=ids.device)
+        masks = {t: encoder_mask(cache, positions, self.config.sliding_window if t == SLIDING else None,
+                                 self._first_layer_of(t))
+                 for t in (SLIDING, FULL) if self._first_layer_of(t) is not None}
+        h = self._run_layers(self.embed(ids), positions, _fill(masks), cache.layer, cache.store, encoder=True)
+        cache.advance(T)
+        return h
+
+    def _first_layer_of(self, layer_type: str) -> int | None:
+        return next((i for i, t in enumerate(self.config.layer_types) if t == layer_type), None)
+
+    # ---- decoder ----
+    def denoise_hidden(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
+                       sc_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                       masks: Masks | None = None) -> torch.Tensor:
+        """Bidirectional pass over `canvas` [B, C] reading (never writing) `cache`. Returns hidden [B, C, H].
+
+        sc_logits: [B, C, V] logits of the previous step (None = first step, zero signal).
+        sc_mask: [B] 0/1 per-example self-conditioning switch (training).
+        positions/masks: override the inference geometry (training denoises several canvases in one pass)."""
+        e = self.embed(canvas)
+        if sc_logits is None:
+            soft = torch.zeros_like(e)
+        else:
+            soft = self.soft_embed(sc_logits)
+            if sc_mask is not None:
+                soft = soft * sc_mask.to(soft.dtype)[:, None, None]
+        h = self.self_conditioning(e, soft)
+        if positions is None:
+            positions = torch.arange(cache.length, cache.length + canvas.shape[1], device=canvas.device)
+        if masks is None:
+            masks = {t: decoder_mask(cache, canvas.shape[1], self._first_layer_of(t)) for t in (SLIDING, FULL)
+                     if self._first_layer_of(t) is not None}
+        return self._run_layers(h, positions, _fill(masks), cache.layer, None, encoder=False)
+
+    def denoise(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
+                **kw) -> torch.Tensor:
+        """Canvas logits [B, C, V] fp32 (soft-capped)."""
+        return self.logits(self.denoise_hidden(canvas, cache, sc_logits, **kw))
+
+
+def _fill(masks: Masks) -> Masks:
+    return {SLIDING: masks.get(SLIDING), FULL: masks.get(FULL)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference masks (boolean, True = may attend)
+def encoder_mask(cache: KVCache, positions: torch.Tensor, window: int | None, layer: int) -> torch.Tensor | None:
+    """Causal (+ sliding window) mask over the keys layer `layer` will see: the kept prefix plus the new tokens.
+    `cache.valid` must already include the new positions. None when nothing is masked."""
+    q = positions  # [T]
+    start = cache.start(layer)
+    kpos = torch.arange(start, int(q[-1]) + 1, device=q.device)  # [S]
+    allowed = kpos[None, :] <= q[:, None]
+    if window is not None:
+        allowed &= kpos[None, :] > q[:, None] - window
+    allowed = allowed[None] & cache.valid[:, start:][:, None, :]  # [B, T, S]
+    allowed |= kpos[None, None, :] == q[None, :, None]  # a padded query sees itself (keeps softmax finite)
+    if bool(allowed.all()):
+        return None
+    return allowed[:, None]
+
+
+def decoder_mask(cache: KVCache, canvas_len: int, layer: int) -> torch.Tensor | None:
+    """Bidirectional: every canvas query sees every kept, non-padded cached key and the whole canvas."""
+    if cache.valid is None:
+        return None
+    kept = cache.valid[:, cache.start(layer):]
+    if bool(kept.all()):
+        return None
+    B = kept.shape[0]
+    allowed = torch.cat([kept, torch.ones(B, canvas_len, dtype=torch.bool, device=kept.device)], dim=1)
+    return allowed[:, None, None, :].expand(B, 1, canvas_len, allowed.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def init_weights(model: DiffusionGemma, std: float = 0.02, seed: int | None = None) -> DiffusionGemma:
+    """Random initialisation for training from scratch (normal(0, std) matrices, unit norms and scales)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+        else:
+            p.fill_(1.0)
+    for layer in model.layers:
+        layer.layer_scalar.fill_(1.0)
+        layer.encoder_layer_scalar.fill_(1.0)
+    return model
