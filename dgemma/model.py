@@ -158,23 +158,24 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x: [N, H]; each token goes through its k experts, outputs summed with the router weights."""
-        out = torch.zeros_like(x)
-        flat = idx.reshape(-1)  # [N*k]
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        tokens = order // idx.shape[1]
-        slots = order % idx.shape[1]
-        start = 0
+        """x: [N, H]; each token goes through its k experts, outputs summed with the router weights.
+
+        The N*k (token, slot) pairs are grouped by expert, run one matmul per expert, weighted (fp32), put back
+        in (token, slot) order and summed over the slots: the reference's order of operations, so results match."""
+        N, k = idx.shape
+        expert_of, order = torch.sort(idx.reshape(-1))  # [N*k]
+        xs = x[order // k]
+        counts = torch.bincount(expert_of, minlength=self.gate_up_proj.shape[0]).tolist()
+        outs, start = [], 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tok, slot = tokens[start:start + n], slots[start:start + n]
-            start += n
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
-            out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
-        return out
+            if n:
+                gate, up = F.linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e]))
+                start += n
+        y = torch.cat(outs) * weights.reshape(-1)[order, None]  # [N*k, H] fp32
+        unsorted = torch.empty_like(y)
+        unsorted[order] = y
+        return unsorted.view(N, k, -1).sum(dim=1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

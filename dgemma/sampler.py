@@ -1,0 +1,108 @@
+"""Sampling as pure functions over tensors: logits and a `torch.Generator` in, tokens and masks out.
+
+State that lives across denoising steps (the argmax history of the stability test) is returned and passed back.
+The arithmetic mirrors transformers 5.23.0 operation for operation, so that the `compat` generation mode
+reproduces its tokens bit for bit; see spec A5.2 for the algorithm and the RNG order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def linear_temperature(step_remaining: int, num_steps: int, t_min: float, t_max: float,
+                       reach_t_min: bool = False) -> torch.Tensor:
+    """Temperature of the step with `step_remaining` steps left (N, N-1, ..., 1), as an fp32 scalar tensor.
+
+    The reference uses T(n) = t_min + (t_max - t_min) * n / N, which never reaches t_min (its last step is
+    n = 1). `reach_t_min=True` shifts the schedule so the first step is t_max and the last exactly t_min."""
+    if reach_t_min:
+        frac = torch.tensor((step_remaining - 1) / max(num_steps - 1, 1), dtype=torch.float32)
+    else:
+        frac = torch.tensor(step_remaining, dtype=torch.int32) / num_steps
+    return t_min + (t_max - t_min) * frac
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of softmax(logits) over the last axis; [..., V] -> [...]. Same operations as
+    `torch.distributions.Categorical(logits=...).entropy()` so that thresholds decide identically."""
+    norm = logits - logits.logsumexp(dim=-1, keepdim=True)
+    probs = F.softmax(norm, dim=-1)
+    return -(norm.clamp(min=torch.finfo(norm.dtype).min) * probs).sum(-1)
+
+
+def accept_entropy_bound(token_entropy: torch.Tensor, bound: float) -> torch.Tensor:
+    """EB-sampler acceptance: sort positions by entropy ascending and accept the k lowest while
+    (sum of their entropies) - (the largest of them) <= bound. [B, C] fp32 -> [B, C] bool; at least one per row."""
+    sorted_h, order = torch.sort(token_entropy, dim=-1)
+    keep = torch.cumsum(sorted_h, dim=-1) - sorted_h <= bound
+    return torch.scatter(torch.zeros_like(keep), -1, order, keep)
+
+
+def stable_and_confident(argmax: torch.Tensor, processed_logits: torch.Tensor, history: torch.Tensor | None,
+                         stability_threshold: int, confidence_threshold: float,
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Adaptive stopping: a row is done when its argmax canvas equals each of the previous `stability_threshold`
+    argmax canvases and the mean entropy of its processed logits is below `confidence_threshold`.
+
+    argmax [B, C]; history [s, B, C] or None (first step: filled with -1, so never stable).
+    Returns (done [B] bool, new history)."""
+    if stability_threshold == 0:
+        stable = torch.ones(argmax.shape[0], dtype=torch.bool, device=argmax.device)
+        new_history = history
+    else:
+        if history is None:
+            history = torch.full((stability_threshold, *argmax.shape), -1, dtype=argmax.dtype, device=argmax.device)
+        stable = (history == argmax[None]).all(dim=-1).all(dim=0)
+        new_history = torch.roll(history, shifts=-1, dims=0)
+        new_history[-1] = argmax
+    confident = entropy(processed_logits).mean(dim=-1) < confidence_threshold
+    return stable & confident, new_history
+
+
+@dataclass
+class StepResult:
+    canvas: torch.Tensor  # [B, C] next canvas: accepted samples, the rest renoised
+    argmax: torch.Tensor  # [B, C]
+    accepted: torch.Tensor  # [B, C] bool
+    token_entropy: torch.Tensor  # [B, C] fp32
+
+
+def sample_step(processed: torch.Tensor, canvas: torch.Tensor, entropy_bound: float, vocab_size: int,
+                generator: torch.Generator | None) -> StepResult:
+    """One sampler update from temperature-processed logits [B, C, V] fp32.
+
+    RNG order (as the reference): one multinomial over [B*C, V], then one randint(B, C) for renoising."""
+    B, C, V = processed.shape
+    probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+    sampled = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, C)
+    argmax = processed.argmax(dim=-1)
+    h = entropy(processed)
+    accepted = accept_entropy_bound(h, entropy_bound)
+    kept = torch.where(accepted, sampled, canvas)
+    noise = torch.randint(0, vocab_size, (B, C), generator=generator, device=canvas.device)
+    return StepResult(torch.where(~accepted, noise, kept), argmax, accepted, h)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autoregressive sampling (the baseline decoder)
+def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] fp32 -> token ids [B]. temperature 0 = greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
