@@ -353,7 +353,8 @@ def encoder_mask(cache: KVCache, positions: torch.Tensor, window: int | None, la
     if window is not None:
         allowed &= kpos[None, :] > q[:, None] - window
     allowed = allowed[None] & cache.valid[:, start:][:, None, :]  # [B, T, S]
-    allowed |= kpos[None, None, :] == q[None, :, None]  # a padded query sees itself (keeps softmax finite)
+    # A left-padding query may see no key at all; SDPA returns zeros for such rows (as in the reference, whose
+    # pad-position activations then route through the experts exactly like ours: keeps results bit-identical).
     if bool(allowed.all()):
         return None
     return allowed[:, None]

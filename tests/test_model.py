@@ -1,0 +1,137 @@
+"""Oracle and equivalence tests for the model: dgemma vs transformers 5.23.0 at tiny random sizes."""
+
+import pytest
+import torch
+
+from dgemma.cache import KVCache
+from dgemma.model import DiffusionGemma, init_weights
+from oracle import CONFIGS, dgemma_from_hf, hf_model
+
+pytest.importorskip("transformers")
+
+
+def _hf_encode_decode(hf, ids, am, canvas, sc):
+    from transformers import DynamicCache
+
+    pkv = DynamicCache(config=hf.config.text_config)
+    enc = hf.model.encoder(input_ids=ids, attention_mask=am, past_key_values=pkv, use_cache=True).last_hidden_state
+    dam = torch.cat([am, torch.ones(am.shape[0], canvas.shape[1], dtype=am.dtype)], dim=1)
+    logits = hf(decoder_input_ids=canvas, past_key_values=pkv, self_conditioning_logits=sc,
+                decoder_attention_mask=dam).logits
+    return enc, logits
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("with_sc", [False, True])
+def test_encoder_and_decoder_match_transformers(name, with_sc):
+    cfg = CONFIGS[name]
+    hf = hf_model(cfg, seed=3)
+    ours = dgemma_from_hf(hf, cfg)
+    g = torch.Generator().manual_seed(0)
+    B, T = 2, 2 * cfg.sliding_window + 5  # prompt longer than the sliding window
+    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.long)
+    am[1, :7] = 0  # left padding
+    canvas = torch.randint(0, cfg.vocab_size, (B, cfg.canvas_length), generator=g)
+    sc = torch.randn(B, cfg.canvas_length, cfg.vocab_size, generator=g) * 3 if with_sc else None
+    with torch.no_grad():
+        ref_h, ref_logits = _hf_encode_decode(hf, ids, am, canvas, sc)
+        cache = KVCache.empty(cfg)
+        h = ours.encode(ids, cache, am)
+        logits = ours.denoise(canvas, cache, sc)
+    valid = am.bool()
+    assert (h - ref_h)[valid].abs().max() < 1e-4
+    assert (logits - ref_logits).abs().max() < 1e-4
+    assert logits.dtype == torch.float32 and logits.abs().max() <= 30.0  # soft-capped
+
+
+def test_bf16_matches_transformers_bf16():
+    cfg = CONFIGS["tiny"]
+    hf = hf_model(cfg, seed=5).to(torch.bfloat16)
+    ours = dgemma_from_hf(hf, cfg).to(torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=torch.Generator().manual_seed(2))
+    am = torch.ones(1, 20, dtype=torch.long)
+    sc = torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, ref = _hf_encode_decode(hf, ids, am, canvas, sc.to(torch.bfloat16))
+        cache = KVCache.empty(cfg)
+        ours.encode(ids, cache)
+        got = ours.denoise(canvas, cache, sc.to(torch.bfloat16))
+    assert got.dtype == torch.float32
+    assert (got - ref).abs().max() < 1e-2  # same bf16 operations; allow kernel-level rounding differences
+
+
+def _random_model(name="tiny", seed=0):
+    cfg = CONFIGS[name]
+    return init_weights(DiffusionGemma(cfg), std=0.3, seed=seed).eval(), cfg
+
+
+@pytest.mark.parametrize("chunks", [[1] * 45, [7, 30, 8], [16, 16, 13], [45]])
+def test_chunked_encode_equals_one_shot(chunks):
+    """The cache stays right when the context outgrows the sliding window, however it is fed."""
+    model, cfg = _random_model()
+    ids = torch.randint(0, cfg.vocab_size, (1, sum(chunks)), generator=torch.Generator().manual_seed(4))
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = KVCache.empty(cfg)
+        h_full = model.encode(ids, full)
+        ref = model.denoise(canvas, full)
+        cache, hs, pos = KVCache.empty(cfg), [], 0
+        for n in chunks:
+            hs.append(model.encode(ids[:, pos:pos + n], cache))
+            pos += n
+        got = model.denoise(canvas, cache)
+    assert torch.allclose(torch.cat(hs, 1), h_full, atol=1e-5)
+    assert torch.allclose(got, ref, atol=1e-5)
+    for i in range(cfg.num_hidden_layers):  # sliding layers keep W-1 positions, full layers all of them
+        expect = cfg.sliding_window - 1 if cfg.is_sliding(i) else ids.shape[1]
+        assert cache.keys[i].shape[2] == expect
+
+
+def test_batch_with_left_padding_equals_singles():
+    model, cfg = _random_model("gqa4", seed=1)
+    g = torch.Generator().manual_seed(6)
+    a = torch.randint(0, cfg.vocab_size, (1, 25), generator=g)
+    b = torch.randint(0, cfg.vocab_size, (1, 17), generator=g)
+    canvas = torch.randint(0, cfg.vocab_size, (2, cfg.canvas_length), generator=g)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], 1)])
+    am = torch.ones_like(batch)
+    am[1, :8] = 0
+    with torch.no_grad():
+        cache = KVCache.empty(cfg)
+        model.encode(batch, cache, am)
+        got = model.denoise(canvas, cache)
+        singles = []
+        for row, ids in enumerate((a, b)):
+            c = KVCache.empty(cfg)
+            model.encode(ids, c)
+            singles.append(model.denoise(canvas[row:row + 1], c))
+    assert torch.allclose(got, torch.cat(singles), atol=1e-5)
+
+
+def test_denoise_never_writes_the_cache():
+    model, cfg = _random_model()
+    cache = KVCache.empty(cfg)
+    with torch.no_grad():
+        model.encode(torch.randint(0, cfg.vocab_size, (1, 10)), cache)
+        before = cache.clone()
+        model.denoise(torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length)), cache)
+    assert cache.length == before.length
+    assert all(torch.equal(k, kb) for k, kb in zip(cache.keys, before.keys))
+
+
+def test_encoder_and_decoder_layer_scalars_are_separate():
+    model, cfg = _random_model()
+    ids = torch.randint(0, cfg.vocab_size, (1, 10))
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length))
+    with torch.no_grad():
+        c1 = KVCache.empty(cfg)
+        h1 = model.encode(ids, c1)
+        l1 = model.denoise(canvas, c1)
+        model.layers[0].layer_scalar.mul_(1.5)  # decoder copy only
+        c2 = KVCache.empty(cfg)
+        h2 = model.encode(ids, c2)
+        l2 = model.denoise(canvas, c2)
+    assert torch.equal(h1, h2)
+    assert not torch.allclose(l1, l2)
