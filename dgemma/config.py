@@ -107,13 +107,14 @@ class ModelConfig:
         return math.sqrt(self.hidden_size)
 
     def num_parameters(self) -> dict[str, int]:
-        """Parameter counts: total unique text parameters and the active ones per token."""
+        """Parameter counts (nn.Parameters of DiffusionGemma): total text parameters and the active ones per token
+        (embedding/LM head, attention, dense MLP, router, self-conditioning, and top-k of the experts)."""
         H, V = self.hidden_size, self.vocab_size
         attn = 0
         for i in range(self.num_hidden_layers):
             d, kv = self.layer_head_dim(i), self.layer_kv_heads(i)
             attn += H * self.num_attention_heads * d * 2 + H * kv * d * (2 if self.is_sliding(i) else 1) + 2 * d
-        per_layer_dense = 3 * H * self.intermediate_size + 7 * H + 1
+        per_layer_dense = 3 * H * self.intermediate_size + 7 * H  # layer scalars are buffers, not counted
         router = self.num_experts * H + H + self.num_experts
         expert = 3 * H * self.moe_intermediate_size
         layers = attn + self.num_hidden_layers * (per_layer_dense + router)
@@ -266,9 +267,14 @@ def _config_from_dict(raw: dict, where: str) -> ModelConfig:
     global_head_dim = text.get("global_head_dim", 512)
     global_kv = text.get("num_global_key_value_heads")
     plc = text.get("per_layer_config")
-    if plc:
-        tmp = ModelConfig(**{**_shape_stub(kw), "layer_types": kw["layer_types"]})
-        full_overrides, sliding_overrides = [], []
+    if plc is not None:
+        # HF 5.23 writes only the values that differ from the base ones, so a full layer missing from the dict
+        # (or `{}` when the full layers equal the sliding ones) means head_dim/num_key_value_heads unchanged.
+        if not isinstance(plc, dict):
+            raise ConfigError(f"{where}: per_layer_config must be an object of layer index -> overrides")
+        base = {"global_head_dim": kw["head_dim"], "num_global_key_value_heads": kw["num_key_value_heads"]}
+        tmp = ModelConfig(**{**_shape_stub(kw), **base, "layer_types": kw["layer_types"]})
+        overrides: dict[int, dict] = {}
         for key, ov in plc.items():
             try:
                 idx = int(key)
@@ -276,20 +282,20 @@ def _config_from_dict(raw: dict, where: str) -> ModelConfig:
                 raise ConfigError(f"{where}: per_layer_config key {key!r} is not a layer index")
             if not 0 <= idx < n_layers:
                 raise ConfigError(f"{where}: per_layer_config names layer {idx}, but there are {n_layers} layers")
-            (sliding_overrides if tmp.is_sliding(idx) else full_overrides).append((idx, ov))
+            if not isinstance(ov, dict):
+                raise ConfigError(f"{where}: per_layer_config[{key!r}] must be an object")
+            overrides[idx] = ov
+        sliding_overrides = sorted(i for i in overrides if tmp.is_sliding(i))
         if sliding_overrides:
             raise ConfigError(f"{where}: per_layer_config overrides sliding layers "
-                              f"{[i for i, _ in sliding_overrides]}; dgemma supports overrides of full layers only")
-        heads = {ov.get("head_dim", kw["head_dim"]) for _, ov in full_overrides}
-        kvs = {ov.get("num_key_value_heads", kw["num_key_value_heads"]) for _, ov in full_overrides}
-        if len(heads) > 1 or len(kvs) > 1:
-            raise ConfigError(f"{where}: per_layer_config gives full layers different shapes ({heads}, {kvs}); "
-                              "dgemma needs one shape for all full-attention layers")
-        n_full = sum(not tmp.is_sliding(i) for i in range(n_layers))
-        if len(full_overrides) not in (0, n_full):
-            raise ConfigError(f"{where}: per_layer_config covers {len(full_overrides)} of {n_full} full layers")
-        if full_overrides:
-            global_head_dim, global_kv = heads.pop(), kvs.pop()
+                              f"{sliding_overrides}; dgemma supports overrides of full layers only")
+        full = [i for i in range(n_layers) if not tmp.is_sliding(i)]
+        shapes = {(overrides.get(i, {}).get("head_dim", kw["head_dim"]),
+                   overrides.get(i, {}).get("num_key_value_heads", kw["num_key_value_heads"])) for i in full}
+        if len(shapes) > 1:
+            raise ConfigError(f"{where}: per_layer_config gives full layers different (head_dim, kv heads) "
+                              f"{sorted(shapes)}; dgemma needs one shape for all full-attention layers")
+        global_head_dim, global_kv = shapes.pop()
     kw["global_head_dim"] = int(global_head_dim)
     kw["num_global_key_value_heads"] = int(global_kv if global_kv is not None else kw["num_key_value_heads"])
 
