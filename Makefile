@@ -2,6 +2,8 @@
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Until the bundled default model ships, `make run` uses random weights: it shows the pipeline, not quality.
+MODEL ?= $(if $(wildcard models/dgemma-py-small/config.json),--model models/dgemma-py-small,--model random:small)
 
 .PHONY: install test run lint bench clean
 
@@ -16,7 +18,7 @@ test: install
 	$(BIN)/python -m pytest
 
 run: install
-	$(BIN)/dgemma generate --model tiny-random --max-new-tokens 32 "def fibonacci(n):"
+	$(BIN)/dgemma generate $(MODEL) --max-new-tokens 64 "def fibonacci(n):"
 
 lint: install
 	$(BIN)/ruff check dgemma tests
