@@ -27,7 +27,7 @@ class KVCache:
     length: int = 0  # L: positions encoded so far
 
     @classmethod
-    def empty(cls, config: ModelConfig, keep_all: bool = False) -> "KVCache":
+    def empty(cls, config: ModelConfig, keep_all: bool = False) -> KVCache:
         """A fresh cache. `keep_all` keeps every position in sliding layers too (training: the clean prefix)."""
         window = [None if (keep_all or not config.is_sliding(i)) else config.sliding_window - 1
                   for i in range(config.num_hidden_layers)]
@@ -60,13 +60,13 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
-    def select_rows(self, rows: torch.Tensor) -> "KVCache":
+    def select_rows(self, rows: torch.Tensor) -> KVCache:
         """A cache holding only `rows` (a 1-D index tensor); used to drop finished rows from a batch."""
         pick = (lambda t: None if t is None else t.index_select(0, rows))
         return KVCache(window=list(self.window), keys=[pick(k) for k in self.keys],
                        values=[pick(v) for v in self.values], valid=pick(self.valid), length=self.length)
 
-    def clone(self) -> "KVCache":
+    def clone(self) -> KVCache:
         cp = (lambda t: None if t is None else t.clone())
         return KVCache(window=list(self.window), keys=[cp(k) for k in self.keys], values=[cp(v) for v in self.values],
                        valid=cp(self.valid), length=self.length)

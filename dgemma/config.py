@@ -128,7 +128,7 @@ class ModelConfig:
 
     # ---- Hugging Face config.json ----
     @classmethod
-    def from_hf_config(cls, source: str | Path | dict) -> "ModelConfig":
+    def from_hf_config(cls, source: str | Path | dict) -> ModelConfig:
         """Read a DiffusionGemma `config.json` (a path, a folder holding one, or the parsed dict)."""
         if isinstance(source, dict):
             raw, where = source, "config dict"
@@ -197,7 +197,7 @@ class ModelConfig:
         out["text_config"] = text
         return out
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -268,7 +268,7 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
             live = (~done).nonzero().squeeze(-1)
             all_live = live.numel() == b
             sub_cache = cache if all_live else cache.select_rows(live)
-            sub = (lambda t: t) if all_live else (lambda t: t.index_select(0, live))
+            sub = (lambda t: t) if all_live else (lambda t, rows_=live: t.index_select(0, rows_))
             raw = model.denoise(sub(canvas), sub_cache, sub(sc) if has_sc else None)
             for j in live.tolist():
                 passes[rows[j]] += 1

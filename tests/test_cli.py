@@ -2,10 +2,9 @@
 
 import json
 
+from dgemma.api import BUNDLED_TOKENIZER, load
 from dgemma.checkpoint import save_checkpoint
 from dgemma.cli import main
-from dgemma.model import DiffusionGemma, init_weights
-from dgemma.api import BUNDLED_TOKENIZER, load
 
 
 def test_generate_prints_only_the_continuation(capsys):

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from oracle import CONFIGS, dgemma_from_hf, hf_model
 
 from dgemma.cache import KVCache
 from dgemma.generate import ARParams, DiffusionParams, GenerationError, generate_ar, generate_diffusion
 from dgemma.model import DiffusionGemma, init_weights
-from oracle import CONFIGS, dgemma_from_hf, hf_model
 
 pytest.importorskip("transformers")
 
@@ -39,7 +39,7 @@ def test_compat_is_token_identical_to_transformers(name, seed):
     hf = hf_model(cfg, seed=seed + 10, scale=0.5)
     ours = dgemma_from_hf(hf, cfg)
     ids, am = _prompt(cfg, 2, cfg.sliding_window + 9, pad=4, seed=seed)  # prompt longer than the window
-    kw = dict(max_new_tokens=2 * cfg.canvas_length + 3, max_denoising_steps=5)
+    kw = {"max_new_tokens": 2 * cfg.canvas_length + 3, "max_denoising_steps": 5}
     ref, out = _both(hf, ours, ids, am, seed, **kw)
     assert torch.equal(ref.sequences, out.sequences)
     assert ref.sequences.shape[1] == ids.shape[1] + 3 * cfg.canvas_length  # the reference rounds up to canvases
@@ -52,7 +52,7 @@ def test_compat_with_eos_inside_a_canvas(name):
     hf = hf_model(cfg, seed=21, scale=0.5)
     ours = dgemma_from_hf(hf, cfg)
     ids, am = _prompt(cfg, 2, 12, pad=3, seed=5)
-    kw = dict(max_new_tokens=3 * cfg.canvas_length, max_denoising_steps=4)
+    kw = {"max_new_tokens": 3 * cfg.canvas_length, "max_denoising_steps": 4}
     _, free = _both(hf, ours, ids, am, 7, **kw)
     eos = int(free.sequences[0, ids.shape[1] + 3])  # a token row 0 produces mid-canvas
     ref, out = _both(hf, ours, ids, am, 7, eos_token_id=[eos], pad_token_id=0, **kw)
@@ -156,7 +156,7 @@ def test_ar_cached_logits_equal_uncached():
 
 
 def test_ar_batch_equals_singles_and_eos():
-    model, cfg = _model(seed=3)
+    model, _ = _model(seed=3)
     a, b = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[10, 11]])
     batch = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 0, 10, 11]])
     am = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from oracle import CONFIGS, dgemma_from_hf, hf_model
 
 from dgemma.cache import KVCache
 from dgemma.model import DiffusionGemma, init_weights
-from oracle import CONFIGS, dgemma_from_hf, hf_model
 
 pytest.importorskip("transformers")
 

@@ -5,8 +5,14 @@ import math
 import pytest
 import torch
 
-from dgemma.sampler import (accept_entropy_bound, entropy, linear_temperature, sample_next_token, sample_step,
-                            stable_and_confident)
+from dgemma.sampler import (
+    accept_entropy_bound,
+    entropy,
+    linear_temperature,
+    sample_next_token,
+    sample_step,
+    stable_and_confident,
+)
 
 
 def test_entropy_of_known_distributions():
