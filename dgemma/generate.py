@@ -229,11 +229,29 @@ def _diffusion_compat(model, input_ids, attention_mask, p: DiffusionParams, on_s
     return GenerationOutput(sequences=seq, tokens=tokens, finish_reasons=reasons, stats=stats)
 
 
-def _cut_at_eos(tokens: list[int], eos: set[int]) -> int | None:
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return i
-    return None
+def _commit(row: int, new: list[int], out: list[list[int]], reasons: list[str], eos: set[int],
+            stop_fn: StopFn | None, limit: int) -> bool:
+    """Append a row's newly committed tokens, cutting at the first EOS or where `stop_fn` says.
+    Returns whether the row goes on."""
+    cut = next((i for i, t in enumerate(new) if t in eos), None)
+    if cut is not None:
+        out[row].extend(new[:cut])
+        reasons[row] = "stop"
+        return False
+    out[row].extend(new)
+    if stop_fn is not None and (cut := stop_fn(row, out[row])) is not None:
+        del out[row][cut:]
+        reasons[row] = "stop"
+        return False
+    return len(out[row]) < limit
+
+
+def _keep_rows(keep: list[int], rows: list[int], cache: KVCache, last: torch.Tensor):
+    """Drop finished rows from the cache and the last committed tokens (batch index order is kept)."""
+    if len(keep) < len(rows):
+        idx = torch.tensor(keep, device=last.device)
+        cache, last = cache.select_rows(idx), last.index_select(0, idx)
+    return [rows[j] for j in keep], cache, last
 
 
 def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, stop_fn, on_step) -> GenerationOutput:
@@ -294,32 +312,14 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
         keep = []
         for j, r in enumerate(rows):
             steps[r].append(row_steps[j])
-            room = p.max_new_tokens - len(out[r])
-            new = argmax[j, :room].tolist()
-            cut = _cut_at_eos(new, eos)
-            if cut is not None:
-                out[r].extend(new[:cut])
-                reasons[r] = "stop"
-                continue
-            out[r].extend(new)
-            if stop_fn is not None:
-                cut = stop_fn(r, out[r])
-                if cut is not None:
-                    del out[r][cut:]
-                    reasons[r] = "stop"
-                    continue
-            if len(out[r]) >= p.max_new_tokens:
-                continue
-            keep.append(j)
+            new = argmax[j, :p.max_new_tokens - len(out[r])].tolist()
+            if _commit(r, new, out, reasons, eos, stop_fn, p.max_new_tokens):
+                keep.append(j)
         if first is None:
             first = time.perf_counter() - t0
         if not keep:
             break
-        if len(keep) < len(rows):
-            idx = torch.tensor(keep, device=input_ids.device)
-            cache = cache.select_rows(idx)
-            argmax = argmax.index_select(0, idx)
-        rows = [rows[j] for j in keep]
+        rows, cache, argmax = _keep_rows(keep, rows, cache, argmax)
         pending, pending_mask = argmax, None
         ci += 1
     stats = GenerationStats(decoder_passes=passes, encoder_passes=encoder_passes, steps_per_canvas=steps,
@@ -350,26 +350,11 @@ def generate_ar(model: DiffusionGemma, input_ids: torch.Tensor, params: ARParams
         nxt = sample_next_token(model.logits(h[:, -1]), params.temperature, params.top_k, params.top_p, gen)
         if first is None:
             first = time.perf_counter() - t0
-        keep = []
-        for j, r in enumerate(rows):
-            t = int(nxt[j])
-            if t in eos:
-                reasons[r] = "stop"
-                continue
-            out[r].append(t)
-            if stop_fn is not None and (cut := stop_fn(r, out[r])) is not None:
-                del out[r][cut:]
-                reasons[r] = "stop"
-                continue
-            if len(out[r]) < params.max_new_tokens:
-                keep.append(j)
+        keep = [j for j, r in enumerate(rows)
+                if _commit(r, [int(nxt[j])], out, reasons, eos, stop_fn, params.max_new_tokens)]
         if not keep:
             break
-        if len(keep) < len(rows):
-            idx = torch.tensor(keep, device=input_ids.device)
-            cache = cache.select_rows(idx)
-            nxt = nxt.index_select(0, idx)
-        rows = [rows[j] for j in keep]
+        rows, cache, nxt = _keep_rows(keep, rows, cache, nxt)
         h = model.encode(nxt[:, None], cache)
         encoder_passes += 1
         for r in rows:
