@@ -192,7 +192,8 @@ def denoise_all_canvases(model: DiffusionGemma, noisy: torch.Tensor, cache: KVCa
 
 def training_losses(model: DiffusionGemma, x: torch.Tensor, noise: Noise, ar_weight: float = 1.0,
                     loss_mask: torch.Tensor | None = None, ce_chunk: int = 0,
-                    diffusion_norm: float | None = None, ar_norm: float | None = None) -> Losses:
+                    diffusion_norm: float | None = None, ar_norm: float | None = None,
+                    self_conditioning: bool = True) -> Losses:
     """Diffusion + AR losses of one batch.
 
     x: [B, T] clean ids; noise: from `sample_noise(x, ...)`.
@@ -200,7 +201,10 @@ def training_losses(model: DiffusionGemma, x: torch.Tensor, noise: Noise, ar_wei
         canvas position (corrupted or not, no 1/t weight); the AR loss predicts x[:, p] from x[:, :p] for supervised
         p >= 1.
     diffusion_norm / ar_norm: divide the summed CE by these (default: this batch's supervised counts, i.e. the mean).
-        Data-parallel training passes global counts so that the gradient equals a single process's."""
+        Data-parallel training passes global counts so that the gradient equals a single process's.
+    self_conditioning: False skips pass 1 (zero signal for every example, whatever noise.sc_mask says). Pass 1
+        otherwise always runs, even when no example's switch is on: sharded data-parallel processes must run the
+        same sequence of layer calls."""
     _check_batch(model, x)
     T = x.shape[1]
     sup = torch.ones_like(x, dtype=torch.bool) if loss_mask is None else loss_mask.to(x.device, torch.bool)
@@ -211,7 +215,7 @@ def training_losses(model: DiffusionGemma, x: torch.Tensor, noise: Noise, ar_wei
 
     masks = training_masks(model.config, T, x.device)
     sc_logits = None
-    if bool(noise.sc_mask.any()):  # pass 1; skipped when no example uses it (same result: zero signal)
+    if self_conditioning:  # pass 1
         with torch.no_grad():
             sc_logits = model.logits(denoise_all_canvases(model, noise.noisy, cache, masks))  # [B, T, V] fp32
     dec = denoise_all_canvases(model, noise.noisy, cache, masks, sc_logits=sc_logits, sc_mask=noise.sc_mask)

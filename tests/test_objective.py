@@ -160,6 +160,13 @@ def test_self_conditioning_off_equals_no_logits():
         on = denoise_all_canvases(model, noisy, cache, masks, sc_logits=sc, sc_mask=torch.ones(3))
     assert torch.equal(none, off)
     assert (none - on).abs().max() > 1e-3
+    # the same at the loss level: switches all off == pass 1 skipped
+    noise = sample_noise(x, cfg.vocab_size, gens(3))
+    noise.sc_mask = torch.zeros(3, dtype=torch.bool)
+    with torch.no_grad():
+        a = training_losses(model, x, noise)
+        b = training_losses(model, x, noise, self_conditioning=False)
+    assert torch.equal(a.total, b.total)
 
 
 def reference_losses(model, x, noise, loss_mask):

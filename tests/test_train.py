@@ -1,0 +1,272 @@
+"""`dgemma train`: schedule, overfitting, exact resume, Ctrl-C, interrupted checkpoint writes, clear errors, and
+data-parallel runs (DDP and FSDP2 over gloo, 2 processes) equal to one process. Tiny models, synthetic data, CPU."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from dgemma.checkpoint import load_checkpoint, save_checkpoint
+from dgemma.config import preset
+from dgemma.model import DiffusionGemma, init_weights
+from dgemma.objective import ObjectiveError
+from dgemma.train import (
+    DataSource,
+    TrainConfig,
+    TrainError,
+    add_cli,
+    config_from_args,
+    latest_checkpoint,
+    lr_factor,
+    synthetic_data,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(out, **changes) -> TrainConfig:
+    base = TrainConfig(out=str(out), preset="tiny", synthetic_data=True, seq_len=64, batch_size=4, steps=6, lr=3e-3,
+                       warmup_steps=2, bf16=False, val_every=0, ckpt_every=0, progress="none", threads=1)
+    return replace(base, **changes)
+
+
+def data_for(cfg: TrainConfig, **kw) -> DataSource:
+    return synthetic_data(256, cfg.batch_size, cfg.seq_len, seed=cfg.seed, **kw)
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    assert lr_factor(500, cfg) == pytest.approx(0.1)
+
+
+def test_cli_flags_mirror_the_config():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
+    args = parser.parse_args(["train", "--no-bf16", "--val-t", "0.1", "0.9", "--preset", "tiny", "--grad-accum", "3"])
+    cfg = config_from_args(args)
+    assert (cfg.bf16, cfg.val_t, cfg.preset, cfg.grad_accum) == (False, (0.1, 0.9), "tiny", 3)
+
+
+def test_overfits_a_small_batch(tmp_path):
+    cfg = tiny_cfg(tmp_path, batch_size=2, steps=300, lr=5e-3, warmup_steps=10, weight_decay=0.0, seed=2)
+    result = train(cfg, data=data_for(cfg, num_batches=1))
+    first = result.history[0]["loss"]
+    last = statistics.mean(r["loss"] for r in result.history[-20:])
+    assert first > 10  # two losses of about log(256) each
+    assert last <= 0.1 * first, (first, last)
+
+
+def test_resume_equals_uninterrupted_and_ctrl_c_stops_cleanly(tmp_path):
+    cfg = tiny_cfg(tmp_path / "a", steps=8, grad_accum=2, val_every=3, val_batches=1)
+    full = train(cfg, data=data_for(cfg))
+    assert full.stopped is None and full.step == 8
+
+    cut = replace(cfg, out=str(tmp_path / "b"))
+
+    def interrupt(rec):
+        if rec["step"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: handled after the step, then a checkpoint
+
+    first = train(cut, data=data_for(cut), on_step=interrupt)
+    assert first.stopped == "SIGINT" and first.step == 4
+    assert first.checkpoint.name == "step-000004" and latest_checkpoint(cut.out) == first.checkpoint
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    with pytest.raises(TrainError, match="pass --resume"):
+        train(cut, data=data_for(cut))
+    second = train(replace(cut, resume=True), data=data_for(cut))
+    assert second.step == 8 and [r["step"] for r in second.history] == [5, 6, 7, 8]
+
+    for want, got in zip(full.history[4:], second.history, strict=True):
+        for key in ("loss", "diffusion", "ar", "grad_norm", "lr", "tokens"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), key
+    assert full.validations[-1]["val_diffusion"] == pytest.approx(second.validations[-1]["val_diffusion"], rel=1e-6)
+    wa, wb = weights(full.checkpoint), weights(second.checkpoint)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
+    # the log holds every step once, in order, across the interruption
+    steps = [json.loads(line)["step"] for line in (Path(cut.out) / "log.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 9))
+    # checkpoints are Hugging Face folders with the trainer state beside the weights
+    config, _ = load_checkpoint(second.checkpoint)
+    assert config == DiffusionGemma(config).config and config.vocab_size == 256
+    assert (second.checkpoint / "generation_config.json").is_file()
+
+
+def test_ctrl_c_on_the_command_line_exits_0_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dgemma.train", "--synthetic-data", "--preset", "tiny", "--seq-len", "32",
+           "--batch-size", "2", "--steps", "100000", "--out", str(out), "--no-bf16", "--threads", "1",
+           "--progress", "lines", "--log-every", "1", "--val-every", "0", "--ckpt-every", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.exists() and log.read_text().count('"train"') >= 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped at step" in err and "--resume" in err
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and (ckpt / "trainer_state.pt").is_file()
+    load_checkpoint(ckpt)
+
+
+KILL_SCRIPT = """
+import os, signal, sys, torch
+import dgemma.train as T
+real_save = torch.save
+def dying_save(obj, f, *a, **k):
+    if isinstance(obj, dict) and obj.get("step") == 4:  # the second checkpoint: write half, then die
+        real_save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *a, **k)
+T.torch.save = dying_save
+cfg = T.TrainConfig(out=sys.argv[1], preset="tiny", synthetic_data=True, seq_len=32, batch_size=2, steps=6,
+                    bf16=False, val_every=0, ckpt_every=2, progress="none", threads=1)
+T.train(cfg)
+"""
+
+
+def test_checkpoint_write_killed_midway_keeps_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(out)], env=env, capture_output=True,
+                          timeout=120, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    leftovers = [p.name for p in (out / "checkpoints").iterdir()]
+    assert ".step-000004.partial" in leftovers and "step-000004" not in leftovers
+    ckpt = latest_checkpoint(out)
+    assert ckpt.name == "step-000002" and (out / "latest").resolve() == ckpt
+    load_checkpoint(ckpt)
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["step"] == 2
+    cfg = TrainConfig(out=str(out), preset="tiny", synthetic_data=True, seq_len=32, batch_size=2, steps=6,
+                      bf16=False, val_every=0, ckpt_every=2, progress="none", threads=1, resume=True)
+    result = train(cfg)
+    assert [r["step"] for r in result.history] == [3, 4, 5, 6]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clear errors
+def test_vocabulary_mismatch_is_a_clear_error(tmp_path):
+    cfg = tiny_cfg(tmp_path / "a")
+    with pytest.raises(TrainError, match="vocabulary mismatch.*300 tokens.*vocab_size=256.*--vocab-size 300"):
+        train(cfg, data=synthetic_data(300, 4, 64))
+    # with --vocab-size the preset is built at the tokenizer's size
+    ok = train(replace(cfg, vocab_size=300, steps=1), data=synthetic_data(300, 4, 64))
+    assert load_checkpoint(ok.checkpoint)[0].vocab_size == 300
+    # fine-tuning a checkpoint on data from another tokenizer
+    with pytest.raises(TrainError, match="vocabulary mismatch.*checkpoint"):
+        train(replace(cfg, out=str(tmp_path / "b"), preset=None, init_from=str(ok.checkpoint)),
+              data=synthetic_data(256, 4, 64))
+    # a loader that yields ids the model does not have (no vocabulary declared up front)
+    bad = synthetic_data(1000, 4, 64)
+    bad.vocab_size = None
+    with pytest.raises(ObjectiveError, match="outside the model's vocabulary"):
+        train(replace(cfg, out=str(tmp_path / "c")), data=bad)
+
+
+def test_other_architecture_is_a_clear_error(tmp_path):
+    # a checkpoint folder of a different model family
+    alien = tmp_path / "llama"
+    alien.mkdir()
+    (alien / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 256, "hidden_size": 64}))
+    cfg = tiny_cfg(tmp_path / "a", preset=None, init_from=str(alien))
+    with pytest.raises(TrainError, match="cannot fine-tune from .*llama.*not a DiffusionGemma"):
+        train(cfg, data=data_for(cfg))
+
+    # resuming a run whose checkpoint holds another DiffusionGemma shape
+    cfg = tiny_cfg(tmp_path / "b", steps=2)
+    done = train(cfg, data=data_for(cfg))
+    other = init_weights(DiffusionGemma(preset("tiny").replace(hidden_size=32)), seed=0)
+    save_checkpoint(other, tmp_path / "other")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "other" / name, done.checkpoint / name)
+    with pytest.raises(TrainError, match="different architecture.*hidden_size"):
+        train(replace(cfg, resume=True, steps=4), data=data_for(cfg))
+
+    # resuming with a different preset than the run was started with
+    with pytest.raises(TrainError, match="cannot resume .*--preset: run has 'tiny', now 'small'"):
+        train(replace(cfg, resume=True, preset="small"), data=data_for(cfg))
+
+
+def test_seq_len_must_hold_whole_canvases(tmp_path):
+    with pytest.raises(TrainError, match="not a multiple of the model's canvas_length=32"):
+        train(tiny_cfg(tmp_path, seq_len=48), data=synthetic_data(256, 4, 48))
+    with pytest.raises(TrainError, match="--batch-size must be >= 1"):
+        train(tiny_cfg(tmp_path, batch_size=0))
+
+
+def test_fine_tune_starts_from_the_checkpoint(tmp_path):
+    cfg = tiny_cfg(tmp_path / "a", steps=3)
+    base = train(cfg, data=data_for(cfg))
+    ft = tiny_cfg(tmp_path / "b", preset=None, init_from=str(base.checkpoint), steps=1, lr=1e-9, warmup_steps=0)
+    result = train(ft, data=data_for(ft))
+    wa, wb = weights(base.checkpoint), weights(result.checkpoint)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data parallel: 2 processes over gloo == 1 process on the same global batch
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    result = train(cfg, data=data_for(cfg))
+    if rank == 0:
+        Path(cfg.out, "history.json").write_text(json.dumps(result.history))
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_match_one(tmp_path, fsdp):
+    # lr 3e-4: Adam turns roundoff-sized gradient differences into update differences of up to ~lr
+    one = tiny_cfg(tmp_path / "one", steps=3, grad_accum=2, ckpt_every=2, fsdp=fsdp, lr=3e-4)
+    two = replace(one, out=str(tmp_path / "two"))
+    mp.spawn(_worker, args=(2, _free_port(), two), nprocs=2, join=True)
+    single = train(one, data=data_for(one))
+    multi = json.loads(Path(two.out, "history.json").read_text())
+    for a, b in zip(single.history, multi, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    wa, wb = weights(latest_checkpoint(one.out)), weights(latest_checkpoint(two.out))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
+    # the 2-process run resumes on 1 process (its optimizer and data state are global)
+    more = train(replace(two, resume=True, steps=4, fsdp=fsdp), data=data_for(two))
+    assert [r["step"] for r in more.history] == [4]
