@@ -229,7 +229,8 @@ def test_seq_len_must_hold_whole_canvases(tmp_path):
 def test_fine_tune_starts_from_the_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path / "a", steps=3)
     base = train(cfg, data=data_for(cfg))
-    ft = tiny_cfg(tmp_path / "b", preset=None, init_from=str(base.checkpoint), steps=1, lr=1e-9, warmup_steps=0)
+    ft = tiny_cfg(tmp_path / "b", preset=None, init_from=str(base.checkpoint), steps=1, lr=1e-9, warmup_steps=0,
+                  progress="bar")  # the rich progress bar (on stderr) must not fail when stderr is not a terminal
     result = train(ft, data=data_for(ft))
     wa, wb = weights(base.checkpoint), weights(result.checkpoint)
     for k in wa:
@@ -249,7 +250,7 @@ def _worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     result = train(cfg, data=data_for(cfg))
     if rank == 0:
-        Path(cfg.out, "history.json").write_text(json.dumps(result.history))
+        Path(cfg.out, "history.json").write_text(json.dumps([result.history, result.validations]))
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
@@ -259,10 +260,13 @@ def test_two_processes_match_one(tmp_path, fsdp):
     two = replace(one, out=str(tmp_path / "two"))
     mp.spawn(_worker, args=(2, _free_port(), two), nprocs=2, join=True)
     single = train(one, data=data_for(one))
-    multi = json.loads(Path(two.out, "history.json").read_text())
+    multi, multi_val = json.loads(Path(two.out, "history.json").read_text())
     for a, b in zip(single.history, multi, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    (va,), (vb,) = single.validations, multi_val  # validation at the last step, split over the processes
+    assert vb["val_ar"] == pytest.approx(va["val_ar"], abs=1e-5)
+    assert vb["val_diffusion"] == pytest.approx(va["val_diffusion"], abs=1e-5)
     wa, wb = weights(latest_checkpoint(one.out)), weights(latest_checkpoint(two.out))
     assert wa.keys() == wb.keys()
     for k in wa:
