@@ -158,10 +158,11 @@ def _check_batch(model: DiffusionGemma, x: torch.Tensor) -> None:
     if x.shape[1] % cfg.canvas_length:
         raise ObjectiveError(f"seq_len={x.shape[1]} is not a multiple of the model's canvas_length="
                              f"{cfg.canvas_length}; use seq_len = k * {cfg.canvas_length}")
-    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.vocab_size):
-        raise ObjectiveError(f"batch holds token id {int(x.max()) if int(x.max()) >= 0 else int(x.min())} outside "
-                             f"the model's vocabulary [0, {cfg.vocab_size}); the data and the model were made with "
-                             "different tokenizers")
+    lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise ObjectiveError(f"batch holds token id {hi if hi >= cfg.vocab_size else lo} outside the model's "
+                             f"vocabulary [0, {cfg.vocab_size}); the data and the model were made with different "
+                             "tokenizers")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -274,3 +274,26 @@ def test_two_processes_match_one(tmp_path, fsdp):
     # the 2-process run resumes on 1 process (its optimizer and data state are global)
     more = train(replace(two, resume=True, steps=4, fsdp=fsdp), data=data_for(two))
     assert [r["step"] for r in more.history] == [4]
+
+
+def test_prepared_data_folder_end_to_end(tmp_path):
+    """`dgemma data prepare` output -> training with the tokenizer's special ids -> a checkpoint that carries the
+    tokenizer and stop ids; a time budget stops cleanly."""
+    from dgemma.data import prepare
+
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far", "away", "and", "then", "slept"]
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"doc{i}.txt").write_text(" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(150)))
+    report = prepare([str(src)], tmp_path / "data", vocab_size=300, val_fraction=0.25)
+    vocab = report.vocab_size
+    cfg = tiny_cfg(tmp_path / "run", synthetic_data=False, data=str(tmp_path / "data"), vocab_size=vocab,
+                   steps=50, val_every=2, val_batches=2, max_minutes=1e-9)
+    result = train(cfg)
+    assert result.stopped == "time budget" and result.step == 1 and len(result.validations) == 0
+    assert (result.checkpoint / "tokenizer.json").is_file()
+    config, _ = load_checkpoint(result.checkpoint)
+    assert config.vocab_size == vocab and 1 in config.eos_token_ids
+    more = train(replace(cfg, resume=True, max_minutes=None, steps=2))
+    assert more.step == 2 and more.validations and more.validations[0]["val_ar"] < 10
