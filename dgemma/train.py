@@ -986,7 +986,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     try:
         result = train(config_from_args(args))
-    except (TrainError, DataError, CheckpointError, ConfigError, ObjectiveError) as e:
+    except (TrainError, DataError, CheckpointError, ConfigError, ObjectiveError, OSError) as e:
         print(f"dgemma train: error: {e}", file=sys.stderr)
         return 2
     if result.stopped is None and dist_rank() == 0:

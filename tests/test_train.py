@@ -297,3 +297,12 @@ def test_prepared_data_folder_end_to_end(tmp_path):
     assert config.vocab_size == vocab and 1 in config.eos_token_ids
     more = train(replace(cfg, resume=True, max_minutes=None, steps=2))
     assert more.step == 2 and more.validations and more.validations[0]["val_ar"] < 10
+
+
+def test_bf16_autocast_runs_and_stays_close_to_fp32(tmp_path):
+    cfg = tiny_cfg(tmp_path / "fp32", steps=2, seq_len=32, batch_size=2)
+    fp32 = train(cfg, data=data_for(cfg))
+    bf16 = train(replace(cfg, out=str(tmp_path / "bf16"), bf16=True), data=data_for(cfg))
+    for a, b in zip(fp32.history, bf16.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=0.1)
+    assert load_checkpoint(bf16.checkpoint)[1].dtype == torch.float32  # master weights stay fp32
