@@ -4,6 +4,7 @@
     dgemma info PATH                                         config summary and parameter counts
     dgemma data prepare --source python-stdlib --out DIR     corpus -> tokenizer + token shards
     dgemma train ...                                         block-diffusion training
+    dgemma eval --model PATH --data DIR                      losses and generation quality, diffusion vs AR
 
 User errors print one line to stderr and exit with status 2; nothing else prints a traceback.
 """
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import data
 
     data.add_cli(sub)
+    from . import eval as eval_
+
+    eval_.add_cli(sub)
     try:
         from . import train
     except ImportError:  # training module not present in this build

@@ -352,6 +352,13 @@ PRESETS: dict[str, ModelConfig] = {
         sliding_window=128, layer_types=(SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL), num_experts=4,
         top_k_experts=2, moe_intermediate_size=256, canvas_length=32, max_position_embeddings=8192,
     ),
+    # A smaller sibling sized for about an hour of fp32 training on this 2-core AVX2 CPU.
+    "mini": ModelConfig(
+        vocab_size=8192, hidden_size=192, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=48, global_head_dim=96, num_global_key_value_heads=1,
+        sliding_window=128, layer_types=(SLIDING, FULL, SLIDING, FULL), num_experts=4,
+        top_k_experts=2, moe_intermediate_size=192, canvas_length=32, max_position_embeddings=8192,
+    ),
 }
 
 
