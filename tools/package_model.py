@@ -1,0 +1,142 @@
+"""Package a training run as the bundled model: bf16 weights, generation config, tokenizer, loss plot, model card.
+
+    python tools/package_model.py --run runs/py-mini --data data/py --out models/dgemma-py-small \
+        [--eval models/dgemma-py-small/eval.json]
+
+Reads the run's newest checkpoint, `log.jsonl` and `train_config.json`, and the data folder's `meta.json`
+(corpus and shard hashes). The model card records everything needed to reproduce the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from dgemma.checkpoint import load_checkpoint, save_checkpoint
+
+GENERATION_CONFIG = {
+    "max_new_tokens": 256, "max_denoising_steps": 48, "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig",
+                                                                          "entropy_bound": 0.1},
+    "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": [1, 6],
+    "pad_token_id": 0,
+}
+
+
+def plot(log: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in log if r.get("kind") == "train"]
+    val = [r for r in log if r.get("kind") == "val"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [r["step"] for r in train]
+    ax.plot(steps, [r["diffusion"] for r in train], label="diffusion CE (train)", alpha=0.7)
+    ax.plot(steps, [r["ar"] for r in train], label="encoder AR NLL (train)", alpha=0.7)
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_ar"] for r in val], "o-", label="AR NLL (val)")
+        ax.plot([r["step"] for r in val], [r["val_diffusion_mean"] for r in val], "s-",
+                label="diffusion CE (val, mean over t)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats / token")
+    ax.set_title("dgemma-py-small training losses")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--eval", default=None, help="JSON written by `dgemma eval --out`")
+    ap.add_argument("--command", default="", help="the exact training command, for the card")
+    args = ap.parse_args()
+    run, out = Path(args.run), Path(args.out)
+    ckpt = max((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    _, model = load_checkpoint(ckpt)
+    save_checkpoint(model, out, generation_config=GENERATION_CONFIG, tokenizer_path=Path(args.data) / "tokenizer.json",
+                    dtype=torch.bfloat16)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    plot(log, out / "loss_curves.png")
+    tc = json.loads((run / "train_config.json").read_text())
+    meta = json.loads((Path(args.data) / "meta.json").read_text())
+    train = [r for r in log if r.get("kind") == "train"]
+    val = [r for r in log if r.get("kind") == "val"]
+    last = train[-1]
+    ev = json.loads(Path(args.eval).read_text()) if args.eval else None
+    size = (out / "model.safetensors").stat().st_size
+    lines = [
+        "# dgemma-py-small",
+        "",
+        "A small DiffusionGemma-architecture model trained from scratch by dgemma's own code (`dgemma train`) on the",
+        "Python 3.11 standard library and its documentation. It ships inside the repository so that `dgemma generate`",
+        "works out of the box. **It is a tiny, briefly trained model**: expect Python-flavoured text, not correct code.",
+        "",
+        "## Architecture",
+        f"{model.config.num_hidden_layers} layers ({', '.join(model.config.layer_types)}), hidden {model.config.hidden_size},"
+        f" dense MLP {model.config.intermediate_size} + {model.config.num_experts} experts (top-{model.config.top_k_experts},"
+        f" width {model.config.moe_intermediate_size}), sliding window {model.config.sliding_window},"
+        f" canvas {model.config.canvas_length}, vocabulary {model.config.vocab_size} (byte-level BPE).",
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; bf16 safetensors, {size / 1e6:.1f} MB.",
+        "",
+        "## Data",
+        "| source | licence | documents | SHA-256 |",
+        "|---|---|---|---|",
+        *[f"| {s['source']} | {s['licence']} | {s['documents']} | `{s['sha256']}` |" for s in meta["sources"]],
+        "",
+        f"Split by document (rule: `{meta['split']['rule']}`, seed {meta['split']['seed']}, val fraction"
+        f" {meta['split']['val_fraction']}): train {meta['splits']['train']['tokens']:,} tokens,"
+        f" validation {meta['splits']['val']['tokens']:,} tokens. Shard hashes:",
+        *[f"- `{k}`: `{v}`" for k, v in meta["sha256"].items()],
+        "",
+        "## Training",
+        f"{last['step']} optimizer steps, {last['tokens']:,} tokens seen ({last['time'] / 60:.1f} min on 2 CPU cores, fp32).",
+        "Objective: uniform-token corruption with t ~ U(1e-3, 1) per example, cross-entropy over all canvas positions,"
+        " two-pass self-conditioning with p = 0.5, plus the encoder's next-token loss with weight"
+        f" {tc['train']['ar_weight']}. Hyper-parameters:",
+        "",
+        "```json",
+        json.dumps(tc["train"], indent=1),
+        "```",
+        "",
+        "Reproduce:",
+        "```bash",
+        "dgemma data prepare --source python-stdlib --source python-docs --out data/py --vocab-size 8192",
+        args.command or "(see train_config above)",
+        f"python tools/package_model.py --run {args.run} --data {args.data} --out {args.out} --eval EVAL.json",
+        "```",
+        "",
+        "![losses](loss_curves.png)",
+        "",
+    ]
+    if val:
+        v = val[-1]
+        lines += [f"Final validation (step {v['step']}): AR NLL {v['val_ar']:.3f} nats/token, diffusion CE"
+                  f" {v['val_diffusion_mean']:.3f} (mean over t = 0.25, 0.5, 0.75).", ""]
+    if ev:
+        keys = ["parse_rate", "judge_ppl", "distinct_2", "passes_per_token", "tokens_per_s"]
+        lines += ["## Evaluation (`dgemma eval`)", "",
+                  f"{ev['prompts']} held-out prompts (function signature + docstring from validation files),"
+                  f" {ev['max_new_tokens']} new tokens, diffusion at default settings vs greedy AR, same weights.", "",
+                  "| metric | diffusion | AR |", "|---|---|---|"]
+        for k in keys:
+            d, a = ev.get(f"{k}_diffusion"), ev.get(f"{k}_ar")
+            fmt = (lambda x: f"{x:.3f}" if isinstance(x, float) else str(x))
+            lines.append(f"| {k} | {fmt(d)} | {fmt(a)} |")
+        lines += ["", f"Validation: AR NLL {ev['val_ar_nll']:.3f}; diffusion CE at t=0.5 "
+                      f"{ev['val_diffusion_ce_t0.5']:.3f}.", ""]
+        shutil.copy(args.eval, out / "eval.json") if Path(args.eval).resolve() != (out / "eval.json").resolve() else None
+    (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+    print(f"packaged {ckpt} -> {out} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
