@@ -5,6 +5,7 @@
     dgemma data prepare --source python-stdlib --out DIR     corpus -> tokenizer + token shards
     dgemma train ...                                         block-diffusion training
     dgemma eval --model PATH --data DIR                      losses and generation quality, diffusion vs AR
+    dgemma bench [--quick]                                   speed: vs transformers, diffusion vs AR, roofline
 
 User errors print one line to stderr and exit with status 2; nothing else prints a traceback.
 """
@@ -153,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import eval as eval_
 
     eval_.add_cli(sub)
+    from . import bench
+
+    bench.add_cli(sub)
     try:
         from . import train
     except ImportError:  # training module not present in this build

@@ -1,0 +1,308 @@
+"""`dgemma bench`: generation speed, measured side by side in one run. Prints a table, then one JSON line last.
+
+    dgemma bench --quick                     # about 2-3 minutes on a 2-core CPU (run in CI as a smoke test)
+    dgemma bench --model PATH --plot bench.png
+
+1. Against the reference: the same weights through transformers 5.23.0 `generate()` and through dgemma's compat
+   mode (identical tokens asserted), warm, alternating runs; the ratio of median wall times. Needs transformers
+   (the test extra); skipped with a note otherwise.
+2. Diffusion against AR decoding of the same weights: several lengths, default settings and fixed step counts
+   (adaptive stopping off), against greedy AR: tokens/s, forward passes, tokens per forward, time to the first
+   committed token.
+3. Against the machine: measured matmul throughput (fp32, bf16) and copy bandwidth, and the fraction of the
+   fp32 matmul throughput one denoising step and one AR step reach (from their matmul FLOPs).
+Ratios are taken inside one run because this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class BenchConfig:
+    model: str | None = None  # default: the bundled model, else random:mini
+    quick: bool = False
+    repeats: int = 3
+    plot: str | None = None
+    out: str | None = None
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="speed: dgemma vs transformers, diffusion vs AR, vs the machine")
+    p.add_argument("--model", default=None)
+    p.add_argument("--quick", action="store_true", help="small sizes; finishes in a few minutes")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--plot", default=None, help="write the speed-up plot (PNG) here")
+    p.add_argument("--out", default=None, help="also write the JSON result here")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args) -> int:
+    run(BenchConfig(model=args.model, quick=args.quick, repeats=args.repeats, plot=args.plot, out=args.out))
+    return 0
+
+
+def _git() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _device() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def _timed(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. the machine
+def machine_limits(quick: bool) -> dict:
+    n = 1024 if quick else 2048
+    res = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        a @ b
+        sec, _ = _timed(lambda a=a, b=b: a @ b, 3)
+        res[f"matmul_gflops_{name}"] = 2 * n**3 / sec / 1e9
+    x = torch.empty(64 * 2**20 // 4)  # 64 MiB
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sec, _ = _timed(lambda: y.copy_(x), 5)
+    res["copy_gbytes_per_s"] = 2 * x.numel() * 4 / sec / 1e9
+    return res
+
+
+def _matmul_flops(model, tokens: int, context: int) -> float:
+    """Matmul FLOPs of one pass over `tokens` new positions attending to `context` keys (dense, experts top-k,
+    attention scores/values, LM head; self-conditioning soft embedding excluded)."""
+    c = model.config
+    H, f = c.hidden_size, 0.0
+    for i in range(c.num_hidden_layers):
+        d, kv = c.layer_head_dim(i), c.layer_kv_heads(i)
+        nh = c.num_attention_heads
+        f += 2 * tokens * H * (2 * nh * d + kv * d * (2 if c.is_sliding(i) else 1))
+        f += 2 * 2 * tokens * nh * d * context
+        f += 2 * tokens * 3 * H * c.intermediate_size
+        f += 2 * tokens * (c.num_experts * H + c.top_k_experts * 3 * H * c.moe_intermediate_size)
+    f += 2 * tokens * H * c.vocab_size
+    return f
+
+
+@torch.inference_mode()
+def step_fractions(model, peak_fp32: float, repeats: int) -> dict:
+    from .cache import KVCache
+
+    c = model.config
+    ids = torch.randint(5, c.vocab_size, (1, 256))
+    cache = KVCache.empty(c)
+    model.encode(ids, cache)
+    canvas = torch.randint(5, c.vocab_size, (1, c.canvas_length))
+    sc = torch.randn(1, c.canvas_length, c.vocab_size)
+    model.denoise(canvas, cache, sc)
+    t_dn, _ = _timed(lambda: model.denoise(canvas, cache, sc), repeats * 3)
+    one = torch.tensor([[7]])
+
+    def ar_step():
+        cc = cache.clone()
+        return model.encode(one, cc)
+
+    ar_step()
+    t_ar, _ = _timed(ar_step, repeats * 3)
+    f_dn = _matmul_flops(model, c.canvas_length, 256 + c.canvas_length) + 2 * c.canvas_length * c.vocab_size * c.hidden_size
+    f_ar = _matmul_flops(model, 1, 257)
+    return {"denoise_step_ms": t_dn * 1e3, "ar_step_ms": t_ar * 1e3,
+            "denoise_step_gflops": f_dn / t_dn / 1e9, "ar_step_gflops": f_ar / t_ar / 1e9,
+            "denoise_step_matmul_fraction": f_dn / t_dn / 1e9 / peak_fp32,
+            "ar_step_matmul_fraction": f_ar / t_ar / 1e9 / peak_fp32,
+            "denoise_over_ar_step_cost": t_dn / t_ar}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. against transformers
+def vs_transformers(model, repeats: int, new_tokens: int, steps: int) -> dict:
+    try:
+        from transformers import DiffusionGemmaForBlockDiffusion  # noqa: F401
+    except ImportError:
+        return {"skipped": "transformers not installed (pip install -e .[test])"}
+    import tempfile
+
+    from transformers import DiffusionGemmaForBlockDiffusion as HF
+    from transformers.utils import logging as hf_logging
+
+    from .checkpoint import save_checkpoint
+    from .generate import DiffusionParams, generate_diffusion
+
+    hf_logging.set_verbosity_error()  # dgemma checkpoints carry no vision tower; its "missing" report is noise here
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(model, Path(tmp) / "m")
+
+        hf = HF.from_pretrained(Path(tmp) / "m", dtype=torch.float32).eval()
+    c = model.config
+    ids = torch.randint(5, c.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    kw = {"max_new_tokens": new_tokens, "max_denoising_steps": steps}
+
+    def ref():
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            return hf.generate(ids, **kw).sequences
+
+    params = DiffusionParams(max_new_tokens=new_tokens, max_denoising_steps=steps, seed=0, compat=True)
+
+    def ours():
+        return generate_diffusion(model, ids, params).sequences
+
+    a, b = ref(), ours()  # warm-up, and the identity check
+    if not torch.equal(a, b):
+        raise AssertionError("compat mode and transformers generate() produced different tokens")
+    t_ref, t_ours = [], []
+    for _ in range(repeats):  # alternate so that machine noise hits both sides alike
+        t_ref.append(_timed(ref, 1)[0])
+        t_ours.append(_timed(ours, 1)[0])
+    return {"transformers_s": statistics.median(t_ref), "dgemma_s": statistics.median(t_ours),
+            "speedup": statistics.median(t_ref) / statistics.median(t_ours), "identical_tokens": True,
+            "new_tokens": int(a.shape[1] - ids.shape[1])}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. diffusion vs AR
+def diffusion_vs_ar(model, lengths: list[int], fixed_steps: list[int], repeats: int) -> list[dict]:
+    from .generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
+
+    c = model.config
+    prompt = torch.randint(5, c.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+    rows = []
+    generate_ar(model, prompt, ARParams(max_new_tokens=4))  # warm-up
+    for n in lengths:
+        t_ar, ar = _timed(lambda n=n: generate_ar(model, prompt, ARParams(max_new_tokens=n)), repeats)
+        got_ar = len(ar.tokens[0])
+        rows.append({"mode": "ar", "new_tokens": n, "tokens_per_s": got_ar / t_ar, "passes": ar.stats.decoder_passes[0],
+                     "tokens_per_forward": got_ar / ar.stats.decoder_passes[0],
+                     "first_token_s": ar.stats.first_token_seconds, "steps": None})
+        for steps in ["default", *fixed_steps]:
+            if steps == "default":
+                p = DiffusionParams(max_new_tokens=n, seed=0)
+            else:  # a fixed step count: adaptive stopping off
+                p = DiffusionParams(max_new_tokens=n, max_denoising_steps=steps, stability_threshold=None,
+                                    confidence_threshold=None, seed=0)
+            t, out = _timed(lambda p=p: generate_diffusion(model, prompt, p), repeats)
+            got = len(out.tokens[0])
+            spc = out.stats.steps_per_canvas[0]
+            rows.append({"mode": "diffusion", "new_tokens": n, "steps": steps, "tokens_per_s": got / t,
+                         "passes": out.stats.decoder_passes[0],
+                         "tokens_per_forward": got / max(out.stats.decoder_passes[0], 1),
+                         "steps_per_canvas": sum(spc) / len(spc), "first_token_s": out.stats.first_token_seconds,
+                         "speedup_vs_ar": (got / t) / (got_ar / t_ar)})
+    return rows
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for steps in sorted({r["steps"] for r in rows if r["mode"] == "diffusion"}, key=str):
+        pts = [(r["new_tokens"], r["speedup_vs_ar"]) for r in rows if r["mode"] == "diffusion" and r["steps"] == steps]
+        ax.plot(*zip(*pts), "o-", label=f"diffusion, {steps} steps/canvas")
+    ax.axhline(1.0, color="grey", ls="--", label="AR (greedy), same weights")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("new tokens")
+    ax.set_ylabel("tokens/s relative to AR")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run(cfg: BenchConfig) -> dict:
+    from .api import DEFAULT_MODEL, load
+
+    torch.manual_seed(0)
+    spec = cfg.model or (str(DEFAULT_MODEL) if (DEFAULT_MODEL / "config.json").is_file() else "random:mini")
+    lm = load(spec, dtype=torch.float32)
+    model = lm.model
+    tiny = load("random:tiny").model
+    result: dict = {"model": spec, "device": _device(), "git": _git(), "quick": cfg.quick}
+    limits = machine_limits(cfg.quick)
+    result.update(limits)
+    result.update(step_fractions(model, limits["matmul_gflops_fp32"], cfg.repeats))
+    C = model.config.canvas_length
+    ref_tiny = vs_transformers(tiny, cfg.repeats, 2 * tiny.config.canvas_length, 8)
+    ref_model = vs_transformers(model, cfg.repeats, 2 * C, 8)
+    result["vs_transformers_tiny"] = ref_tiny
+    result["vs_transformers_model"] = ref_model
+    speedups = [r["speedup"] for r in (ref_tiny, ref_model) if "speedup" in r]
+    result["speedup_vs_transformers"] = min(speedups) if speedups else None
+    lengths = [64, 256] if cfg.quick else [64, 128, 256, 512, 1024]
+    fixed = [4, 16] if cfg.quick else [4, 8, 16, 32]
+    rows = diffusion_vs_ar(model, lengths, fixed, 1 if cfg.quick else cfg.repeats)
+    result["diffusion_vs_ar"] = rows
+    d256 = [r for r in rows if r["mode"] == "diffusion" and r["new_tokens"] == 256 and r["steps"] == "default"]
+    result["diffusion_over_ar_256"] = d256[0]["speedup_vs_ar"] if d256 else None
+    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cfg.plot:
+        _plot(rows, cfg.plot)
+    _print(result)
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+def _print(r: dict) -> None:
+    print(f"device: {r['device']}  git {r['git']}  model {r['model']}")
+    print(f"machine: matmul fp32 {r['matmul_gflops_fp32']:.1f} GFLOP/s, bf16 {r['matmul_gflops_bf16']:.1f} GFLOP/s, "
+          f"copy {r['copy_gbytes_per_s']:.1f} GB/s")
+    print(f"one denoising step {r['denoise_step_ms']:.1f} ms ({r['denoise_step_gflops']:.1f} GFLOP/s, "
+          f"{100 * r['denoise_step_matmul_fraction']:.0f}% of fp32 matmul); one AR step {r['ar_step_ms']:.1f} ms "
+          f"({100 * r['ar_step_matmul_fraction']:.0f}%); a denoising step costs {r['denoise_over_ar_step_cost']:.1f} AR steps")
+    for name in ("vs_transformers_tiny", "vs_transformers_model"):
+        v = r[name]
+        if "speedup" in v:
+            print(f"{name}: transformers {v['transformers_s']:.3f}s, dgemma {v['dgemma_s']:.3f}s -> {v['speedup']:.2f}x "
+                  f"(identical tokens, {v['new_tokens']} new)")
+        else:
+            print(f"{name}: {v}")
+    print(f"{'mode':<10}{'steps':>8}{'new':>6}{'tok/s':>9}{'passes':>8}{'tok/fwd':>9}{'vs AR':>7}{'TTFT s':>8}")
+    for row in r["diffusion_vs_ar"]:
+        print(f"{row['mode']:<10}{row['steps']!s:>8}{row['new_tokens']:>6}{row['tokens_per_s']:>9.1f}"
+              f"{row['passes']:>8}{row['tokens_per_forward']:>9.2f}{row.get('speedup_vs_ar', 1.0):>7.2f}"
+              f"{row['first_token_s']:>8.3f}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dgemma")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args(["bench", *sys.argv[1:]])
+    sys.exit(a.func(a))
