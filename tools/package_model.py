@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -61,6 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     run, out = Path(args.run), Path(args.out)
     ckpt = max((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ev = json.loads(Path(args.eval).read_text()) if args.eval else None  # read first: the save replaces `out`
     _, model = load_checkpoint(ckpt)
     save_checkpoint(model, out, generation_config=GENERATION_CONFIG, tokenizer_path=Path(args.data) / "tokenizer.json",
                     dtype=torch.bfloat16)
@@ -71,7 +71,6 @@ def main() -> None:
     train = [r for r in log if r.get("kind") == "train"]
     val = [r for r in log if r.get("kind") == "val"]
     last = train[-1]
-    ev = json.loads(Path(args.eval).read_text()) if args.eval else None
     size = (out / "model.safetensors").stat().st_size
     lines = [
         "# dgemma-py-small",
@@ -133,7 +132,7 @@ def main() -> None:
             lines.append(f"| {k} | {fmt(d)} | {fmt(a)} |")
         lines += ["", f"Validation: AR NLL {ev['val_ar_nll']:.3f}; diffusion CE at t=0.5 "
                       f"{ev['val_diffusion_ce_t0.5']:.3f}.", ""]
-        shutil.copy(args.eval, out / "eval.json") if Path(args.eval).resolve() != (out / "eval.json").resolve() else None
+        (out / "eval.json").write_text(json.dumps(ev, indent=2) + "\n")
     (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
     print(f"packaged {ckpt} -> {out} ({size / 1e6:.1f} MB)")
 
