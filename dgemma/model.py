@@ -244,6 +244,8 @@ class DiffusionGemma(nn.Module):
         self.register_buffer("embed_scale", torch.tensor(math.sqrt(H)), persistent=False)
         for t in (SLIDING, FULL):
             self.register_buffer(f"inv_freq_{t}", rope_inv_freq(config, t), persistent=False)
+        # The first layer of each type present (masks are built once per type, from that layer's cache window).
+        self.type_layer = {t: config.layer_types.index(t) for t in (SLIDING, FULL) if t in config.layer_types}
 
     # ---- pieces ----
     @property
@@ -297,15 +299,11 @@ class DiffusionGemma(nn.Module):
         L = cache.length
         cache.extend_valid(valid)
         positions = torch.arange(L, L + T, device=ids.device)
-        masks = {t: encoder_mask(cache, positions, self.config.sliding_window if t == SLIDING else None,
-                                 self._first_layer_of(t))
-                 for t in (SLIDING, FULL) if self._first_layer_of(t) is not None}
+        masks = {t: encoder_mask(cache, positions, self.config.sliding_window if t == SLIDING else None, i)
+                 for t, i in self.type_layer.items()}
         h = self._run_layers(self.embed(ids), positions, _fill(masks), cache.layer, cache.store, encoder=True)
         cache.advance(T)
         return h
-
-    def _first_layer_of(self, layer_type: str) -> int | None:
-        return next((i for i, t in enumerate(self.config.layer_types) if t == layer_type), None)
 
     # ---- decoder ----
     def denoise_hidden(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
@@ -327,8 +325,7 @@ class DiffusionGemma(nn.Module):
         if positions is None:
             positions = torch.arange(cache.length, cache.length + canvas.shape[1], device=canvas.device)
         if masks is None:
-            masks = {t: decoder_mask(cache, canvas.shape[1], self._first_layer_of(t)) for t in (SLIDING, FULL)
-                     if self._first_layer_of(t) is not None}
+            masks = {t: decoder_mask(cache, canvas.shape[1], i) for t, i in self.type_layer.items()}
         return self._run_layers(h, positions, _fill(masks), cache.layer, None, encoder=False)
 
     def denoise(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
