@@ -246,6 +246,10 @@ class DiffusionGemma(nn.Module):
             self.register_buffer(f"inv_freq_{t}", rope_inv_freq(config, t), persistent=False)
         # The first layer of each type present (masks are built once per type, from that layer's cache window).
         self.type_layer = {t: config.layer_types.index(t) for t in (SLIDING, FULL) if t in config.layer_types}
+        # Optional replacements of the two [., V] x [V, H] products with the tied embedding (set by quant.py):
+        # head_matmul(hidden [..., H]) -> raw logits [..., V]; soft_matmul(probs [..., V]) -> [..., H].
+        self.head_matmul = None
+        self.soft_matmul = None
 
     # ---- pieces ----
     @property
@@ -263,11 +267,13 @@ class DiffusionGemma(nn.Module):
     def soft_embed(self, sc_logits: torch.Tensor) -> torch.Tensor:
         """Self-conditioning soft embedding: softmax (fp32) cast to the weight dtype, times E, times the scale."""
         probs = F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(self.dtype)
-        return (probs @ self.embed_tokens.weight) * self.embed_scale.to(self.dtype)
+        soft = probs @ self.embed_tokens.weight if self.soft_matmul is None else self.soft_matmul(probs)
+        return soft * self.embed_scale.to(self.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head; fp32 soft-cap."""
-        out = F.linear(hidden, self.embed_tokens.weight).float()
+        out = (F.linear(hidden, self.embed_tokens.weight) if self.head_matmul is None
+               else self.head_matmul(hidden)).float()
         cap = self.config.final_logit_softcapping
         return out if cap is None else torch.tanh(out / cap) * cap
 

@@ -75,6 +75,7 @@ class TrainConfig:
     preset: str | None = None  # model preset for training from scratch (default "small")
     init_from: str | None = None  # checkpoint folder to fine-tune
     vocab_size: int | None = None  # override the preset's vocabulary (must equal the tokenizer's)
+    canvas_length: int | None = None  # override the preset's or checkpoint's canvas length (weights do not depend on it)
     resume: bool = False  # continue from the newest checkpoint in --out (start fresh if there is none)
     steps: int = 1000  # total optimizer steps
     batch_size: int = 16  # sequences per micro-step, all processes together
@@ -128,6 +129,8 @@ class TrainConfig:
             problems.append(f"--t-eps must be in [0, 1) (got {self.t_eps})")
         if any(not 0 <= t <= 1 for t in self.val_t):
             problems.append(f"--val-t values must be in [0, 1] (got {list(self.val_t)})")
+        if self.canvas_length is not None and self.canvas_length < 1:
+            problems.append(f"--canvas-length must be >= 1 (got {self.canvas_length})")
         if self.preset is not None and self.init_from is not None:
             problems.append("give either --preset (train from scratch) or --init-from (fine-tune), not both")
         if self.data is None and not self.synthetic_data:
@@ -149,7 +152,7 @@ class TrainConfig:
 
 
 # Settings a resumed run must share with the run it continues (the rest, e.g. --steps, may change).
-RESUME_IDENTITY = ("data", "synthetic_data", "preset", "init_from", "vocab_size", "batch_size", "grad_accum",
+RESUME_IDENTITY = ("data", "synthetic_data", "preset", "init_from", "vocab_size", "canvas_length", "batch_size", "grad_accum",
                    "seq_len", "lr", "min_lr_ratio", "warmup_steps", "beta1", "beta2", "weight_decay", "ar_weight",
                    "sc_prob", "t_eps", "seed", "init_std", "fsdp")
 
@@ -551,6 +554,8 @@ def expected_model_config(cfg: TrainConfig, data_vocab: int | None,
         what = f"checkpoint {cfg.init_from}" if cfg.init_from else f"preset {cfg.model_preset!r}"
         raise TrainError(f"vocabulary mismatch: the data's tokenizer has {data_vocab} tokens but the model "
                          f"({what}) has vocab_size={mc.vocab_size}; {vocab_hint}")
+    if cfg.canvas_length is not None:
+        mc = mc.replace(canvas_length=cfg.canvas_length)
     if cfg.seq_len % mc.canvas_length:
         raise TrainError(f"--seq-len {cfg.seq_len} is not a multiple of the model's canvas_length={mc.canvas_length}; "
                          f"use a multiple such as {max(1, cfg.seq_len // mc.canvas_length) * mc.canvas_length}")
@@ -562,12 +567,17 @@ def _config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
     return [f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db.get(k)]
 
 
-def load_model(folder: Path, expected: ModelConfig, what: str) -> DiffusionGemma:
-    """Load a checkpoint's weights in fp32 and make sure it is the architecture this run trains."""
+def load_model(folder: Path, expected: ModelConfig, what: str, any_canvas: bool = False) -> DiffusionGemma:
+    """Load a checkpoint's weights in fp32 and make sure it is the architecture this run trains. With
+    `any_canvas`, the checkpoint may have another canvas length (no weight depends on it): the model takes
+    the expected one."""
     try:
         config, model = load_checkpoint(folder, dtype=torch.float32)
     except (CheckpointError, ConfigError) as e:
         raise TrainError(f"cannot load {what} {folder}: {e}") from None
+    if any_canvas and config.canvas_length != expected.canvas_length:
+        config = config.replace(canvas_length=expected.canvas_length)
+        model.config = config
     diff = _config_differences(config, expected)
     if diff:
         raise TrainError(f"{what} {folder} is a different architecture from the one this run trains "
@@ -692,7 +702,7 @@ def _train(cfg: TrainConfig, data: DataSource | None, on_step, env: Distributed)
                              "resume with the flags it was started with")
         model = load_model(resume_from, mc, "checkpoint")
     elif cfg.init_from is not None:
-        model = load_model(Path(cfg.init_from), mc, "--init-from checkpoint")
+        model = load_model(Path(cfg.init_from), mc, "--init-from checkpoint", any_canvas=True)
     else:
         model = init_weights(DiffusionGemma(mc), std=cfg.init_std, seed=cfg.seed)
     model = model.to(env.device).train()
@@ -936,6 +946,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--preset", default=None, help="model preset to train from scratch (default small)")
     g.add_argument("--init-from", default=None, help="checkpoint folder to fine-tune")
     g.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
+    g.add_argument("--canvas-length", type=int, default=None,
+                   help="override the preset's or --init-from checkpoint's canvas length")
     g.add_argument("--init-std", type=float, default=d.init_std)
     g = p.add_argument_group("batch and objective")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-step, all processes")
