@@ -1,0 +1,184 @@
+"""Int8 weight-only quantisation for inference: a function that takes a DiffusionGemma and returns it quantised.
+
+Why: on a CPU, decoding is bound by reading the weights from memory. Storing the big matrices as int8 with one fp32
+scale per output row (symmetric, per channel) reads a quarter of the bytes of fp32, and PyTorch has a CPU kernel for
+exactly this product, `aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]`. Activations stay
+in the model's float dtype; only weights are quantised.
+
+    from dgemma.quant import quantize_int8, quantized_bytes
+    model = quantize_int8(model)          # in place; returns the model
+    quantized_bytes(model)                # {"float_bytes": ..., "quantized_bytes": ...}
+
+What is quantised:
+- every nn.Linear in the layers (q/k/v/o projections, dense MLP gate/up/down) and in self-conditioning
+  -> `Int8Linear`;
+- the packed experts -> `Int8Experts` (per expert, per output row);
+- with head=True, the two products with the tied embedding, through the model's `head_matmul`/`soft_matmul` hooks:
+  the LM head uses E [V, H] quantised per vocabulary row, the self-conditioning soft embedding uses E^T [H, V]
+  quantised per hidden row. The token lookup (`embed_tokens`) stays in full precision, so head=True adds int8
+  copies (2 bytes per embedding entry) rather than saving memory: it buys speed, not space.
+
+What stays in full precision: norms, scalars, `embed_tokens`, and the router projection `router.proj` [E, H]. The
+router's logits pick the top-k experts, a discrete choice: rounding noise there can swap an expert and change a
+token's output by far more than the int8 error anywhere else, and the matrix is tiny (E x H), so it saves nothing.
+
+On CPU with fp32/bf16/fp16 activations the fused kernel is used; on any other device (CUDA) the weights are
+dequantised and multiplied with F.linear, which is correct everywhere and lets cuBLAS do the work. Quantised
+models are for inference: they have no gradients and are not saved by checkpoint.py (their state-dict keys differ).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import DiffusionGemma, Experts, Router
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class QuantError(ValueError):
+    """A model that cannot be quantised as asked (already quantised, not a floating-point model)."""
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of the last dim: w [..., N, K] -> (int8 [..., N, K], fp32 scales [..., N]).
+
+    w ~= q * scale[..., None], with q in [-127, 127] (-128 unused so the range is symmetric)."""
+    wf = w.detach().float()
+    scale = wf.abs().amax(dim=-1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: q = 0, any scale works
+    q = torch.round(wf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 [..., N, K] and scales [..., N] -> float weights [..., N, K] in `dtype`."""
+    return q.to(dtype) * scale.to(dtype)[..., None]
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] float @ (q int8 [N, K] * scale fp32 [N])^T -> [..., N] in x.dtype.
+
+    CPU: the fused int8 kernel. Elsewhere (CUDA, where that kernel is missing or slower than cuBLAS on the
+    dequantised matrix): dequantise, then F.linear."""
+    if x.device.type == "cpu" and x.dtype in _FLOATS:
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the kernel takes 2-D activations only
+        y = torch.ops.aten._weight_int8pack_mm(x2, q, scale.to(x.dtype))  # scales must match x's dtype
+        return y.view(*x.shape[:-1], q.shape[0])
+    return F.linear(x, dequantize(q, scale, x.dtype))
+
+
+class Int8Linear(nn.Module):
+    """Bias-free linear layer with int8 weights [out, in] and one fp32 scale per output row."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        q, scale = quantize_rows(weight)
+        self.register_buffer("weight_int8", q)  # [out, in] int8
+        self.register_buffer("scale", scale)  # [out] fp32
+        self.float_nbytes = weight.numel() * weight.element_size()  # what the float weight took
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_int8.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_int8.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight_int8, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int8Experts(nn.Module):
+    """`Experts` with int8 weights: gate_up [E, 2I, H] and down [E, H, I], one scale per expert per output row."""
+
+    def __init__(self, experts: Experts):
+        super().__init__()
+        gu, down = experts.gate_up_proj, experts.down_proj
+        q, s = quantize_rows(gu)
+        self.register_buffer("gate_up_int8", q)  # [E, 2I, H] int8
+        self.register_buffer("gate_up_scale", s)  # [E, 2I] fp32
+        q, s = quantize_rows(down)
+        self.register_buffer("down_int8", q)  # [E, H, I] int8
+        self.register_buffer("down_scale", s)  # [E, H] fp32
+        self.float_nbytes = (gu.numel() + down.numel()) * gu.element_size()
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x: [N, H]; weights [N, k] fp32, idx [N, k]. Same order of operations as `Experts.forward`."""
+        N, k = idx.shape
+        expert_of, order = torch.sort(idx.reshape(-1))  # [N*k]
+        xs = x[order // k]
+        counts = torch.bincount(expert_of, minlength=self.gate_up_int8.shape[0]).tolist()
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                gate, up = int8_linear(xs[start:start + n], self.gate_up_int8[e], self.gate_up_scale[e]).chunk(2, -1)
+                outs.append(int8_linear(F.gelu(gate, approximate="tanh") * up, self.down_int8[e], self.down_scale[e]))
+                start += n
+        y = torch.cat(outs) * weights.reshape(-1)[order, None]  # [N*k, H] fp32
+        unsorted = torch.empty_like(y)
+        unsorted[order] = y
+        return unsorted.view(N, k, -1).sum(dim=1).to(x.dtype)
+
+
+def _is_quantised(model: DiffusionGemma) -> bool:
+    return (model.head_matmul is not None or model.soft_matmul is not None
+            or any(isinstance(m, (Int8Linear, Int8Experts)) for m in model.modules()))
+
+
+def _replace_linears(parent: nn.Module, skip: tuple[type, ...] = ()) -> None:
+    """Swap every nn.Linear under `parent` (recursively) for an Int8Linear, except inside modules of type `skip`."""
+    for name, child in parent.named_children():
+        if isinstance(child, skip):
+            continue
+        if isinstance(child, nn.Linear):
+            setattr(parent, name, Int8Linear(child.weight))
+        elif isinstance(child, Experts):
+            setattr(parent, name, Int8Experts(child))
+        else:
+            _replace_linears(child, skip)
+
+
+@torch.no_grad()
+def quantize_int8(model: DiffusionGemma, head: bool = True) -> DiffusionGemma:
+    """Quantise `model`'s weights to int8 in place (see the module docstring for what and why); returns it."""
+    if _is_quantised(model):
+        raise QuantError("the model is already int8-quantised; quantise the original float model once")
+    if model.dtype not in _FLOATS:
+        raise QuantError(f"can only quantise a float32/bfloat16/float16 model (this one is {model.dtype})")
+    biased = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
+    if biased:
+        raise QuantError(f"Int8Linear has no bias, but these layers have one: {biased}")
+    for layer in model.layers:
+        _replace_linears(layer, skip=(Router,))
+    _replace_linears(model.self_conditioning)
+    if head:
+        E = model.embed_tokens.weight  # [V, H]
+        model.head_matmul = Int8Linear(E)  # hidden [..., H] -> [..., V]
+        model.soft_matmul = Int8Linear(E.t())  # probs [..., V] -> [..., H]
+    return model
+
+
+def quantized_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of all parameters and buffers now ("quantized_bytes") and as the float model held them ("float_bytes").
+
+    The head copies count as pure additions (the float model reads the tied embedding for free)."""
+    seen, now = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage()._cdata
+        if key not in seen:
+            seen.add(key)
+            now += t.untyped_storage().nbytes()
+    before = now
+    head = {id(m) for m in (getattr(model, "head_matmul", None), getattr(model, "soft_matmul", None)) if m is not None}
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, Int8Experts)):
+            before -= sum(b.untyped_storage().nbytes() for b in m.buffers())
+            before += 0 if id(m) in head else m.float_nbytes
+    return {"float_bytes": before, "quantized_bytes": now}
