@@ -32,6 +32,13 @@ class GenerationError(ValueError):
     """Impossible generation parameters; the message names the parameter and the allowed range."""
 
 
+def _check_engine(engine: str, compile: bool) -> None:
+    if engine not in ("fast", "reference"):
+        raise GenerationError(f"engine must be 'fast' or 'reference' (got {engine!r})")
+    if compile and engine != "fast":
+        raise GenerationError("compile=True needs engine='fast'")
+
+
 @dataclass
 class DiffusionParams:
     max_new_tokens: int = 256
@@ -45,8 +52,17 @@ class DiffusionParams:
     pad_token_id: int | None = None
     seed: int | None = None
     compat: bool = False
+    engine: str = "fast"  # "fast" (engine.py: static cache, chunked sampler) or "reference" (model.py + sampler.py)
+    compile: bool = False  # torch.compile the fast engine's layer passes
+    sampler_chunk: int | None = None  # fast engine: canvas positions per sampler chunk (None: ~2 MiB of logits)
+    right_size: bool = False  # default mode, fast engine: a last canvas only as long as the tokens still wanted
 
     def validate(self) -> None:
+        _check_engine(self.engine, self.compile)
+        if self.sampler_chunk is not None and self.sampler_chunk < 1:
+            raise GenerationError(f"sampler_chunk must be >= 1 (got {self.sampler_chunk})")
+        if self.right_size and (self.compat or self.engine != "fast"):
+            raise GenerationError("right_size needs the default mode on the fast engine (compat=False, engine='fast')")
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1 (got {self.max_new_tokens})"),
             (self.max_denoising_steps >= 1, f"max_denoising_steps must be >= 1 (got {self.max_denoising_steps})"),
@@ -70,8 +86,11 @@ class ARParams:
     top_p: float | None = None
     eos_token_ids: tuple[int, ...] | None = None
     seed: int | None = None
+    engine: str = "fast"  # "fast" (engine.py: static cache) or "reference" (model.py's KVCache)
+    compile: bool = False  # torch.compile the fast engine's layer passes
 
     def validate(self) -> None:
+        _check_engine(self.engine, self.compile)
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
         if self.temperature < 0:
@@ -147,6 +166,11 @@ def generate_diffusion(model: DiffusionGemma, input_ids: torch.Tensor, params: D
                        on_step: StepFn | None = None) -> GenerationOutput:
     params.validate()
     input_ids, attention_mask = _prepare(input_ids, attention_mask, model)
+    if params.engine == "fast":
+        from . import engine
+        if params.compat:
+            return engine.diffusion_compat(model, input_ids, attention_mask, params, on_step)
+        return engine.diffusion_default(model, input_ids, attention_mask, params, stop_fn, on_step)
     if params.compat:
         return _diffusion_compat(model, input_ids, attention_mask, params, on_step)
     return _diffusion_default(model, input_ids, attention_mask, params, stop_fn, on_step)
@@ -333,6 +357,10 @@ def generate_ar(model: DiffusionGemma, input_ids: torch.Tensor, params: ARParams
                 attention_mask: torch.Tensor | None = None, stop_fn: StopFn | None = None) -> GenerationOutput:
     """Next-token decoding through the encoder (spec part C): prefill, then one token per pass with the cache."""
     params.validate()
+    if params.engine == "fast":
+        from . import engine
+        input_ids, attention_mask = _prepare(input_ids, attention_mask, model)
+        return engine.autoregressive(model, input_ids, attention_mask, params, stop_fn)
     t0 = time.perf_counter()
     input_ids, attention_mask = _prepare(input_ids, attention_mask, model)
     B = input_ids.shape[0]

@@ -89,6 +89,23 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.v_norm = RMSNorm(self.head_dim, config.rms_norm_eps, with_scale=False)
 
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, H] (already input-normed) -> q [B, nh, T, d], k and v [B, nkv, T, d] (normed, k and q rotated)."""
+        B, T, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)), cos, sin)
+        k_raw = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v_raw = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim) if self.v_proj is not None else k_raw
+        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
+        return q.transpose(1, 2), k, self.v_norm(v_raw).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q [B, nh, T, d] over k/v [B, nkv, S, d] -> output [B, T, H]."""
+        # Scaling is exactly 1: the q/k norms replace 1/sqrt(d).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
+
     def forward(
         self,
         x: torch.Tensor,  # [B, T, H], already input-normed
@@ -98,19 +115,11 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns the attention output `[B, T, H]` and the keys/values attended to (prefix + new)."""
-        B, T, _ = x.shape
-        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)), cos, sin)
-        k_raw = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v_raw = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim) if self.v_proj is not None else k_raw
-        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)  # [B, nkv, T, d]
-        v = self.v_norm(v_raw).transpose(1, 2)
+        q, k, v = self.project(x, cos, sin)
         pk, pv = prefix
         if pk is not None:
             k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        # Scaling is exactly 1: the q/k norms replace 1/sqrt(d).
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=1.0,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), k, v
+        return self.attend(q, k, v, mask), k, v
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,6 +211,10 @@ class Layer(nn.Module):
 
     def forward(self, h, cos, sin, prefix, mask, encoder: bool):
         a, k, v = self.self_attn(self.input_layernorm(h), cos, sin, prefix, mask)
+        return self.after_attention(h, a, encoder), k, v
+
+    def after_attention(self, h: torch.Tensor, a: torch.Tensor, encoder: bool) -> torch.Tensor:
+        """Residual + feed-forward (dense MLP and experts in parallel) + layer scalar, given the attention output."""
         h = h + self.post_attention_layernorm(a)
         r = h
         m1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
@@ -210,7 +223,7 @@ class Layer(nn.Module):
         m2 = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).reshape(r.shape)
         m2 = self.post_feedforward_layernorm_2(m2)
         h = r + self.post_feedforward_layernorm(m1 + m2)
-        return h * (self.encoder_layer_scalar if encoder else self.layer_scalar), k, v
+        return h * (self.encoder_layer_scalar if encoder else self.layer_scalar)
 
 
 class SelfConditioning(nn.Module):

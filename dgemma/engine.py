@@ -1,0 +1,487 @@
+"""The fast inference path: preallocated caches, a chunked sampler, rows that leave, optional torch.compile.
+
+The reference path (model.encode/denoise with `KVCache`, sampler.sample_step) is written for clarity and for
+bit-identity with transformers; this module computes the same things with less memory traffic:
+
+- `StaticCache` allocates every K/V buffer once per generate call. Full-attention layers get one slot per position
+  (slot = position); sliding layers get a ring of `W - 1 + span` slots (slot = position mod size), the last W - 1
+  positions plus room for a canvas or a prefill chunk. The decoder writes the canvas's K/V into the slots the
+  canvas will occupy once committed (scratch until then), so a denoising step concatenates nothing.
+- Batch rows live in a prefix of the buffers: when rows finish, the survivors are moved to the front once and every
+  later step runs on views of the first `n` rows.
+- `sample_chunked` does the sampler's work (temperature, softmax, multinomial, argmax, entropy, and the next step's
+  self-conditioning soft embedding) a few canvas positions at a time, so at most one `[B, C, V]` fp32 tensor (the
+  logits) exists per step. It performs the reference's operations row by row in the reference's RNG order, so it
+  draws the same tokens.
+
+Keys in a ring are not in position order, so attention sums in another order than the reference: logits agree to
+float rounding, not bit for bit (tests/test_engine.py checks both the logits and the tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import FULL, SLIDING
+from .cache import KVCache
+from .model import DiffusionGemma, decoder_mask, encoder_mask
+
+
+class StaticCache:
+    """Preallocated K/V for `batch` rows. Full layers: one slot per position, [0, capacity). Sliding layers: a
+    bounded buffer of `W - 1 + span` slots holding positions from `base` on; when a new block does not fit, the
+    last W - 1 positions move to the front (one copy of W - 1 slots every `span / block` blocks), so the keys a
+    pass reads are always one contiguous, position-ordered slice: the reference's keys, in its order."""
+
+    def __init__(self, model: DiffusionGemma, batch: int, capacity: int, span: int):
+        cfg = model.config
+        dev, dt = model.device, model.dtype
+        self.batch, self.capacity, self.span = batch, capacity, span
+        self.length = 0
+        self.n = batch  # live rows: [0, n)
+        self.keep_w = cfg.sliding_window - 1  # positions a sliding layer keeps
+        self.ring = min(self.keep_w + span, capacity)
+        self.base = 0  # position held by slot 0 of the sliding buffers
+        self.sliding = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
+        self.keys, self.values = [], []
+        for i in range(cfg.num_hidden_layers):
+            shape = (batch, cfg.layer_kv_heads(i), self.ring if self.sliding[i] else capacity, cfg.layer_head_dim(i))
+            self.keys.append(torch.zeros(shape, dtype=dt, device=dev))
+            self.values.append(torch.zeros(shape, dtype=dt, device=dev))
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=dev)  # real token (not left padding)
+        self._window = [self.keep_w if sl else None for sl in self.sliding]
+
+    def start(self, layer: int) -> int:
+        """First position layer `layer` attends to (as KVCache.start)."""
+        return max(0, self.length - self.keep_w) if self.sliding[layer] else 0
+
+    def make_room(self, count: int) -> None:
+        """Make sure positions [length, length + count) fit in the sliding buffers."""
+        if self.length + count > self.capacity:
+            raise RuntimeError(f"StaticCache capacity {self.capacity} exceeded (position {self.length + count})")
+        if self.length + count - self.base <= self.ring:
+            return
+        if count > self.span:
+            raise RuntimeError(f"a block of {count} positions exceeds the sliding span {self.span}")
+        new_base = max(0, self.length - self.keep_w)
+        lo, hi = new_base - self.base, self.length - self.base
+        n = self.n
+        for i, sl in enumerate(self.sliding):
+            if sl and hi > lo:
+                self.keys[i][:n, :, :hi - lo] = self.keys[i][:n, :, lo:hi].clone()
+                self.values[i][:n, :, :hi - lo] = self.values[i][:n, :, lo:hi].clone()
+        self.base = new_base
+
+    def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the block's K/V [n, nkv, T, d] at positions [length, length + T) and return the keys/values the
+        block attends to (kept prefix + block), as views of the buffers."""
+        n, T = k.shape[0], k.shape[2]
+        off = self.base if self.sliding[layer] else 0
+        lo, hi = self.start(layer) - off, self.length + T - off
+        K, V = self.keys[layer], self.values[layer]
+        K[:n, :, hi - T:hi] = k
+        V[:n, :, hi - T:hi] = v
+        return K[:n, :, lo:hi], V[:n, :, lo:hi]
+
+    def view(self, new: int = 0) -> KVCache:
+        """A KVCache-shaped view (valid mask, length, windows; no tensors) for the reference mask builders."""
+        return KVCache(window=self._window, keys=[], values=[], valid=self.valid[:self.n, :self.length + new],
+                       length=self.length)
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep rows `idx` (indices into the live rows, in order), moved to the front."""
+        k = idx.numel()
+        if k == self.n and bool((idx == torch.arange(k, device=idx.device)).all()):
+            return
+        self._take(idx)
+        self.n = k
+
+    def permute(self, order: torch.Tensor) -> None:
+        """Reorder the live rows (a permutation of range(n))."""
+        self._take(order)
+
+    def _take(self, idx: torch.Tensor) -> None:
+        k, n = idx.numel(), self.n
+        for bufs in (self.keys, self.values):
+            for b in bufs:
+                b[:k] = b[:n].index_select(0, idx)
+        self.valid[:k] = self.valid[:n].index_select(0, idx)
+
+
+class Engine:
+    """Encoder and decoder passes over a `StaticCache`, with the model's own modules and weights."""
+
+    def __init__(self, model: DiffusionGemma, compile: bool = False):
+        self.model = model
+        self.cfg = model.config
+        self.types = list(model.type_layer)
+        self._pass = self._pass_eager
+        if compile:
+            self._pass = torch.compile(self._pass_eager, dynamic=True)
+
+    def _pass_eager(self, cache: StaticCache, h: torch.Tensor, masks: dict, encoder: bool) -> torch.Tensor:
+        """Run all layers on h [n, T, H] at positions [length, length + T); writes the block's K/V to `cache`."""
+        T = h.shape[1]
+        positions = torch.arange(cache.length, cache.length + T, device=h.device)
+        rope = self.model._rope(positions, h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            t = layer.layer_type
+            attn = layer.self_attn
+            cos, sin = rope[t]
+            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
+            k, v = cache.kv(i, k, v)
+            h = layer.after_attention(h, attn.attend(q, k, v, masks[t]), encoder)
+        return self.model.norm(h)
+
+    def encode(self, cache: StaticCache, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal pass over ids [n, T] after the cache (prompts longer than the span go in chunks).
+        Returns the hidden state of the last position [n, H]."""
+        n, T = ids.shape
+        h = None
+        for s in range(0, T, cache.span):
+            chunk = ids[:, s:s + cache.span]
+            c, L = chunk.shape[1], cache.length
+            cache.make_room(c)
+            cache.valid[:n, L:L + c] = True if valid is None else valid[:, s:s + c]
+            positions = torch.arange(L, L + c, device=ids.device)
+            view = cache.view(c)
+            masks = {t: encoder_mask(view, positions, self.cfg.sliding_window if t == SLIDING else None, i)
+                     for t, i in self.model.type_layer.items()}
+            h = self._pass(cache, self.model.embed(chunk), _fill(masks), True)
+            cache.length += c
+        return h[:, -1]
+
+    def decoder_masks(self, cache: StaticCache, C: int) -> dict:
+        """The decoder's masks for a canvas of C at the cache's end (the same for every step of the canvas)."""
+        cache.make_room(C)
+        view = cache.view()
+        return _fill({t: decoder_mask(view, C, i) for t, i in self.model.type_layer.items()})
+
+    def denoise(self, cache: StaticCache, canvas: torch.Tensor, soft: torch.Tensor | None,
+                masks: dict) -> torch.Tensor:
+        """Bidirectional pass over canvas [n, C] with soft [n, C, H] (scaled soft embedding, None = zero signal),
+        its K/V written as scratch where the canvas will be committed. Returns logits [n, C, V] fp32."""
+        e = self.model.embed(canvas)
+        h = self.model.self_conditioning(e, torch.zeros_like(e) if soft is None else soft)
+        return self.model.logits(self._pass(cache, h, masks, False))
+
+
+def _fill(masks: dict) -> dict:
+    return {SLIDING: masks.get(SLIDING), FULL: masks.get(FULL)}
+
+
+def chunk_rows(vocab_size: int, budget_bytes: int = 1 << 21) -> int:
+    """Canvas positions per sampler chunk: about `budget_bytes` of fp32 logits (2 MiB: fits a core's L2)."""
+    return max(1, budget_bytes // (4 * vocab_size))
+
+
+def sample_chunked(raw: torch.Tensor, temperature: torch.Tensor, canvas: torch.Tensor, entropy_bound: float,
+                   generator: torch.Generator | None, model: DiffusionGemma | None, soft_from: str | None,
+                   chunk: int | None = None):
+    """The reference `sample_step(raw / temperature, ...)` computed `chunk` positions at a time.
+
+    Also returns the mean entropy per row (adaptive stopping) and, when `soft_from` is "raw" or "proc", the
+    self-conditioning soft embedding [n, C, H] of the next step (softmax of those logits times the embedding,
+    times the embedding scale), so the logits need not be kept. Returns (canvas, argmax, accepted, entropy, soft)."""
+    from .sampler import accept_entropy_bound
+
+    n, C, V = raw.shape
+    flat = raw.view(n * C, V)
+    N = n * C
+    chunk = chunk or chunk_rows(V)
+    sampled = torch.empty(N, dtype=torch.long, device=raw.device)
+    argmax = torch.empty(N, dtype=torch.long, device=raw.device)
+    h = torch.empty(N, dtype=torch.float32, device=raw.device)
+    soft = None
+    if soft_from is not None:
+        E = model.embed_tokens.weight
+        soft = torch.empty(N, E.shape[1], dtype=model.dtype, device=raw.device)
+    lowest = torch.finfo(torch.float32).min
+    for s in range(0, N, chunk):
+        r = flat[s:s + chunk]
+        proc = r / temperature
+        probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
+        sampled[s:s + chunk] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        argmax[s:s + chunk] = proc.argmax(dim=-1)
+        norm = proc - proc.logsumexp(dim=-1, keepdim=True)
+        h[s:s + chunk] = -(norm.clamp(min=lowest) * F.softmax(norm, dim=-1)).sum(-1)
+        if soft_from is not None:
+            src = r if soft_from == "raw" else proc
+            if src.dtype == model.dtype == torch.float32 and soft_from == "proc":
+                p = probs  # softmax(proc) in fp32 is exactly what the reference recomputes next step
+            else:
+                p = F.softmax(src.to(model.dtype), dim=-1, dtype=torch.float32).to(model.dtype)
+            soft[s:s + chunk] = p @ E if model.soft_matmul is None else model.soft_matmul(p)
+    h = h.view(n, C)
+    accepted = accept_entropy_bound(h, entropy_bound)
+    kept = torch.where(accepted, sampled.view(n, C), canvas)
+    noise = torch.randint(0, V, (n, C), generator=generator, device=canvas.device)
+    new_canvas = torch.where(~accepted, noise, kept)
+    if soft is not None:
+        soft = (soft * model.embed_scale.to(model.dtype)).view(n, C, -1)
+    return new_canvas, argmax.view(n, C), accepted, h, soft
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation loops on the fast path (dispatched from generate.py; same results as the reference loops there)
+PREFILL_SPAN = 256  # prompt tokens per encoder chunk, and the ring's spare room in sliding layers
+
+
+def get_engine(model: DiffusionGemma, compile: bool = False) -> Engine:
+    """One engine per model and compile setting, kept on the model so compiled code is reused across calls."""
+    engines = model.__dict__.setdefault("_dgemma_engines", {})
+    if compile not in engines:
+        engines[compile] = Engine(model, compile=compile)
+    return engines[compile]
+
+
+def _new_cache(model: DiffusionGemma, batch: int, prompt_len: int, new_tokens: int) -> StaticCache:
+    span = max(model.config.canvas_length, PREFILL_SPAN)
+    return StaticCache(model, batch, prompt_len + new_tokens, span)
+
+
+@torch.inference_mode()
+def diffusion_default(model, input_ids, attention_mask, p, stop_fn, on_step):
+    """The default generation mode (see generate._diffusion_default) on the static cache."""
+    import math
+    import time
+
+    from .generate import GenerationOutput, GenerationStats, _commit, _generator
+    from .sampler import linear_temperature
+
+    t0 = time.perf_counter()
+    cfg = model.config
+    B, L0 = input_ids.shape
+    C, V, N = cfg.canvas_length, cfg.vocab_size, p.max_denoising_steps
+    dev = input_ids.device
+    gen = _generator(p.seed, dev)
+    eos = set(p.eos_token_ids or ())
+    eng = get_engine(model, p.compile)
+    cache = _new_cache(model, B, L0, math.ceil(p.max_new_tokens / C) * C)
+    rows = list(range(B))
+    out: list[list[int]] = [[] for _ in range(B)]
+    reasons = ["length"] * B
+    passes = [0] * B
+    steps: list[list[int]] = [[] for _ in range(B)]
+    eng.encode(cache, input_ids, attention_mask)
+    encoder_passes, first, ci = 1, None, 0
+    use_stopper = p.stability_threshold is not None and p.confidence_threshold is not None
+    while True:
+        n = cache.n
+        c = C
+        if p.right_size:
+            c = min(C, max(p.max_new_tokens - len(out[r]) for r in rows))
+        masks = eng.decoder_masks(cache, c)
+        canvas = torch.randint(0, V, (n, c), generator=gen, device=dev)
+        argmax = canvas.clone()
+        soft = None
+        history = (torch.full((p.stability_threshold, n, c), -1, dtype=torch.long, device=dev)
+                   if use_stopper and p.stability_threshold > 0 else None)
+        order = torch.arange(n, device=dev)  # cache row j holds canvas-state row order[j]
+        m = n  # live (not yet stopped) rows are the first m
+        row_steps = [0] * n
+        for k in range(N, 0, -1):
+            live_masks = {t: None if v is None else v[:m] for t, v in masks.items()}
+            raw = eng.denoise(cache, canvas[:m], None if soft is None else soft[:m], live_masks)
+            for j in range(m):
+                passes[rows[j]] += 1
+                row_steps[j] += 1
+            temp = linear_temperature(k, N, p.t_min, p.t_max, reach_t_min=True)
+            new_canvas, new_argmax, accepted, h, new_soft = sample_chunked(
+                raw, temp, canvas[:m], p.entropy_bound, gen, model, soft_from="raw", chunk=p.sampler_chunk)
+            del raw
+            canvas[:m], argmax[:m] = new_canvas, new_argmax
+            if soft is None:
+                soft = torch.zeros(n, c, new_soft.shape[-1], dtype=new_soft.dtype, device=dev)
+            soft[:m] = new_soft
+            if on_step is not None:
+                on_step(ci, N - k, rows[:m], new_argmax, accepted)
+            if not use_stopper:
+                continue
+            confident = h.mean(dim=-1) < p.confidence_threshold
+            if history is None:
+                stop = confident
+            else:
+                stop = (history[:, :m] == new_argmax[None]).all(dim=-1).all(dim=0) & confident
+                history[:, :m] = torch.roll(history[:, :m], shifts=-1, dims=0)
+                history[-1, :m] = new_argmax
+            if bool(stop.any()):
+                if bool(stop.all()):
+                    break
+                # Stopped rows move behind the live ones; every later step runs on the first m rows only.
+                live_first = torch.cat([(~stop).nonzero().squeeze(-1), stop.nonzero().squeeze(-1),
+                                        torch.arange(m, n, device=dev)])
+                cache.permute(live_first)
+                canvas, argmax, soft = canvas[live_first], argmax[live_first], soft[live_first]
+                if history is not None:
+                    history = history[:, live_first]
+                masks = {t: None if v is None else v[live_first] for t, v in masks.items()}
+                order = order[live_first]
+                rows = [rows[j] for j in live_first.tolist()]
+                row_steps = [row_steps[j] for j in live_first.tolist()]
+                m -= int(stop.sum())
+        # Back to batch order (the reference's RNG order of the next canvas depends on it).
+        if not bool((order == torch.arange(n, device=dev)).all()):
+            back = torch.argsort(order)
+            cache.permute(back)
+            argmax = argmax[back]
+            rows = [rows[j] for j in back.tolist()]
+            row_steps = [row_steps[j] for j in back.tolist()]
+        keep = []
+        for j, r in enumerate(rows):
+            steps[r].append(row_steps[j])
+            if _commit(r, argmax[j, :p.max_new_tokens - len(out[r])].tolist(), out, reasons, eos, stop_fn,
+                       p.max_new_tokens):
+                keep.append(j)
+        if first is None:
+            first = time.perf_counter() - t0
+        if not keep:
+            break
+        idx = torch.tensor(keep, device=dev)
+        cache.keep(idx)
+        rows = [rows[j] for j in keep]
+        eng.encode(cache, argmax.index_select(0, idx))
+        encoder_passes += 1
+        ci += 1
+    stats = GenerationStats(decoder_passes=passes, encoder_passes=encoder_passes, steps_per_canvas=steps,
+                            new_tokens=[len(t) for t in out], seconds=time.perf_counter() - t0,
+                            first_token_seconds=first)
+    return GenerationOutput(sequences=None, tokens=out, finish_reasons=reasons, stats=stats)
+
+
+@torch.inference_mode()
+def diffusion_compat(model, input_ids, attention_mask, p, on_step):
+    """transformers-compatible generation (see generate._diffusion_compat) on the static cache: every row is
+    computed every step, as the reference does, so the random stream and the tokens are the same."""
+    import math
+    import time
+
+    from .generate import GenerationOutput, GenerationStats, _generator
+    from .sampler import linear_temperature
+
+    t0 = time.perf_counter()
+    cfg = model.config
+    B, L0 = input_ids.shape
+    C, V, N = cfg.canvas_length, cfg.vocab_size, p.max_denoising_steps
+    dev = input_ids.device
+    max_length = L0 + p.max_new_tokens
+    gen = _generator(p.seed, dev)
+    eng = get_engine(model, p.compile)
+    canvases = math.ceil(p.max_new_tokens / C)
+    cache = _new_cache(model, B, L0, canvases * C)
+    eos = torch.tensor(list(p.eos_token_ids), device=dev) if p.eos_token_ids else None
+    use_stopper = p.stability_threshold is not None and p.confidence_threshold is not None
+    finished_seq = torch.zeros(B, dtype=torch.bool, device=dev)
+    passes = torch.zeros(B, dtype=torch.long)
+    steps: list[list[int]] = [[] for _ in range(B)]
+    seq, pending, pending_mask = input_ids, input_ids, attention_mask
+    encoder_passes, first = 0, None
+    for ci in range(canvases):
+        eng.encode(cache, pending, pending_mask)
+        encoder_passes += 1
+        masks = eng.decoder_masks(cache, C)
+        canvas = torch.randint(0, V, (B, C), generator=gen, device=dev)
+        soft, history = None, None
+        if use_stopper and p.stability_threshold > 0:
+            history = torch.full((p.stability_threshold, B, C), -1, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        argmax = canvas
+        row_steps = torch.zeros(B, dtype=torch.long)
+        for k in range(N, 0, -1):
+            passes += (~(done | finished_seq)).cpu().long()
+            row_steps += (~done).cpu().long()
+            raw = eng.denoise(cache, canvas, soft, masks)
+            temp = linear_temperature(k, N, p.t_min, p.t_max)
+            new_canvas, new_argmax, accepted, h, new_soft = sample_chunked(
+                raw, temp, canvas, p.entropy_bound, gen, model, soft_from="proc", chunk=p.sampler_chunk)
+            del raw
+            if use_stopper:
+                if bool(done.any()):
+                    new_argmax = torch.where(done[:, None], argmax, new_argmax)
+                    new_canvas = torch.where(done[:, None], canvas, new_canvas)
+                    new_soft = torch.where(done[:, None, None], soft, new_soft)
+                stop = h.mean(dim=-1) < p.confidence_threshold
+                if history is not None:
+                    stop &= (history == new_argmax[None]).all(dim=-1).all(dim=0)
+                    history = torch.roll(history, shifts=-1, dims=0)
+                    history[-1] = new_argmax
+                done |= stop
+            soft = new_soft
+            argmax, canvas = new_argmax, new_canvas
+            if on_step is not None:
+                on_step(ci, N - k, list(range(B)), argmax, accepted)
+            if bool(done.all()):
+                break
+        for r in range(B):
+            steps[r].append(int(row_steps[r]))
+        seq = torch.cat([seq, argmax], dim=-1)
+        finished_now = torch.full((B,), seq.shape[1] >= max_length, dtype=torch.bool, device=dev)
+        if eos is not None:
+            finished_now |= torch.isin(seq[:, -C:], eos).any(dim=-1)
+        previously = finished_seq
+        finished_seq = previously | finished_now
+        if p.pad_token_id is not None and bool(finished_seq.any()):
+            seq[previously, -C:] = p.pad_token_id
+            if eos is not None and bool(finished_now.any()):
+                new = seq[:, -C:]
+                is_eos = torch.isin(new, eos)
+                cum = is_eos.cumsum(dim=-1)
+                new[(cum > 0) & ~((cum == 1) & is_eos)] = p.pad_token_id
+        if first is None:
+            first = time.perf_counter() - t0
+        if bool(finished_seq.all()):
+            break
+        pending, pending_mask = seq[:, -C:], None
+    new_tokens = seq[:, L0:]
+    counts = ((new_tokens != p.pad_token_id).sum(-1) if p.pad_token_id is not None
+              else torch.full((B,), new_tokens.shape[1]))
+    stats = GenerationStats(decoder_passes=passes.tolist(), encoder_passes=encoder_passes, steps_per_canvas=steps,
+                            new_tokens=counts.tolist(), seconds=time.perf_counter() - t0, first_token_seconds=first)
+    reasons = ["stop" if eos is not None and bool(torch.isin(new_tokens[r], eos).any()) else "length"
+               for r in range(B)]
+    return GenerationOutput(sequences=seq, tokens=[row.tolist() for row in new_tokens], finish_reasons=reasons,
+                            stats=stats)
+
+
+@torch.inference_mode()
+def autoregressive(model, input_ids, attention_mask, params, stop_fn):
+    """Next-token decoding (see generate.generate_ar) on the static cache."""
+    import time
+
+    from .generate import GenerationOutput, GenerationStats, _commit, _generator
+    from .sampler import sample_next_token
+
+    t0 = time.perf_counter()
+    B, L0 = input_ids.shape
+    gen = _generator(params.seed, input_ids.device)
+    eos = set(params.eos_token_ids or ())
+    eng = get_engine(model, params.compile)
+    cache = _new_cache(model, B, L0, params.max_new_tokens)
+    h = eng.encode(cache, input_ids, attention_mask)
+    encoder_passes = 1
+    rows = list(range(B))
+    out: list[list[int]] = [[] for _ in range(B)]
+    reasons = ["length"] * B
+    passes = [1] * B
+    first = None
+    while True:
+        nxt = sample_next_token(model.logits(h), params.temperature, params.top_k, params.top_p, gen)
+        if first is None:
+            first = time.perf_counter() - t0
+        keep = [j for j, r in enumerate(rows)
+                if _commit(r, [int(nxt[j])], out, reasons, eos, stop_fn, params.max_new_tokens)]
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            idx = torch.tensor(keep, device=nxt.device)
+            cache.keep(idx)
+            rows, nxt = [rows[j] for j in keep], nxt.index_select(0, idx)
+        h = eng.encode(cache, nxt[:, None])
+        encoder_passes += 1
+        for r in rows:
+            passes[r] += 1
+    stats = GenerationStats(decoder_passes=passes, encoder_passes=encoder_passes, steps_per_canvas=[],
+                            new_tokens=[len(t) for t in out], seconds=time.perf_counter() - t0,
+                            first_token_seconds=first)
+    return GenerationOutput(sequences=None, tokens=out, finish_reasons=reasons, stats=stats)
