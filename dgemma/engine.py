@@ -171,9 +171,10 @@ def _fill(masks: dict) -> dict:
     return {SLIDING: masks.get(SLIDING), FULL: masks.get(FULL)}
 
 
-def chunk_rows(vocab_size: int, budget_bytes: int = 1 << 21) -> int:
-    """Canvas positions per sampler chunk: about `budget_bytes` of fp32 logits (2 MiB: fits a core's L2)."""
-    return max(1, budget_bytes // (4 * vocab_size))
+def chunk_rows(vocab_size: int, budget_bytes: int = 1 << 21, at_least: int = 64) -> int:
+    """Canvas positions per sampler chunk: about `budget_bytes` of fp32 logits (2 MiB, a core's L2), but at least
+    `at_least`, since each chunk's soft-embedding product reads the whole [V, H] embedding once."""
+    return max(at_least, budget_bytes // (4 * vocab_size))
 
 
 def sample_chunked(raw: torch.Tensor, temperature: torch.Tensor, canvas: torch.Tensor, entropy_bound: float,
