@@ -117,32 +117,70 @@ def _matmul_flops(model, tokens: int, context: int) -> float:
 
 
 @torch.inference_mode()
-def step_fractions(model, peak_fp32: float, repeats: int) -> dict:
-    from .cache import KVCache
+def step_fractions(model, peak_fp32: float, peak_bf16: float, repeats: int) -> dict:
+    """One denoising step (canvas over a 256-token context, self-conditioning on) and one AR step, on the fast
+    engine, against the machine's matmul throughput."""
+    from .engine import Engine, StaticCache
 
     c = model.config
-    ids = torch.randint(5, c.vocab_size, (1, 256))
-    cache = KVCache.empty(c)
-    model.encode(ids, cache)
-    canvas = torch.randint(5, c.vocab_size, (1, c.canvas_length))
-    sc = torch.randn(1, c.canvas_length, c.vocab_size)
-    model.denoise(canvas, cache, sc)
-    t_dn, _ = _timed(lambda: model.denoise(canvas, cache, sc), repeats * 3)
+    C = c.canvas_length
+    eng = Engine(model)
+    ids = torch.randint(5, c.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    cache = StaticCache(model, 1, 256 + C, 256)
+    eng.encode(cache, ids)
+    masks = eng.decoder_masks(cache, C)
+    canvas = torch.randint(5, c.vocab_size, (1, C))
+    soft = model.soft_embed(torch.randn(1, C, c.vocab_size))
+
+    def denoise_step():  # the decoder pass plus the next step's soft embedding (part of every step)
+        logits = eng.denoise(cache, canvas, soft, masks)
+        return model.soft_embed(logits)
+
+    denoise_step()
+    t_dn, _ = _timed(denoise_step, repeats * 3)
     one = torch.tensor([[7]])
 
     def ar_step():
-        cc = cache.clone()
-        return model.encode(one, cc)
+        h = eng.encode(cache, one)
+        cache.length -= 1  # rewind: every timed step writes the same position
+        return model.logits(h)
 
     ar_step()
     t_ar, _ = _timed(ar_step, repeats * 3)
-    f_dn = _matmul_flops(model, c.canvas_length, 256 + c.canvas_length) + 2 * c.canvas_length * c.vocab_size * c.hidden_size
+    f_dn = _matmul_flops(model, C, 256 + C) + 2 * C * c.vocab_size * c.hidden_size
     f_ar = _matmul_flops(model, 1, 257)
     return {"denoise_step_ms": t_dn * 1e3, "ar_step_ms": t_ar * 1e3,
             "denoise_step_gflops": f_dn / t_dn / 1e9, "ar_step_gflops": f_ar / t_ar / 1e9,
             "denoise_step_matmul_fraction": f_dn / t_dn / 1e9 / peak_fp32,
+            "denoise_step_bf16_matmul_fraction": f_dn / t_dn / 1e9 / peak_bf16,
             "ar_step_matmul_fraction": f_ar / t_ar / 1e9 / peak_fp32,
             "denoise_over_ar_step_cost": t_dn / t_ar}
+
+
+@torch.inference_mode()
+def sampler_memory(vocab_size: int, canvas: int, batch: int, hidden: int) -> dict:
+    """Peak bytes allocated by one sampler step plus the next self-conditioning embedding: the reference
+    (sample_step + soft_embed over whole [B, C, V] tensors) against the chunked sampler."""
+    from .config import preset
+    from .engine import sample_chunked
+    from .memtrack import track_memory
+    from .model import DiffusionGemma
+    from .sampler import sample_step
+
+    cfg = preset("tiny").replace(vocab_size=vocab_size, hidden_size=hidden, head_dim=hidden // 4,
+                                 global_head_dim=hidden // 2, num_hidden_layers=1, layer_types=("full_attention",))
+    model = DiffusionGemma(cfg).eval()
+    torch.nn.init.normal_(model.embed_tokens.weight)
+    raw = torch.randn(batch, canvas, vocab_size)
+    cv = torch.randint(0, vocab_size, (batch, canvas))
+    temp = torch.tensor(0.6)
+    with track_memory() as ref:
+        sample_step(raw / temp, cv, 0.1, vocab_size, torch.Generator().manual_seed(0))
+        model.soft_embed(raw)
+    with track_memory() as fast:
+        sample_chunked(raw, temp, cv, 0.1, torch.Generator().manual_seed(0), model, "raw")
+    return {"vocab_size": vocab_size, "canvas": canvas, "batch": batch, "logits_mb": raw.numel() * 4 / 2**20,
+            "reference_peak_mb": ref.peak_bytes / 2**20, "chunked_peak_mb": fast.peak_bytes / 2**20}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,20 +213,26 @@ def vs_transformers(model, repeats: int, new_tokens: int, steps: int) -> dict:
             return hf.generate(ids, **kw).sequences
 
     params = DiffusionParams(max_new_tokens=new_tokens, max_denoising_steps=steps, seed=0, compat=True)
+    slow = DiffusionParams(**{**params.__dict__, "engine": "reference"})
 
     def ours():
         return generate_diffusion(model, ids, params).sequences
 
-    a, b = ref(), ours()  # warm-up, and the identity check
-    if not torch.equal(a, b):
+    def ours_reference():
+        return generate_diffusion(model, ids, slow).sequences
+
+    a, b, c_ = ref(), ours(), ours_reference()  # warm-up, and the identity check
+    if not (torch.equal(a, b) and torch.equal(a, c_)):
         raise AssertionError("compat mode and transformers generate() produced different tokens")
-    t_ref, t_ours = [], []
-    for _ in range(repeats):  # alternate so that machine noise hits both sides alike
+    t_ref, t_ours, t_slow = [], [], []
+    for _ in range(repeats):  # alternate so that machine noise hits all sides alike
         t_ref.append(_timed(ref, 1)[0])
         t_ours.append(_timed(ours, 1)[0])
-    return {"transformers_s": statistics.median(t_ref), "dgemma_s": statistics.median(t_ours),
-            "speedup": statistics.median(t_ref) / statistics.median(t_ours), "identical_tokens": True,
-            "new_tokens": int(a.shape[1] - ids.shape[1])}
+        t_slow.append(_timed(ours_reference, 1)[0])
+    med = statistics.median
+    return {"transformers_s": med(t_ref), "dgemma_s": med(t_ours), "dgemma_reference_engine_s": med(t_slow),
+            "speedup": med(t_ref) / med(t_ours), "speedup_reference_engine": med(t_ref) / med(t_slow),
+            "identical_tokens": True, "new_tokens": int(a.shape[1] - ids.shape[1])}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,6 +267,38 @@ def diffusion_vs_ar(model, lengths: list[int], fixed_steps: list[int], repeats: 
     return rows
 
 
+def engine_options(model, new_tokens: int, steps: int, repeats: int, full: bool) -> list[dict]:
+    """Diffusion (fixed steps, adaptive stopping off) and greedy AR tokens/s for each engine option, same prompt."""
+    import copy
+
+    from .generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
+    from .quant import quantize_int8
+
+    c = model.config
+    prompt = torch.randint(5, c.vocab_size, (1, 32), generator=torch.Generator().manual_seed(2))
+    variants = [("reference", model, {"engine": "reference"}), ("fast", model, {}),
+                ("fast+int8", quantize_int8(copy.deepcopy(model)), {})]
+    if full:
+        variants += [("fast+compile", model, {"compile": True}),
+                     ("fast+bf16", copy.deepcopy(model).to(torch.bfloat16), {})]
+    rows = []
+    for name, m, opts in variants:
+        dp = DiffusionParams(max_new_tokens=new_tokens, max_denoising_steps=steps, stability_threshold=None,
+                             confidence_threshold=None, seed=0, **opts)
+        ap = ARParams(max_new_tokens=new_tokens, **opts)
+        generate_diffusion(m, prompt, dp)  # warm-up (and compilation)
+        generate_ar(m, prompt, ap)
+        t_d, d = _timed(lambda m=m, dp=dp: generate_diffusion(m, prompt, dp), repeats)
+        t_a, a = _timed(lambda m=m, ap=ap: generate_ar(m, prompt, ap), repeats)
+        rows.append({"engine": name, "diffusion_tokens_per_s": len(d.tokens[0]) / t_d,
+                     "ar_tokens_per_s": len(a.tokens[0]) / t_a, "steps": steps, "new_tokens": new_tokens})
+    base = rows[0]
+    for r in rows:
+        r["diffusion_vs_reference"] = r["diffusion_tokens_per_s"] / base["diffusion_tokens_per_s"]
+        r["ar_vs_reference"] = r["ar_tokens_per_s"] / base["ar_tokens_per_s"]
+    return rows
+
+
 def _plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -254,7 +330,12 @@ def run(cfg: BenchConfig) -> dict:
     result: dict = {"model": spec, "device": _device(), "git": _git(), "quick": cfg.quick}
     limits = machine_limits(cfg.quick)
     result.update(limits)
-    result.update(step_fractions(model, limits["matmul_gflops_fp32"], cfg.repeats))
+    result.update(step_fractions(model, limits["matmul_gflops_fp32"], limits["matmul_gflops_bf16"], cfg.repeats))
+    c = model.config
+    result["sampler_memory"] = [sampler_memory(c.vocab_size, c.canvas_length, 8, c.hidden_size)]
+    if not cfg.quick:  # the released shape's vocabulary and canvas, one request
+        result["sampler_memory"].append(sampler_memory(262144, 256, 1, 256))
+    result["engine_options"] = engine_options(model, 64 if cfg.quick else 256, 8, cfg.repeats, not cfg.quick)
     C = model.config.canvas_length
     ref_tiny = vs_transformers(tiny, cfg.repeats, 2 * tiny.config.canvas_length, 8)
     ref_model = vs_transformers(model, cfg.repeats, 2 * C, 8)
@@ -268,6 +349,10 @@ def run(cfg: BenchConfig) -> dict:
     result["diffusion_vs_ar"] = rows
     d256 = [r for r in rows if r["mode"] == "diffusion" and r["new_tokens"] == 256 and r["steps"] == "default"]
     result["diffusion_over_ar_256"] = d256[0]["speedup_vs_ar"] if d256 else None
+    # What the step costs allow: a canvas of C tokens costs (steps + 1 encoder pass) passes of the denoise-step
+    # cost, against C AR steps.
+    ratio = result["denoise_over_ar_step_cost"]
+    result["diffusion_over_ar_bound"] = {str(n): C / ((n + 1) * ratio) for n in (4, 8, 16, 32)}
     result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if cfg.plot:
         _plot(rows, cfg.plot)
@@ -285,11 +370,21 @@ def _print(r: dict) -> None:
     print(f"one denoising step {r['denoise_step_ms']:.1f} ms ({r['denoise_step_gflops']:.1f} GFLOP/s, "
           f"{100 * r['denoise_step_matmul_fraction']:.0f}% of fp32 matmul); one AR step {r['ar_step_ms']:.1f} ms "
           f"({100 * r['ar_step_matmul_fraction']:.0f}%); a denoising step costs {r['denoise_over_ar_step_cost']:.1f} AR steps")
+    print(f"one denoising step at bf16 matmul throughput: {100 * r['denoise_step_bf16_matmul_fraction']:.0f}%; "
+          "diffusion/AR tokens/s the step costs allow at 4/8/16/32 steps: "
+          + ", ".join(f"{v:.2f}" for v in r["diffusion_over_ar_bound"].values()))
+    for m in r["sampler_memory"]:
+        print(f"sampler peak memory, vocab {m['vocab_size']}, {m['batch']}x{m['canvas']} canvas: reference "
+              f"{m['reference_peak_mb']:.1f} MB, chunked {m['chunked_peak_mb']:.1f} MB (logits {m['logits_mb']:.1f} MB)")
+    print(f"{'engine':<14}{'diffusion tok/s':>16}{'vs ref':>8}{'AR tok/s':>10}{'vs ref':>8}")
+    for e in r["engine_options"]:
+        print(f"{e['engine']:<14}{e['diffusion_tokens_per_s']:>16.1f}{e['diffusion_vs_reference']:>8.2f}"
+              f"{e['ar_tokens_per_s']:>10.1f}{e['ar_vs_reference']:>8.2f}")
     for name in ("vs_transformers_tiny", "vs_transformers_model"):
         v = r[name]
         if "speedup" in v:
             print(f"{name}: transformers {v['transformers_s']:.3f}s, dgemma {v['dgemma_s']:.3f}s -> {v['speedup']:.2f}x "
-                  f"(identical tokens, {v['new_tokens']} new)")
+                  f"(reference engine {v['speedup_reference_engine']:.2f}x; identical tokens, {v['new_tokens']} new)")
         else:
             print(f"{name}: {v}")
     print(f"{'mode':<10}{'steps':>8}{'new':>6}{'tok/s':>9}{'passes':>8}{'tok/fwd':>9}{'vs AR':>7}{'TTFT s':>8}")

@@ -179,13 +179,13 @@ def chunk_rows(vocab_size: int, budget_bytes: int = 1 << 21, at_least: int = 64)
 
 def sample_chunked(raw: torch.Tensor, temperature: torch.Tensor, canvas: torch.Tensor, entropy_bound: float,
                    generator: torch.Generator | None, model: DiffusionGemma | None, soft_from: str | None,
-                   chunk: int | None = None):
+                   chunk: int | None = None, method: str = "multinomial"):
     """The reference `sample_step(raw / temperature, ...)` computed `chunk` positions at a time.
 
     Also returns the mean entropy per row (adaptive stopping) and, when `soft_from` is "raw" or "proc", the
     self-conditioning soft embedding [n, C, H] of the next step (softmax of those logits times the embedding,
     times the embedding scale), so the logits need not be kept. Returns (canvas, argmax, accepted, entropy, soft)."""
-    from .sampler import accept_entropy_bound
+    from .sampler import accept_entropy_bound, draw_uniforms, sample_inverse_cdf
 
     n, C, V = raw.shape
     flat = raw.view(n * C, V)
@@ -199,11 +199,15 @@ def sample_chunked(raw: torch.Tensor, temperature: torch.Tensor, canvas: torch.T
         E = model.embed_tokens.weight
         soft = torch.empty(N, E.shape[1], dtype=model.dtype, device=raw.device)
     lowest = torch.finfo(torch.float32).min
+    u = draw_uniforms(N, generator, raw.device) if method == "inverse_cdf" else None
     for s in range(0, N, chunk):
         r = flat[s:s + chunk]
         proc = r / temperature
         probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
-        sampled[s:s + chunk] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if u is None:
+            sampled[s:s + chunk] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            sampled[s:s + chunk] = sample_inverse_cdf(probs, u[s:s + chunk])
         argmax[s:s + chunk] = proc.argmax(dim=-1)
         norm = proc - proc.logsumexp(dim=-1, keepdim=True)
         h[s:s + chunk] = -(norm.clamp(min=lowest) * F.softmax(norm, dim=-1)).sum(-1)
@@ -290,7 +294,8 @@ def diffusion_default(model, input_ids, attention_mask, p, stop_fn, on_step):
                 row_steps[j] += 1
             temp = linear_temperature(k, N, p.t_min, p.t_max, reach_t_min=True)
             new_canvas, new_argmax, accepted, h, new_soft = sample_chunked(
-                raw, temp, canvas[:m], p.entropy_bound, gen, model, soft_from="raw", chunk=p.sampler_chunk)
+                raw, temp, canvas[:m], p.entropy_bound, gen, model, soft_from="raw", chunk=p.sampler_chunk,
+                method="inverse_cdf")
             del raw
             canvas[:m], argmax[:m] = new_canvas, new_argmax
             if soft is None:

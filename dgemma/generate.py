@@ -316,7 +316,7 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
                 passes[rows[j]] += 1
                 row_steps[j] += 1
             proc = raw / linear_temperature(n, N, p.t_min, p.t_max, reach_t_min=True)
-            step = sample_step(proc, sub(canvas), p.entropy_bound, V, gen)
+            step = sample_step(proc, sub(canvas), p.entropy_bound, V, gen, method="inverse_cdf")
             canvas[live], argmax[live] = step.canvas, step.argmax
             sc[live] = raw.to(model.dtype)  # raw logits, as the training objective feeds them
             has_sc = True

@@ -71,14 +71,33 @@ class StepResult:
     token_entropy: torch.Tensor  # [B, C] fp32
 
 
+def draw_uniforms(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """n uniforms in (0, 1] for `sample_inverse_cdf` (never 0, so a zero-probability token is never drawn)."""
+    return 1.0 - torch.rand(n, generator=generator, device=device)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row of probs [N, V] (rows need not sum exactly to 1) from uniforms u [N] in (0, 1]:
+    the first token whose cumulative probability reaches u times the row total. Exact categorical sampling,
+    several times faster on CPU than torch.multinomial, and it works on any slice of rows given their uniforms."""
+    cdf = probs.cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1))
+    return idx.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
 def sample_step(processed: torch.Tensor, canvas: torch.Tensor, entropy_bound: float, vocab_size: int,
-                generator: torch.Generator | None) -> StepResult:
+                generator: torch.Generator | None, method: str = "multinomial") -> StepResult:
     """One sampler update from temperature-processed logits [B, C, V] fp32.
 
-    RNG order (as the reference): one multinomial over [B*C, V], then one randint(B, C) for renoising."""
+    RNG order: the token draws (one torch.multinomial over [B*C, V] as the reference, or B*C uniforms for
+    method="inverse_cdf", dgemma's default mode), then one randint(B, C) for renoising."""
     B, C, V = processed.shape
     probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-    sampled = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, C)
+    if method == "multinomial":
+        sampled = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, C)
+    else:
+        u = draw_uniforms(B * C, generator, processed.device)
+        sampled = sample_inverse_cdf(probs.view(-1, V), u).view(B, C)
     argmax = processed.argmax(dim=-1)
     h = entropy(processed)
     accepted = accept_entropy_bound(h, entropy_bound)

@@ -128,15 +128,16 @@ def test_bf16_tokens_equal_reference():
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 @pytest.mark.parametrize("soft_from", ["raw", "proc"])
-def test_chunked_sampler_equals_sample_step(chunk, soft_from):
+@pytest.mark.parametrize("method", ["multinomial", "inverse_cdf"])
+def test_chunked_sampler_equals_sample_step(chunk, soft_from, method):
     model, cfg = _model("tiny", 0)
     g = torch.Generator().manual_seed(0)
     raw = torch.randn(3, cfg.canvas_length, cfg.vocab_size, generator=g) * 4
     canvas = torch.randint(0, cfg.vocab_size, (3, cfg.canvas_length), generator=g)
     temp = torch.tensor(0.6)
-    ref = sample_step(raw / temp, canvas, 0.3, cfg.vocab_size, torch.Generator().manual_seed(1))
+    ref = sample_step(raw / temp, canvas, 0.3, cfg.vocab_size, torch.Generator().manual_seed(1), method=method)
     new, argmax, accepted, h, soft = engine.sample_chunked(raw, temp, canvas, 0.3, torch.Generator().manual_seed(1),
-                                                           model, soft_from, chunk=chunk)
+                                                           model, soft_from, chunk=chunk, method=method)
     assert torch.equal(new, ref.canvas) and torch.equal(argmax, ref.argmax) and torch.equal(accepted, ref.accepted)
     assert torch.equal(h, ref.token_entropy)
     expected = model.soft_embed(raw if soft_from == "raw" else raw / temp)

@@ -90,3 +90,20 @@ def test_ar_sampling_filters():
     assert draws == {2, 3}
     draws = {sample_next_token(logits, 1.0, None, 0.5, g).item() for _ in range(50)}
     assert draws == {3}  # p(3) = 0.64 >= 0.5 already
+
+
+def test_inverse_cdf_sampling_matches_the_distribution_and_never_draws_zero_mass():
+    from dgemma.sampler import draw_uniforms, sample_inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_inverse_cdf(probs, draw_uniforms(probs.shape[0], g, "cpu"))
+    counts = torch.bincount(draws, minlength=6).float() / probs.shape[0]
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts, probs[0], atol=0.015)
+    # rows are independent of how they are sliced: chunks with their own uniforms give the same draws
+    u = draw_uniforms(10, torch.Generator().manual_seed(1), "cpu")
+    p = torch.softmax(torch.randn(10, 50, generator=g), -1)
+    whole = sample_inverse_cdf(p, u)
+    parts = torch.cat([sample_inverse_cdf(p[i:i + 3], u[i:i + 3]) for i in range(0, 10, 3)])
+    assert torch.equal(whole, parts)
