@@ -2,7 +2,7 @@
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Until the bundled default model ships, `make run` uses random weights: it shows the pipeline, not quality.
+# `make run` generates with the bundled model (random weights if its folder is missing).
 MODEL ?= $(if $(wildcard models/dgemma-py-small/config.json),--model models/dgemma-py-small,--model random:small)
 
 .PHONY: install test run lint bench clean
@@ -14,8 +14,10 @@ install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[test]"
 
+# The tests, then `dgemma bench --quick` as a smoke test of the benchmark (its figures are printed, not asserted).
 test: install
 	$(BIN)/python -m pytest
+	$(BIN)/dgemma bench --quick
 
 run: install
 	$(BIN)/dgemma generate $(MODEL) --max-new-tokens 64 "def fibonacci(n):"

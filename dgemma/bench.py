@@ -237,7 +237,8 @@ def vs_transformers(model, repeats: int, new_tokens: int, steps: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # 2. diffusion vs AR
-def diffusion_vs_ar(model, lengths: list[int], fixed_steps: list[int], repeats: int) -> list[dict]:
+def diffusion_vs_ar(model, lengths: list[int], fixed_steps: list[int], repeats: int,
+                    generation_config: dict | None = None) -> list[dict]:
     from .generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
 
     c = model.config
@@ -251,8 +252,13 @@ def diffusion_vs_ar(model, lengths: list[int], fixed_steps: list[int], repeats: 
                      "tokens_per_forward": got_ar / ar.stats.decoder_passes[0],
                      "first_token_s": ar.stats.first_token_seconds, "steps": None})
         for steps in ["default", *fixed_steps]:
-            if steps == "default":
-                p = DiffusionParams(max_new_tokens=n, seed=0)
+            if steps == "default":  # the model's generation_config.json, EOS off so that lengths compare
+                g = generation_config or {}
+                p = DiffusionParams(max_new_tokens=n, seed=0, max_denoising_steps=g.get("max_denoising_steps", 48),
+                                    entropy_bound=(g.get("sampler_config") or {}).get("entropy_bound", 0.1),
+                                    t_min=g.get("t_min", 0.4), t_max=g.get("t_max", 0.8),
+                                    stability_threshold=g.get("stability_threshold", 1),
+                                    confidence_threshold=g.get("confidence_threshold", 0.005))
             else:  # a fixed step count: adaptive stopping off
                 p = DiffusionParams(max_new_tokens=n, max_denoising_steps=steps, stability_threshold=None,
                                     confidence_threshold=None, seed=0)
@@ -345,7 +351,8 @@ def run(cfg: BenchConfig) -> dict:
     result["speedup_vs_transformers"] = min(speedups) if speedups else None
     lengths = [64, 256] if cfg.quick else [64, 128, 256, 512, 1024]
     fixed = [4, 16] if cfg.quick else [4, 8, 16, 32]
-    rows = diffusion_vs_ar(model, lengths, fixed, 1 if cfg.quick else cfg.repeats)
+    rows = diffusion_vs_ar(model, lengths, fixed, 1 if cfg.quick else cfg.repeats, lm.generation_config)
+    result["default_steps"] = (lm.generation_config or {}).get("max_denoising_steps", 48)
     result["diffusion_vs_ar"] = rows
     d256 = [r for r in rows if r["mode"] == "diffusion" and r["new_tokens"] == 256 and r["steps"] == "default"]
     result["diffusion_over_ar_256"] = d256[0]["speedup_vs_ar"] if d256 else None

@@ -32,6 +32,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--stability-threshold", type=int, default=None)
     p.add_argument("--confidence-threshold", type=float, default=None)
     p.add_argument("--compat", action="store_true", help="reproduce transformers generate() token for token")
+    p.add_argument("--engine", choices=["fast", "reference"], default="fast",
+                   help="fast: static cache and chunked sampler (default); reference: the plain model.py path")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast engine (slow first call)")
     p.add_argument("--temperature", type=float, default=0.0, help="AR sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -62,7 +65,7 @@ def _run_generate(args) -> int:
     max_new = _pick(args.max_new_tokens, g, "max_new_tokens", 256)
     if args.mode == "ar":
         params = ARParams(max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          eos_token_ids=eos, seed=args.seed)
+                          eos_token_ids=eos, seed=args.seed, engine=args.engine, compile=args.compile)
     else:
         sc = g.get("sampler_config") or {}
         params = DiffusionParams(
@@ -72,7 +75,7 @@ def _run_generate(args) -> int:
             stability_threshold=_pick(args.stability_threshold, g, "stability_threshold", 1),
             confidence_threshold=_pick(args.confidence_threshold, g, "confidence_threshold", 0.005),
             eos_token_ids=eos, pad_token_id=g.get("pad_token_id", lm.model.config.pad_token_id),
-            seed=args.seed, compat=args.compat)
+            seed=args.seed, compat=args.compat, engine=args.engine, compile=args.compile)
     on_step, live = None, None
     if args.live and args.mode == "diffusion":
         on_step, live = _live_view(lm.tokenizer, len(args.prompt))

@@ -238,6 +238,20 @@ def test_fine_tune_starts_from_the_checkpoint(tmp_path):
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
 
 
+def test_fine_tune_at_another_canvas_length(tmp_path):
+    cfg = tiny_cfg(tmp_path / "a", steps=2)
+    base = train(cfg, data=data_for(cfg))
+    ft = tiny_cfg(tmp_path / "b", preset=None, init_from=str(base.checkpoint), canvas_length=16, steps=1, lr=1e-9,
+                  warmup_steps=0)
+    result = train(ft, data=data_for(ft))
+    config, _ = load_checkpoint(result.checkpoint)
+    assert config.canvas_length == 16 and preset("tiny").canvas_length != 16
+    gen = json.loads((Path(result.checkpoint) / "generation_config.json").read_text())
+    assert gen["max_denoising_steps"] == 3  # the released pace, 48 steps per 256 tokens
+    with pytest.raises(TrainError, match="canvas-length"):
+        train(tiny_cfg(tmp_path / "c", canvas_length=0), data=data_for(cfg))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data parallel: 2 processes over gloo == 1 process on the same global batch
 def _free_port() -> int:

@@ -16,13 +16,8 @@ from pathlib import Path
 import torch
 
 from dgemma.checkpoint import load_checkpoint, save_checkpoint
+from dgemma.train import generation_config_for
 
-GENERATION_CONFIG = {
-    "max_new_tokens": 256, "max_denoising_steps": 48, "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig",
-                                                                          "entropy_bound": 0.1},
-    "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": [1, 6],
-    "pad_token_id": 0,
-}
 
 
 def plot(log: list[dict], path: Path) -> None:
@@ -62,7 +57,7 @@ def main() -> None:
     ckpt = max((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     ev = json.loads(Path(args.eval).read_text()) if args.eval else None  # read first: the save replaces `out`
     _, model = load_checkpoint(ckpt)
-    save_checkpoint(model, out, generation_config=GENERATION_CONFIG, tokenizer_path=Path(args.data) / "tokenizer.json",
+    save_checkpoint(model, out, generation_config=generation_config_for(model.config), tokenizer_path=Path(args.data) / "tokenizer.json",
                     dtype=torch.bfloat16)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     plot(log, out / "loss_curves.png")
