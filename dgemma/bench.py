@@ -240,6 +240,12 @@ def vs_transformers(model, repeats: int, new_tokens: int, steps: int) -> dict:
 def diffusion_vs_ar(model, lengths: list[int], fixed_steps: list[int], repeats: int,
                     generation_config: dict | None = None) -> list[dict]:
     from .generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
+    from .memtrack import track_memory
+
+    def peak_mb(fn) -> float:  # a separate, untimed run: tracking every allocation slows it down
+        with track_memory() as mem:
+            fn()
+        return mem.peak_bytes / 2**20
 
     c = model.config
     prompt = torch.randint(5, c.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
@@ -250,7 +256,8 @@ def diffusion_vs_ar(model, lengths: list[int], fixed_steps: list[int], repeats: 
         got_ar = len(ar.tokens[0])
         rows.append({"mode": "ar", "new_tokens": n, "tokens_per_s": got_ar / t_ar, "passes": ar.stats.decoder_passes[0],
                      "tokens_per_forward": got_ar / ar.stats.decoder_passes[0],
-                     "first_token_s": ar.stats.first_token_seconds, "steps": None})
+                     "first_token_s": ar.stats.first_token_seconds, "steps": None,
+                     "peak_mb": peak_mb(lambda n=n: generate_ar(model, prompt, ARParams(max_new_tokens=n)))})
         for steps in ["default", *fixed_steps]:
             if steps == "default":  # the model's generation_config.json, EOS off so that lengths compare
                 g = generation_config or {}
@@ -269,7 +276,8 @@ def diffusion_vs_ar(model, lengths: list[int], fixed_steps: list[int], repeats: 
                          "passes": out.stats.decoder_passes[0],
                          "tokens_per_forward": got / max(out.stats.decoder_passes[0], 1),
                          "steps_per_canvas": sum(spc) / len(spc), "first_token_s": out.stats.first_token_seconds,
-                         "speedup_vs_ar": (got / t) / (got_ar / t_ar)})
+                         "speedup_vs_ar": (got / t) / (got_ar / t_ar),
+                         "peak_mb": peak_mb(lambda p=p: generate_diffusion(model, prompt, p))})
     return rows
 
 
@@ -394,11 +402,12 @@ def _print(r: dict) -> None:
                   f"(reference engine {v['speedup_reference_engine']:.2f}x; identical tokens, {v['new_tokens']} new)")
         else:
             print(f"{name}: {v}")
-    print(f"{'mode':<10}{'steps':>8}{'new':>6}{'tok/s':>9}{'passes':>8}{'tok/fwd':>9}{'vs AR':>7}{'TTFT s':>8}")
+    print(f"{'mode':<10}{'steps':>8}{'new':>6}{'tok/s':>9}{'passes':>8}{'tok/fwd':>9}{'vs AR':>7}{'TTFT s':>8}"
+          f"{'peak MB':>9}")
     for row in r["diffusion_vs_ar"]:
         print(f"{row['mode']:<10}{row['steps']!s:>8}{row['new_tokens']:>6}{row['tokens_per_s']:>9.1f}"
               f"{row['passes']:>8}{row['tokens_per_forward']:>9.2f}{row.get('speedup_vs_ar', 1.0):>7.2f}"
-              f"{row['first_token_s']:>8.3f}")
+              f"{row['first_token_s']:>8.3f}{row['peak_mb']:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
 The reference path (model.encode/denoise with `KVCache`, sampler.sample_step) is written for clarity and for
 bit-identity with transformers; this module computes the same things with less memory traffic:
 
-- `StaticCache` allocates every K/V buffer once per generate call. Full-attention layers get one slot per position
-  (slot = position); sliding layers get a ring of `W - 1 + span` slots (slot = position mod size), the last W - 1
-  positions plus room for a canvas or a prefill chunk. The decoder writes the canvas's K/V into the slots the
-  canvas will occupy once committed (scratch until then), so a denoising step concatenates nothing.
+- `StaticCache` allocates every K/V buffer once per generate call. Full-attention layers get one slot per position;
+  sliding layers get a bounded buffer of `W - 1 + span` slots (the last W - 1 positions plus room for a canvas or
+  a prefill chunk) that moves its last W - 1 positions to the front when it fills, once every `span / C` canvases.
+  The decoder writes the canvas's K/V into the slots the canvas will occupy once committed (scratch until then), so
+  a denoising step concatenates nothing, and every pass reads one contiguous, position-ordered slice of keys.
 - Batch rows live in a prefix of the buffers: when rows finish, the survivors are moved to the front once and every
   later step runs on views of the first `n` rows.
 - `sample_chunked` does the sampler's work (temperature, softmax, multinomial, argmax, entropy, and the next step's
@@ -14,8 +15,8 @@ bit-identity with transformers; this module computes the same things with less m
   logits) exists per step. It performs the reference's operations row by row in the reference's RNG order, so it
   draws the same tokens.
 
-Keys in a ring are not in position order, so attention sums in another order than the reference: logits agree to
-float rounding, not bit for bit (tests/test_engine.py checks both the logits and the tokens).
+Since the keys and masks are exactly the reference's, the fast path is bit-identical to it (tests/test_engine.py
+compares tokens), except for prompts longer than the span, which are encoded in chunks (equal to float rounding).
 """
 
 from __future__ import annotations
@@ -115,7 +116,6 @@ class Engine:
     def __init__(self, model: DiffusionGemma, compile: bool = False):
         self.model = model
         self.cfg = model.config
-        self.types = list(model.type_layer)
         self._pass = self._pass_eager
         if compile:
             self._pass = torch.compile(self._pass_eager, dynamic=True)
