@@ -1,9 +1,11 @@
 """Int8 weight-only quantisation for inference: a function that takes a DiffusionGemma and returns it quantised.
 
-Why: on a CPU, decoding is bound by reading the weights from memory. Storing the big matrices as int8 with one fp32
-scale per output row (symmetric, per channel) reads a quarter of the bytes of fp32, and PyTorch has a CPU kernel for
-exactly this product, `aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]`. Activations stay
-in the model's float dtype; only weights are quantised.
+Why: decoding large models is bound by reading the weights from memory. Storing the big matrices as int8 with one
+fp32 scale per output row (symmetric, per channel) reads a quarter of the bytes of fp32, and PyTorch has a CPU kernel
+for exactly this product, `aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]`. Activations
+stay in the model's float dtype; only weights are quantised. Whether that kernel is faster depends on the CPU: on
+the AVX2-only development machine it runs 15-50x slower than an fp32 matmul of the same shape, so there int8 saves
+memory only (`dgemma bench` measures it on whatever machine runs it).
 
     from dgemma.quant import quantize_int8, quantized_bytes
     model = quantize_int8(model)          # in place; returns the model
@@ -16,7 +18,8 @@ What is quantised:
 - with head=True, the two products with the tied embedding, through the model's `head_matmul`/`soft_matmul` hooks:
   the LM head uses E [V, H] quantised per vocabulary row, the self-conditioning soft embedding uses E^T [H, V]
   quantised per hidden row. The token lookup (`embed_tokens`) stays in full precision, so head=True adds int8
-  copies (2 bytes per embedding entry) rather than saving memory: it buys speed, not space.
+  copies (2 bytes per embedding entry) rather than saving memory: it can buy speed (where the kernel is fast), not
+  space.
 
 What stays in full precision: norms, scalars, `embed_tokens`, and the router projection `router.proj` [E, H]. The
 router's logits pick the top-k experts, a discrete choice: rounding noise there can swap an expert and change a
