@@ -46,7 +46,7 @@ def main() -> None:
         model.load_state_dict(base.state_dict())
         p = DiffusionParams(max_new_tokens=args.new_tokens, max_denoising_steps=C // 4, stability_threshold=None,
                             confidence_threshold=None, seed=0)
-        t, out = timed(lambda: generate_diffusion(model, prompt, p))
+        t, out = timed(lambda model=model, p=p: generate_diffusion(model, prompt, p))
         tps = len(out.tokens[0]) / t
         rows.append({"canvas": C, "steps": C // 4, "diffusion_tokens_per_s": tps, "ar_tokens_per_s": ar_tps,
                      "diffusion_over_ar": tps / ar_tps, "passes": out.stats.decoder_passes[0],

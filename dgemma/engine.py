@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import FULL, SLIDING
 from .cache import KVCache
+from .config import FULL, SLIDING
 from .model import DiffusionGemma, decoder_mask, encoder_mask
 
 
