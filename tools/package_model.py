@@ -1,9 +1,13 @@
 """Package a training run as the bundled model: bf16 weights, generation config, tokenizer, loss plot, model card.
 
     python tools/package_model.py --run runs/py-mini --data data/py --out models/dgemma-py-small \
-        [--eval models/dgemma-py-small/eval.json]
+        [--eval models/dgemma-py-small/eval.json] [--command "dgemma train ..."]
 
-Reads the run's newest checkpoint, `log.jsonl` and `train_config.json`, and the data folder's `meta.json`
+A model trained in stages (each stage's run started `--init-from` the previous one's checkpoint) is packaged by
+giving every stage in order: `--run A --command "..." --run B --command "..."`. The weights come from the last
+stage; the card lists every stage, and the loss plot puts them end to end.
+
+Reads each run's newest checkpoint, `log.jsonl` and `train_config.json`, and the data folder's `meta.json`
 (corpus and shard hashes). The model card records everything needed to reproduce the model.
 """
 
@@ -20,7 +24,7 @@ from dgemma.train import generation_config_for
 
 
 
-def plot(log: list[dict], path: Path) -> None:
+def plot(log: list[dict], path: Path, boundaries: list[int] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +40,9 @@ def plot(log: list[dict], path: Path) -> None:
         ax.plot([r["step"] for r in val], [r["val_ar"] for r in val], "o-", label="AR NLL (val)")
         ax.plot([r["step"] for r in val], [r["val_diffusion_mean"] for r in val], "s-",
                 label="diffusion CE (val, mean over t)")
-    ax.set_xlabel("optimizer step")
+    for b in boundaries:
+        ax.axvline(b, color="grey", ls=":", lw=1)
+    ax.set_xlabel("optimizer step (stages end to end; dotted: a new stage)")
     ax.set_ylabel("nats / token")
     ax.set_title("dgemma-py-small training losses")
     ax.grid(alpha=0.3)
@@ -45,28 +51,59 @@ def plot(log: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _stages(runs: list[Path]) -> tuple[list[dict], list[dict], list[int]]:
+    """Each stage's log and config, and the merged log with steps and tokens made cumulative across stages."""
+    stages, merged, boundaries = [], [], []
+    step0 = tokens0 = time0 = 0
+    for run in runs:
+        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+        tc = json.loads((run / "train_config.json").read_text())
+        train = [r for r in log if r.get("kind") == "train"]
+        last = train[-1]
+        stages.append({"run": str(run), "config": tc, "steps": last["step"], "tokens": last["tokens"],
+                       "minutes": last["time"] / 60})
+        for r in log:
+            if "step" in r:
+                r = {**r, "step": r["step"] + step0}
+                if "tokens" in r:
+                    r["tokens"] += tokens0
+                if "time" in r:
+                    r["time"] += time0
+                merged.append(r)
+        if step0:
+            boundaries.append(step0)
+        step0, tokens0, time0 = step0 + last["step"], tokens0 + last["tokens"], time0 + last["time"]
+    return stages, merged, boundaries
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", required=True)
+    ap.add_argument("--run", required=True, action="append", help="a run folder; repeat for later stages, in order")
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--eval", default=None, help="JSON written by `dgemma eval --out`")
-    ap.add_argument("--command", default="", help="the exact training command, for the card")
+    ap.add_argument("--command", action="append", default=[],
+                    help="the exact training command of each stage, in order, for the card")
     args = ap.parse_args()
-    run, out = Path(args.run), Path(args.out)
-    ckpt = max((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    runs, out = [Path(r) for r in args.run], Path(args.out)
+    ckpt = max((runs[-1] / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     ev = json.loads(Path(args.eval).read_text()) if args.eval else None  # read first: the save replaces `out`
     _, model = load_checkpoint(ckpt)
-    save_checkpoint(model, out, generation_config=generation_config_for(model.config), tokenizer_path=Path(args.data) / "tokenizer.json",
-                    dtype=torch.bfloat16)
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    plot(log, out / "loss_curves.png")
-    tc = json.loads((run / "train_config.json").read_text())
+    save_checkpoint(model, out, generation_config=generation_config_for(model.config),
+                    tokenizer_path=Path(args.data) / "tokenizer.json", dtype=torch.bfloat16)
+    stages, log, boundaries = _stages(runs)
+    plot(log, out / "loss_curves.png", boundaries)
+    tc = stages[-1]["config"]
     meta = json.loads((Path(args.data) / "meta.json").read_text())
     train = [r for r in log if r.get("kind") == "train"]
     val = [r for r in log if r.get("kind") == "val"]
     last = train[-1]
     size = (out / "model.safetensors").stat().st_size
+    commands = args.command + ["(see the stage's train_config above)"] * (len(stages) - len(args.command))
+    stage_lines = [f"{i + 1}. `{s['run']}`: {s['steps']} steps, {s['tokens']:,} tokens, {s['minutes']:.1f} min, lr "
+                   f"{s['config']['train']['lr']}, canvas {s['config'].get('model', {}).get('canvas_length', '?')}, "
+                   f"from {s['config']['train'].get('init_from') or 'random initialisation (preset ' + str(s['config']['train'].get('preset')) + ')'}"
+                   for i, s in enumerate(stages)]
     lines = [
         "# dgemma-py-small",
         "",
@@ -92,10 +129,14 @@ def main() -> None:
         *[f"- `{k}`: `{v}`" for k, v in meta["sha256"].items()],
         "",
         "## Training",
-        f"{last['step']} optimizer steps, {last['tokens']:,} tokens seen ({last['time'] / 60:.1f} min on 2 CPU cores, fp32).",
+        f"{last['step']} optimizer steps, {last['tokens']:,} tokens seen ({last['time'] / 60:.1f} min on 2 CPU cores, fp32),"
+        f" in {len(stages)} stage(s):",
+        "",
+        *stage_lines,
+        "",
         "Objective: uniform-token corruption with t ~ U(1e-3, 1) per example, cross-entropy over all canvas positions,"
         " two-pass self-conditioning with p = 0.5, plus the encoder's next-token loss with weight"
-        f" {tc['train']['ar_weight']}. Hyper-parameters:",
+        f" {tc['train']['ar_weight']}. Hyper-parameters of the last stage:",
         "",
         "```json",
         json.dumps(tc["train"], indent=1),
@@ -104,8 +145,9 @@ def main() -> None:
         "Reproduce:",
         "```bash",
         "dgemma data prepare --source python-stdlib --source python-docs --out data/py --vocab-size 8192",
-        args.command or "(see train_config above)",
-        f"python tools/package_model.py --run {args.run} --data {args.data} --out {args.out} --eval EVAL.json",
+        *commands,
+        "python tools/package_model.py " + " ".join(f"--run {s['run']}" for s in stages)
+        + f" --data {args.data} --out {args.out} --eval EVAL.json",
         "```",
         "",
         "![losses](loss_curves.png)",
