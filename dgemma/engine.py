@@ -363,7 +363,7 @@ def diffusion_compat(model, input_ids, attention_mask, p, on_step):
     import math
     import time
 
-    from .generate import GenerationOutput, GenerationStats, _generator
+    from .generate import _compat_append, _compat_output, _generator
     from .sampler import linear_temperature
 
     t0 = time.perf_counter()
@@ -421,33 +421,13 @@ def diffusion_compat(model, input_ids, attention_mask, p, on_step):
                 break
         for r in range(B):
             steps[r].append(int(row_steps[r]))
-        seq = torch.cat([seq, argmax], dim=-1)
-        finished_now = torch.full((B,), seq.shape[1] >= max_length, dtype=torch.bool, device=dev)
-        if eos is not None:
-            finished_now |= torch.isin(seq[:, -C:], eos).any(dim=-1)
-        previously = finished_seq
-        finished_seq = previously | finished_now
-        if p.pad_token_id is not None and bool(finished_seq.any()):
-            seq[previously, -C:] = p.pad_token_id
-            if eos is not None and bool(finished_now.any()):
-                new = seq[:, -C:]
-                is_eos = torch.isin(new, eos)
-                cum = is_eos.cumsum(dim=-1)
-                new[(cum > 0) & ~((cum == 1) & is_eos)] = p.pad_token_id
+        seq, finished_seq = _compat_append(seq, argmax, finished_seq, max_length, eos, p.pad_token_id)
         if first is None:
             first = time.perf_counter() - t0
         if bool(finished_seq.all()):
             break
         pending, pending_mask = seq[:, -C:], None
-    new_tokens = seq[:, L0:]
-    counts = ((new_tokens != p.pad_token_id).sum(-1) if p.pad_token_id is not None
-              else torch.full((B,), new_tokens.shape[1]))
-    stats = GenerationStats(decoder_passes=passes.tolist(), encoder_passes=encoder_passes, steps_per_canvas=steps,
-                            new_tokens=counts.tolist(), seconds=time.perf_counter() - t0, first_token_seconds=first)
-    reasons = ["stop" if eos is not None and bool(torch.isin(new_tokens[r], eos).any()) else "length"
-               for r in range(B)]
-    return GenerationOutput(sequences=seq, tokens=[row.tolist() for row in new_tokens], finish_reasons=reasons,
-                            stats=stats)
+    return _compat_output(seq, L0, eos, p.pad_token_id, passes, encoder_passes, steps, t0, first)
 
 
 @torch.inference_mode()

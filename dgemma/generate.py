@@ -224,33 +224,48 @@ def _diffusion_compat(model, input_ids, attention_mask, p: DiffusionParams, on_s
                 break
         for r in range(B):
             steps[r].append(int(row_steps[r]))
-        seq = torch.cat([seq, argmax], dim=-1)
-        finished_now = torch.full((B,), seq.shape[1] >= max_length, dtype=torch.bool, device=seq.device)
-        if eos is not None:
-            finished_now |= torch.isin(seq[:, -C:], eos).any(dim=-1)
-        previously = finished_seq
-        finished_seq = previously | finished_now
-        if p.pad_token_id is not None and bool(finished_seq.any()):
-            seq[previously, -C:] = p.pad_token_id
-            if eos is not None and bool(finished_now.any()):
-                new = seq[:, -C:]
-                is_eos = torch.isin(new, eos)
-                cum = is_eos.cumsum(dim=-1)
-                new[(cum > 0) & ~((cum == 1) & is_eos)] = p.pad_token_id
+        seq, finished_seq = _compat_append(seq, argmax, finished_seq, max_length, eos, p.pad_token_id)
         if first is None:
             first = time.perf_counter() - t0
         if bool(finished_seq.all()):
             break
         pending, pending_mask = seq[:, -C:], None
-    new_tokens = seq[:, L0:]
-    counts = ((new_tokens != p.pad_token_id).sum(-1) if p.pad_token_id is not None
-              else torch.full((B,), new_tokens.shape[1]))
+    return _compat_output(seq, L0, eos, p.pad_token_id, passes, encoder_passes, steps, t0, first)
+
+
+def _compat_append(seq: torch.Tensor, canvas: torch.Tensor, finished: torch.Tensor, max_length: int,
+                   eos: torch.Tensor | None, pad: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compat mode's commit of a canvas [B, C], as the reference: append it whole; rows finish at max_length or on
+    EOS; with a pad id, rows finished earlier get a pad canvas and a row finishing now is padded after its EOS."""
+    B, C = canvas.shape
+    seq = torch.cat([seq, canvas], dim=-1)
+    finished_now = torch.full((B,), seq.shape[1] >= max_length, dtype=torch.bool, device=seq.device)
+    if eos is not None:
+        finished_now |= torch.isin(seq[:, -C:], eos).any(dim=-1)
+    previously = finished
+    finished = previously | finished_now
+    if pad is not None and bool(finished.any()):
+        seq[previously, -C:] = pad
+        if eos is not None and bool(finished_now.any()):
+            new = seq[:, -C:]
+            is_eos = torch.isin(new, eos)
+            cum = is_eos.cumsum(dim=-1)
+            new[(cum > 0) & ~((cum == 1) & is_eos)] = pad
+    return seq, finished
+
+
+def _compat_output(seq: torch.Tensor, prompt_len: int, eos: torch.Tensor | None, pad: int | None,
+                   passes: torch.Tensor, encoder_passes: int, steps: list[list[int]], t0: float,
+                   first: float | None) -> GenerationOutput:
+    new_tokens = seq[:, prompt_len:]
+    B = seq.shape[0]
+    counts = (new_tokens != pad).sum(-1) if pad is not None else torch.full((B,), new_tokens.shape[1])
     stats = GenerationStats(decoder_passes=passes.tolist(), encoder_passes=encoder_passes, steps_per_canvas=steps,
                             new_tokens=counts.tolist(), seconds=time.perf_counter() - t0, first_token_seconds=first)
-    tokens = [row.tolist() for row in new_tokens]
     reasons = ["stop" if eos is not None and bool(torch.isin(new_tokens[r], eos).any()) else "length"
                for r in range(B)]
-    return GenerationOutput(sequences=seq, tokens=tokens, finish_reasons=reasons, stats=stats)
+    return GenerationOutput(sequences=seq, tokens=[row.tolist() for row in new_tokens], finish_reasons=reasons,
+                            stats=stats)
 
 
 def _commit(row: int, new: list[int], out: list[list[int]], reasons: list[str], eos: set[int],

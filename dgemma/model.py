@@ -167,24 +167,33 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x: [N, H]; each token goes through its k experts, outputs summed with the router weights.
+        return mix_experts(x, weights, idx, self.gate_up_proj.shape[0], self.expert)
 
-        The N*k (token, slot) pairs are grouped by expert, run one matmul per expert, weighted (fp32), put back
-        in (token, slot) order and summed over the slots: the reference's order of operations, so results match."""
-        N, k = idx.shape
-        expert_of, order = torch.sort(idx.reshape(-1))  # [N*k]
-        xs = x[order // k]
-        counts = torch.bincount(expert_of, minlength=self.gate_up_proj.shape[0]).tolist()
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                gate, up = F.linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
-                outs.append(F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e]))
-                start += n
-        y = torch.cat(outs) * weights.reshape(-1)[order, None]  # [N*k, H] fp32
-        unsorted = torch.empty_like(y)
-        unsorted[order] = y
-        return unsorted.view(N, k, -1).sum(dim=1).to(x.dtype)
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's gated MLP on x [n, H]."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+
+
+def mix_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_experts: int, expert) -> torch.Tensor:
+    """x: [N, H]; each token goes through its k experts (`expert(e, rows) -> [n, H]`), outputs summed with the
+    router weights [N, k].
+
+    The N*k (token, slot) pairs are grouped by expert, run one matmul per expert, weighted (fp32), put back
+    in (token, slot) order and summed over the slots: the reference's order of operations, so results match."""
+    N, k = idx.shape
+    expert_of, order = torch.sort(idx.reshape(-1))  # [N*k]
+    xs = x[order // k]
+    counts = torch.bincount(expert_of, minlength=num_experts).tolist()
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            outs.append(expert(e, xs[start:start + n]))
+            start += n
+    y = torch.cat(outs) * weights.reshape(-1)[order, None]  # [N*k, H] fp32
+    unsorted = torch.empty_like(y)
+    unsorted[order] = y
+    return unsorted.view(N, k, -1).sum(dim=1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

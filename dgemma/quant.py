@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import DiffusionGemma, Experts, Router
+from .model import DiffusionGemma, Experts, Router, mix_experts
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -113,21 +113,12 @@ class Int8Experts(nn.Module):
         self.float_nbytes = (gu.numel() + down.numel()) * gu.element_size()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x: [N, H]; weights [N, k] fp32, idx [N, k]. Same order of operations as `Experts.forward`."""
-        N, k = idx.shape
-        expert_of, order = torch.sort(idx.reshape(-1))  # [N*k]
-        xs = x[order // k]
-        counts = torch.bincount(expert_of, minlength=self.gate_up_int8.shape[0]).tolist()
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                gate, up = int8_linear(xs[start:start + n], self.gate_up_int8[e], self.gate_up_scale[e]).chunk(2, -1)
-                outs.append(int8_linear(F.gelu(gate, approximate="tanh") * up, self.down_int8[e], self.down_scale[e]))
-                start += n
-        y = torch.cat(outs) * weights.reshape(-1)[order, None]  # [N*k, H] fp32
-        unsorted = torch.empty_like(y)
-        unsorted[order] = y
-        return unsorted.view(N, k, -1).sum(dim=1).to(x.dtype)
+        """x: [N, H]; weights [N, k] fp32, idx [N, k]. The routing of `Experts.forward` (model.mix_experts)."""
+        return mix_experts(x, weights, idx, self.gate_up_int8.shape[0], self.expert)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = int8_linear(x, self.gate_up_int8[e], self.gate_up_scale[e]).chunk(2, -1)
+        return int8_linear(F.gelu(gate, approximate="tanh") * up, self.down_int8[e], self.down_scale[e])
 
 
 def _is_quantised(model: DiffusionGemma) -> bool:
