@@ -21,12 +21,17 @@ compares tokens), except for prompts longer than the span, which are encoded in 
 
 from __future__ import annotations
 
+import math
+import time
+
 import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
 from .config import FULL, SLIDING
+from .generate import GenerationOutput, GenerationStats, _commit, _compat_append, _compat_output, _generator
 from .model import DiffusionGemma, decoder_mask, encoder_mask
+from .sampler import accept_entropy_bound, draw_uniforms, linear_temperature, sample_inverse_cdf, sample_next_token
 
 
 class StaticCache:
@@ -185,8 +190,6 @@ def sample_chunked(raw: torch.Tensor, temperature: torch.Tensor, canvas: torch.T
     Also returns the mean entropy per row (adaptive stopping) and, when `soft_from` is "raw" or "proc", the
     self-conditioning soft embedding [n, C, H] of the next step (softmax of those logits times the embedding,
     times the embedding scale), so the logits need not be kept. Returns (canvas, argmax, accepted, entropy, soft)."""
-    from .sampler import accept_entropy_bound, draw_uniforms, sample_inverse_cdf
-
     n, C, V = raw.shape
     flat = raw.view(n * C, V)
     N = n * C
@@ -249,11 +252,6 @@ def _new_cache(model: DiffusionGemma, batch: int, prompt_len: int, new_tokens: i
 @torch.inference_mode()
 def diffusion_default(model, input_ids, attention_mask, p, stop_fn, on_step):
     """The default generation mode (see generate._diffusion_default) on the static cache."""
-    import math
-    import time
-
-    from .generate import GenerationOutput, GenerationStats, _commit, _generator
-    from .sampler import linear_temperature
 
     t0 = time.perf_counter()
     cfg = model.config
@@ -360,11 +358,6 @@ def diffusion_default(model, input_ids, attention_mask, p, stop_fn, on_step):
 def diffusion_compat(model, input_ids, attention_mask, p, on_step):
     """transformers-compatible generation (see generate._diffusion_compat) on the static cache: every row is
     computed every step, as the reference does, so the random stream and the tokens are the same."""
-    import math
-    import time
-
-    from .generate import _compat_append, _compat_output, _generator
-    from .sampler import linear_temperature
 
     t0 = time.perf_counter()
     cfg = model.config
@@ -433,10 +426,6 @@ def diffusion_compat(model, input_ids, attention_mask, p, on_step):
 @torch.inference_mode()
 def autoregressive(model, input_ids, attention_mask, params, stop_fn):
     """Next-token decoding (see generate.generate_ar) on the static cache."""
-    import time
-
-    from .generate import GenerationOutput, GenerationStats, _commit, _generator
-    from .sampler import sample_next_token
 
     t0 = time.perf_counter()
     B, L0 = input_ids.shape
