@@ -4,8 +4,8 @@ Why: decoding large models is bound by reading the weights from memory. Storing 
 fp32 scale per output row (symmetric, per channel) reads a quarter of the bytes of fp32, and PyTorch has a CPU kernel
 for exactly this product, `aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]`. Activations
 stay in the model's float dtype; only weights are quantised. Whether that kernel is faster depends on the CPU: on
-the AVX2-only development machine it runs 15-50x slower than an fp32 matmul of the same shape, so there int8 saves
-memory only (`dgemma bench` measures it on whatever machine runs it).
+the AVX2-only development machine it is many times slower than an fp32 matmul (`dgemma bench`: int8 diffusion
+at 0.18x of fp32), so there int8 saves memory only (`dgemma bench` measures it on whatever machine runs it).
 
     from dgemma.quant import quantize_int8, quantized_bytes
     model = quantize_int8(model)          # in place; returns the model
