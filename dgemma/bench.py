@@ -260,12 +260,8 @@ def diffusion_vs_ar(model, lengths: list[int], fixed_steps: list[int], repeats: 
                      "peak_mb": peak_mb(lambda n=n: generate_ar(model, prompt, ARParams(max_new_tokens=n)))})
         for steps in ["default", *fixed_steps]:
             if steps == "default":  # the model's generation_config.json, EOS off so that lengths compare
-                g = generation_config or {}
-                p = DiffusionParams(max_new_tokens=n, seed=0, max_denoising_steps=g.get("max_denoising_steps", 48),
-                                    entropy_bound=(g.get("sampler_config") or {}).get("entropy_bound", 0.1),
-                                    t_min=g.get("t_min", 0.4), t_max=g.get("t_max", 0.8),
-                                    stability_threshold=g.get("stability_threshold", 1),
-                                    confidence_threshold=g.get("confidence_threshold", 0.005))
+                p = DiffusionParams.from_generation_config(generation_config, max_new_tokens=n, seed=0)
+                p.eos_token_ids, p.pad_token_id = None, None
             else:  # a fixed step count: adaptive stopping off
                 p = DiffusionParams(max_new_tokens=n, max_denoising_steps=steps, stability_threshold=None,
                                     confidence_threshold=None, seed=0)

@@ -26,6 +26,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
+    p.add_argument("--sampler", choices=["entropy_bound", "confidence"], default=None,
+                   help="entropy_bound: the reference's sampler; confidence: commit the most confident tokens "
+                        "(default: the model's generation_config, else entropy_bound)")
+    p.add_argument("--commit-threshold", type=float, default=None,
+                   help="confidence sampler: also commit any token more probable than this")
     p.add_argument("--entropy-bound", type=float, default=None)
     p.add_argument("--t-min", type=float, default=None)
     p.add_argument("--t-max", type=float, default=None)
@@ -67,14 +72,12 @@ def _run_generate(args) -> int:
         params = ARParams(max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           eos_token_ids=eos, seed=args.seed, engine=args.engine, compile=args.compile)
     else:
-        sc = g.get("sampler_config") or {}
-        params = DiffusionParams(
-            max_new_tokens=max_new, max_denoising_steps=_pick(args.steps, g, "max_denoising_steps", 48),
-            entropy_bound=args.entropy_bound if args.entropy_bound is not None else sc.get("entropy_bound", 0.1),
-            t_min=_pick(args.t_min, g, "t_min", 0.4), t_max=_pick(args.t_max, g, "t_max", 0.8),
-            stability_threshold=_pick(args.stability_threshold, g, "stability_threshold", 1),
-            confidence_threshold=_pick(args.confidence_threshold, g, "confidence_threshold", 0.005),
-            eos_token_ids=eos, pad_token_id=g.get("pad_token_id", lm.model.config.pad_token_id),
+        params = DiffusionParams.from_generation_config(
+            g, max_new_tokens=max_new, max_denoising_steps=args.steps, entropy_bound=args.entropy_bound,
+            t_min=args.t_min, t_max=args.t_max, stability_threshold=args.stability_threshold,
+            confidence_threshold=args.confidence_threshold, eos_token_ids=eos,
+            sampler=args.sampler or ("entropy_bound" if args.compat else None), commit_threshold=args.commit_threshold,
+            pad_token_id=g.get("pad_token_id", lm.model.config.pad_token_id),
             seed=args.seed, compat=args.compat, engine=args.engine, compile=args.compile)
     on_step, live = None, None
     if args.live and args.mode == "diffusion":

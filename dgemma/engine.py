@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,16 @@ from .cache import KVCache
 from .config import FULL, SLIDING
 from .generate import GenerationOutput, GenerationStats, _commit, _compat_append, _compat_output, _generator
 from .model import DiffusionGemma, decoder_mask, encoder_mask
-from .sampler import accept_entropy_bound, draw_uniforms, linear_temperature, sample_inverse_cdf, sample_next_token
+from .sampler import (
+    accept_entropy_bound,
+    commit_confident,
+    commit_quota,
+    draw_uniforms,
+    linear_temperature,
+    sample_inverse_cdf,
+    sample_next_token,
+    top_confidence,
+)
 
 
 class StaticCache:
@@ -182,21 +192,31 @@ def chunk_rows(vocab_size: int, budget_bytes: int = 1 << 21, at_least: int = 64)
     return max(at_least, budget_bytes // (4 * vocab_size))
 
 
-def sample_chunked(raw: torch.Tensor, temperature: torch.Tensor, canvas: torch.Tensor, entropy_bound: float,
-                   generator: torch.Generator | None, model: DiffusionGemma | None, soft_from: str | None,
-                   chunk: int | None = None, method: str = "multinomial"):
-    """The reference `sample_step(raw / temperature, ...)` computed `chunk` positions at a time.
+@dataclass
+class PositionStats:
+    argmax: torch.Tensor  # [N] most likely token of the processed logits
+    entropy: torch.Tensor | None  # [N] fp32 nats (entropy-bound sampler)
+    sampled: torch.Tensor | None  # [N] a draw from softmax(processed) (entropy-bound sampler)
+    confidence: torch.Tensor | None  # [N] probability of argmax (confidence sampler)
+    soft: torch.Tensor | None  # [n, C, H] next step's self-conditioning embedding, embedding scale applied
 
-    Also returns the mean entropy per row (adaptive stopping) and, when `soft_from` is "raw" or "proc", the
-    self-conditioning soft embedding [n, C, H] of the next step (softmax of those logits times the embedding,
-    times the embedding scale), so the logits need not be kept. Returns (canvas, argmax, accepted, entropy, soft)."""
+
+def position_stats(raw: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator | None,
+                   model: DiffusionGemma | None, soft_from: str | None, chunk: int | None = None,
+                   method: str | None = "multinomial", confidence: bool = False) -> PositionStats:
+    """Per-position results of one denoising step's logits raw [n, C, V], computed `chunk` positions at a time so
+    that no [n, C, V] temporary is made: the argmax of raw / temperature, and as asked a sampled token (`method`
+    "multinomial" or "inverse_cdf"; None draws nothing) with the entropy, the top probability (`confidence`), and
+    the self-conditioning soft embedding of the next step (softmax of the "raw" or "proc" logits times the
+    embedding, times the embedding scale). Row-wise the same arithmetic as the reference sampler functions."""
     n, C, V = raw.shape
     flat = raw.view(n * C, V)
     N = n * C
     chunk = chunk or chunk_rows(V)
-    sampled = torch.empty(N, dtype=torch.long, device=raw.device)
     argmax = torch.empty(N, dtype=torch.long, device=raw.device)
-    h = torch.empty(N, dtype=torch.float32, device=raw.device)
+    sampled = torch.empty(N, dtype=torch.long, device=raw.device) if method else None
+    h = torch.empty(N, dtype=torch.float32, device=raw.device) if method else None
+    conf = torch.empty(N, dtype=torch.float32, device=raw.device) if confidence else None
     soft = None
     if soft_from is not None:
         E = model.embed_tokens.weight
@@ -206,29 +226,47 @@ def sample_chunked(raw: torch.Tensor, temperature: torch.Tensor, canvas: torch.T
     for s in range(0, N, chunk):
         r = flat[s:s + chunk]
         proc = r / temperature
-        probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
-        if u is None:
-            sampled[s:s + chunk] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = None
+        if method:
+            probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
+            if u is None:
+                sampled[s:s + chunk] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:
+                sampled[s:s + chunk] = sample_inverse_cdf(probs, u[s:s + chunk])
+            norm = proc - proc.logsumexp(dim=-1, keepdim=True)
+            h[s:s + chunk] = -(norm.clamp(min=lowest) * F.softmax(norm, dim=-1)).sum(-1)
+        if confidence:
+            conf[s:s + chunk], argmax[s:s + chunk] = top_confidence(proc)
         else:
-            sampled[s:s + chunk] = sample_inverse_cdf(probs, u[s:s + chunk])
-        argmax[s:s + chunk] = proc.argmax(dim=-1)
-        norm = proc - proc.logsumexp(dim=-1, keepdim=True)
-        h[s:s + chunk] = -(norm.clamp(min=lowest) * F.softmax(norm, dim=-1)).sum(-1)
+            argmax[s:s + chunk] = proc.argmax(dim=-1)
         if soft_from is not None:
             src = r if soft_from == "raw" else proc
-            if src.dtype == model.dtype == torch.float32 and soft_from == "proc":
+            if src.dtype == model.dtype == torch.float32 and soft_from == "proc" and probs is not None:
                 p = probs  # softmax(proc) in fp32 is exactly what the reference recomputes next step
             else:
                 p = F.softmax(src.to(model.dtype), dim=-1, dtype=torch.float32).to(model.dtype)
             soft[s:s + chunk] = p @ E if model.soft_matmul is None else model.soft_matmul(p)
-    h = h.view(n, C)
-    accepted = accept_entropy_bound(h, entropy_bound)
-    kept = torch.where(accepted, sampled.view(n, C), canvas)
-    noise = torch.randint(0, V, (n, C), generator=generator, device=canvas.device)
-    new_canvas = torch.where(~accepted, noise, kept)
     if soft is not None:
         soft = (soft * model.embed_scale.to(model.dtype)).view(n, C, -1)
-    return new_canvas, argmax.view(n, C), accepted, h, soft
+    return PositionStats(argmax, h, sampled, conf, soft)
+
+
+def sample_chunked(raw: torch.Tensor, temperature: torch.Tensor, canvas: torch.Tensor, entropy_bound: float,
+                   generator: torch.Generator | None, model: DiffusionGemma | None, soft_from: str | None,
+                   chunk: int | None = None, method: str = "multinomial"):
+    """The reference `sample_step(raw / temperature, ...)` computed `chunk` positions at a time (`position_stats`).
+
+    Also returns the entropy per position (adaptive stopping) and, when `soft_from` is "raw" or "proc", the
+    self-conditioning soft embedding [n, C, H] of the next step, so the logits need not be kept.
+    Returns (canvas, argmax, accepted, entropy, soft)."""
+    n, C, V = raw.shape
+    st = position_stats(raw, temperature, generator, model, soft_from, chunk, method)
+    h = st.entropy.view(n, C)
+    accepted = accept_entropy_bound(h, entropy_bound)
+    kept = torch.where(accepted, st.sampled.view(n, C), canvas)
+    noise = torch.randint(0, V, (n, C), generator=generator, device=canvas.device)
+    new_canvas = torch.where(~accepted, noise, kept)
+    return new_canvas, st.argmax.view(n, C), accepted, h, st.soft
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,7 +307,8 @@ def diffusion_default(model, input_ids, attention_mask, p, stop_fn, on_step):
     steps: list[list[int]] = [[] for _ in range(B)]
     eng.encode(cache, input_ids, attention_mask)
     encoder_passes, first, ci = 1, None, 0
-    use_stopper = p.stability_threshold is not None and p.confidence_threshold is not None
+    by_confidence = p.sampler == "confidence"
+    use_stopper = by_confidence or (p.stability_threshold is not None and p.confidence_threshold is not None)
     while True:
         n = cache.n
         c = C
@@ -280,7 +319,8 @@ def diffusion_default(model, input_ids, attention_mask, p, stop_fn, on_step):
         argmax = canvas.clone()
         soft = None
         history = (torch.full((p.stability_threshold, n, c), -1, dtype=torch.long, device=dev)
-                   if use_stopper and p.stability_threshold > 0 else None)
+                   if use_stopper and not by_confidence and p.stability_threshold > 0 else None)
+        committed = torch.zeros(n, c, dtype=torch.bool, device=dev)
         order = torch.arange(n, device=dev)  # cache row j holds canvas-state row order[j]
         m = n  # live (not yet stopped) rows are the first m
         row_steps = [0] * n
@@ -291,9 +331,19 @@ def diffusion_default(model, input_ids, attention_mask, p, stop_fn, on_step):
                 passes[rows[j]] += 1
                 row_steps[j] += 1
             temp = linear_temperature(k, N, p.t_min, p.t_max, reach_t_min=True)
-            new_canvas, new_argmax, accepted, h, new_soft = sample_chunked(
-                raw, temp, canvas[:m], p.entropy_bound, gen, model, soft_from="raw", chunk=p.sampler_chunk,
-                method="inverse_cdf")
+            if by_confidence:
+                st = position_stats(raw, temp, gen, model, soft_from="raw", chunk=p.sampler_chunk, method=None,
+                                    confidence=True)
+                proposal = st.argmax.view(m, c)
+                new_canvas, accepted = commit_confident(st.confidence.view(m, c), proposal, canvas[:m],
+                                                        committed[:m], commit_quota(N - k, N, c),
+                                                        p.commit_threshold, V, gen)
+                new_argmax, new_soft = torch.where(accepted, new_canvas, proposal), st.soft
+                committed[:m] = accepted
+            else:
+                new_canvas, new_argmax, accepted, h, new_soft = sample_chunked(
+                    raw, temp, canvas[:m], p.entropy_bound, gen, model, soft_from="raw", chunk=p.sampler_chunk,
+                    method="inverse_cdf")
             del raw
             canvas[:m], argmax[:m] = new_canvas, new_argmax
             if soft is None:
@@ -303,11 +353,12 @@ def diffusion_default(model, input_ids, attention_mask, p, stop_fn, on_step):
                 on_step(ci, N - k, rows[:m], new_argmax, accepted)
             if not use_stopper:
                 continue
-            confident = h.mean(dim=-1) < p.confidence_threshold
-            if history is None:
-                stop = confident
+            if by_confidence:
+                stop = accepted.all(dim=-1)  # every position committed: the canvas is done
             else:
-                stop = (history[:, :m] == new_argmax[None]).all(dim=-1).all(dim=0) & confident
+                stop = h.mean(dim=-1) < p.confidence_threshold
+            if history is not None:
+                stop &= (history[:, :m] == new_argmax[None]).all(dim=-1).all(dim=0)
                 history[:, :m] = torch.roll(history[:, :m], shifts=-1, dims=0)
                 history[-1, :m] = new_argmax
             if bool(stop.any()):
@@ -318,6 +369,7 @@ def diffusion_default(model, input_ids, attention_mask, p, stop_fn, on_step):
                                         torch.arange(m, n, device=dev)])
                 cache.permute(live_first)
                 canvas, argmax, soft = canvas[live_first], argmax[live_first], soft[live_first]
+                committed = committed[live_first]
                 if history is not None:
                     history = history[:, live_first]
                 masks = {t: None if v is None else v[live_first] for t, v in masks.items()}

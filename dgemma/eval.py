@@ -118,7 +118,8 @@ def distinct_n(seqs: list[list[int]], n: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def _held_out_prompts(data_dir: Path, count: int) -> list[str]:
+def split_prompts(data_dir: Path, count: int, split: str = "val") -> list[str]:
+    """Up to `count` function prompts from the Python files of one split ("val": held out; "train": for tuning)."""
     from .data import iter_documents, read_meta, split_of
 
     meta = read_meta(data_dir)
@@ -128,10 +129,10 @@ def _held_out_prompts(data_dir: Path, count: int) -> list[str]:
         if src.get("kind") != "recipe" and not Path(src["source"]).exists():
             continue
         for name, text in iter_documents(src["source"]):
-            if name.endswith(".py") and split_of(name, seed, frac) == "val":
+            if name.endswith(".py") and split_of(name, seed, frac) == split:
                 prompts.extend(function_prompts(text, 3))  # at most 3 per file, for variety
     if not prompts:
-        raise ValueError(f"{data_dir}: its validation split has no Python functions with docstrings to prompt with")
+        raise ValueError(f"{data_dir}: its {split} split has no Python functions with docstrings to prompt with")
     step = max(1, len(prompts) // count)
     return prompts[::step][:count]
 
@@ -198,7 +199,7 @@ class ModeResult:
     seconds: float = 0.0
 
 
-def _generate_all(lm, prompts: list[str], mode: str, params, batch: int) -> ModeResult:
+def generate_all(lm, prompts: list[str], mode: str, params, batch: int) -> ModeResult:
     from .api import generate_text
 
     res = ModeResult()
@@ -216,15 +217,27 @@ def _generate_all(lm, prompts: list[str], mode: str, params, batch: int) -> Mode
     return res
 
 
+def stop_ids(lm) -> tuple[int, ...]:
+    eos = lm.generation_config.get("eos_token_id") or lm.tokenizer.stop_ids()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+
+
+def default_diffusion_params(lm, **overrides):
+    """The diffusion settings of the model's generation_config.json (the reference defaults where it is silent)."""
+    from .generate import DiffusionParams
+
+    return DiffusionParams.from_generation_config(lm.generation_config, eos_token_ids=stop_ids(lm), **overrides)
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     from .api import load
     from .data import PackedSplit
-    from .generate import ARParams, DiffusionParams
+    from .generate import ARParams
     from .objective import evaluate_losses
 
     torch.manual_seed(cfg.seed)
     lm = load(cfg.model)
-    model, tok, g = lm.model, lm.tokenizer, lm.generation_config
+    model = lm.model
     data_dir = Path(cfg.data)
     C = model.config.canvas_length
 
@@ -241,18 +254,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     losses = {"val_ar_nll": total.ar_nll, **{f"val_diffusion_ce_t{t}": total.diffusion(t) for t in cfg.noise_levels}}
 
     # 2. generation from held-out prompts
-    prompts = _held_out_prompts(data_dir, cfg.prompts)
-    eos = tuple(g.get("eos_token_id") or tok.stop_ids())
-    eos = eos if isinstance(eos, tuple) else (eos,)
-    sc = g.get("sampler_config") or {}
-    diff_params = DiffusionParams(
-        max_new_tokens=cfg.max_new_tokens, max_denoising_steps=cfg.steps or g.get("max_denoising_steps", 48),
-        entropy_bound=sc.get("entropy_bound", 0.1), t_min=g.get("t_min", 0.4), t_max=g.get("t_max", 0.8),
-        stability_threshold=g.get("stability_threshold", 1), confidence_threshold=g.get("confidence_threshold", 0.005),
-        eos_token_ids=eos, seed=cfg.seed)
-    ar_params = ARParams(max_new_tokens=cfg.max_new_tokens, eos_token_ids=eos)
-    results = {"diffusion": _generate_all(lm, prompts, "diffusion", diff_params, cfg.batch_size),
-               "ar": _generate_all(lm, prompts, "ar", ar_params, cfg.batch_size)}
+    prompts = split_prompts(data_dir, cfg.prompts)
+    diff_params = default_diffusion_params(lm, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    if cfg.steps:
+        diff_params.max_denoising_steps = cfg.steps
+    ar_params = ARParams(max_new_tokens=cfg.max_new_tokens, eos_token_ids=stop_ids(lm))
+    results = {"diffusion": generate_all(lm, prompts, "diffusion", diff_params, cfg.batch_size),
+               "ar": generate_all(lm, prompts, "ar", ar_params, cfg.batch_size)}
 
     jd = judge_dir(cfg.judge)
     judge = Judge.load(jd) if jd is not None else None

@@ -25,7 +25,15 @@ import torch
 
 from .cache import KVCache
 from .model import DiffusionGemma
-from .sampler import linear_temperature, sample_next_token, sample_step, stable_and_confident
+from .sampler import (
+    commit_confident,
+    commit_quota,
+    linear_temperature,
+    sample_next_token,
+    sample_step,
+    stable_and_confident,
+    top_confidence,
+)
 
 
 class GenerationError(ValueError):
@@ -37,6 +45,9 @@ def _check_engine(engine: str, compile: bool) -> None:
         raise GenerationError(f"engine must be 'fast' or 'reference' (got {engine!r})")
     if compile and engine != "fast":
         raise GenerationError("compile=True needs engine='fast'")
+
+
+SAMPLERS = ("entropy_bound", "confidence")
 
 
 @dataclass
@@ -56,6 +67,34 @@ class DiffusionParams:
     compile: bool = False  # torch.compile the fast engine's layer passes
     sampler_chunk: int | None = None  # fast engine: canvas positions per sampler chunk (None: ~2 MiB of logits)
     right_size: bool = False  # default mode, fast engine: a last canvas only as long as the tokens still wanted
+    # Default mode only. "entropy_bound": the reference's EB sampler (spec A5.2). "confidence": commit-by-confidence;
+    # each step commits the most confident greedy proposals (an even share of the canvas per step, plus any above
+    # commit_threshold), committed tokens stay, the rest are renoised; a canvas ends when all are committed.
+    sampler: str = "entropy_bound"
+    commit_threshold: float = 0.95
+
+    @classmethod
+    def from_generation_config(cls, g: dict | None, **overrides) -> DiffusionParams:
+        """The settings of a generation_config.json (field names as in transformers), then `overrides` on top.
+
+        A key the file lacks keeps the reference default; an override of None also keeps the file's value.
+        """
+        g = g or {}
+        eos = g.get("eos_token_id")
+        fields = {
+            "max_new_tokens": g.get("max_new_tokens"), "max_denoising_steps": g.get("max_denoising_steps"),
+            "entropy_bound": (g.get("sampler_config") or {}).get("entropy_bound"),
+            "t_min": g.get("t_min"), "t_max": g.get("t_max"),
+            "stability_threshold": g.get("stability_threshold"),
+            "confidence_threshold": g.get("confidence_threshold"),
+            "eos_token_ids": tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else None,
+            "pad_token_id": g.get("pad_token_id"),
+            # dgemma's own keys (transformers keeps unknown keys as plain attributes)
+            "sampler": (g.get("dgemma") or {}).get("sampler"),
+            "commit_threshold": (g.get("dgemma") or {}).get("commit_threshold"),
+        }
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**{k: v for k, v in fields.items() if v is not None})
 
     def validate(self) -> None:
         _check_engine(self.engine, self.compile)
@@ -63,7 +102,13 @@ class DiffusionParams:
             raise GenerationError(f"sampler_chunk must be >= 1 (got {self.sampler_chunk})")
         if self.right_size and (self.compat or self.engine != "fast"):
             raise GenerationError("right_size needs the default mode on the fast engine (compat=False, engine='fast')")
+        if self.sampler not in SAMPLERS:
+            raise GenerationError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if self.sampler != "entropy_bound" and self.compat:
+            raise GenerationError(f"sampler={self.sampler!r} needs the default mode; compat mode is the reference's "
+                                  "entropy-bound sampler (drop compat, or use sampler='entropy_bound')")
         checks = [
+            (0 < self.commit_threshold <= 1, f"commit_threshold must be in (0, 1] (got {self.commit_threshold})"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1 (got {self.max_new_tokens})"),
             (self.max_denoising_steps >= 1, f"max_denoising_steps must be >= 1 (got {self.max_denoising_steps})"),
             (self.entropy_bound > 0, f"entropy_bound must be > 0 (got {self.entropy_bound})"),
@@ -320,6 +365,7 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
         has_sc = False
         history = None
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        committed = torch.zeros(b, C, dtype=torch.bool, device=input_ids.device)
         row_steps = [0] * b
         for n in range(N, 0, -1):
             live = (~done).nonzero().squeeze(-1)
@@ -331,10 +377,22 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
                 passes[rows[j]] += 1
                 row_steps[j] += 1
             proc = raw / linear_temperature(n, N, p.t_min, p.t_max, reach_t_min=True)
-            step = sample_step(proc, sub(canvas), p.entropy_bound, V, gen, method="inverse_cdf")
-            canvas[live], argmax[live] = step.canvas, step.argmax
             sc[live] = raw.to(model.dtype)  # raw logits, as the training objective feeds them
             has_sc = True
+            if p.sampler == "confidence":
+                conf, proposal = top_confidence(proc)
+                new_canvas, now = commit_confident(conf, proposal, sub(canvas), sub(committed),
+                                                   commit_quota(N - n, N, C), p.commit_threshold, V, gen)
+                canvas[live], committed[live] = new_canvas, now
+                argmax[live] = torch.where(now, new_canvas, proposal)
+                done[live] |= now.all(dim=-1)
+                if on_step is not None:
+                    on_step(ci, N - n, [rows[j] for j in live.tolist()], argmax[live], now)
+                if bool(done.all()):
+                    break
+                continue
+            step = sample_step(proc, sub(canvas), p.entropy_bound, V, gen, method="inverse_cdf")
+            canvas[live], argmax[live] = step.canvas, step.argmax
             if p.stability_threshold is not None and p.confidence_threshold is not None:
                 h_live = None if history is None else history[:, live]
                 stop, h_new = stable_and_confident(step.argmax, proc, h_live, p.stability_threshold,

@@ -107,6 +107,40 @@ def sample_step(processed: torch.Tensor, canvas: torch.Tensor, entropy_bound: fl
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Commit-by-confidence (dgemma's `sampler="confidence"`; the Diffusers pipeline's block-refinement idea, uniform mode)
+def commit_quota(step: int, num_steps: int, length: int) -> int:
+    """Positions of a `length` canvas that must be committed once step `step` (0-based) of `num_steps` is done:
+    the canvas spread evenly over the steps, rounded up, so that the last step commits everything."""
+    return -(-(step + 1) * length // num_steps)
+
+
+def top_confidence(processed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probability of the most likely token, that token) per position of processed logits [..., V]."""
+    norm = processed - processed.logsumexp(dim=-1, keepdim=True)
+    best, token = norm.max(dim=-1)
+    return best.exp(), token
+
+
+def commit_confident(confidence: torch.Tensor, proposal: torch.Tensor, canvas: torch.Tensor,
+                     committed: torch.Tensor, quota: int, threshold: float, vocab_size: int,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One commit-by-confidence update. confidence, proposal, canvas: [B, C]; committed: [B, C] bool.
+
+    Among the positions not yet committed, the most confident are committed with their proposal until `quota` are
+    committed in the row, and so is any position whose confidence exceeds `threshold`. Committed positions keep
+    their token for the rest of the canvas; every other position is renoised with a uniform random token (one
+    randint(B, C), the only RNG draw of the step). Returns (next canvas, committed)."""
+    open_conf = confidence.masked_fill(committed, -1.0)
+    rank = torch.argsort(torch.argsort(open_conf, dim=-1, descending=True, stable=True), dim=-1, stable=True)
+    owed = (quota - committed.sum(dim=-1, keepdim=True)).clamp(min=0)
+    new = ~committed & ((rank < owed) | (confidence > threshold))
+    committed = committed | new
+    kept = torch.where(new, proposal, canvas)
+    noise = torch.randint(0, vocab_size, canvas.shape, generator=generator, device=canvas.device)
+    return torch.where(committed, kept, noise), committed
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Autoregressive sampling (the baseline decoder)
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                       generator: torch.Generator | None) -> torch.Tensor:

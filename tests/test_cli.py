@@ -22,6 +22,12 @@ def test_ar_mode_and_compat_flag(capsys):
     assert json.loads(capsys.readouterr().err.strip())["mode"] == "ar"
     assert main(["generate", "--model", "random:tiny", "--compat", "--max-new-tokens", "5", "--steps", "2",
                  "--stats", "none", "hello"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", "random:tiny", "--sampler", "confidence", "--commit-threshold", "0.9",
+                 "--max-new-tokens", "8", "--steps", "4", "--stats", "json", "hello"]) == 0
+    assert json.loads(capsys.readouterr().err.strip())["decoder_passes"] == [4]  # 4 steps: tiny's canvas is 8
+    assert main(["generate", "--model", "random:tiny", "--sampler", "confidence", "--compat", "x"]) == 2
+    assert "default mode" in capsys.readouterr().err
 
 
 def test_user_errors_are_one_line(capsys, tmp_path):

@@ -1,5 +1,7 @@
 """The fast engine (engine.py) against the reference path (model.py + sampler.py + generate.py loops)."""
 
+import itertools
+
 import pytest
 import torch
 from oracle import CONFIGS
@@ -75,6 +77,47 @@ def test_default_mode_equal_reference_with_adaptive_stopping(small_span):
     assert ref.stats.steps_per_canvas == fast.stats.steps_per_canvas
     steps = [s for row in fast.stats.steps_per_canvas for s in row]
     assert len(set(steps)) > 1 and max(steps) < 20  # rows stopped, at different steps
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_confidence_sampler_equal_reference(name, small_span):
+    """Commit-by-confidence: rows end canvases at different steps (threshold commits) and the run at different
+    canvases (EOS); the fast engine's stopped-row bookkeeping must give the reference's tokens and pass counts."""
+    model, cfg = _model(name, 4, scale=1.0)
+    ids, am = _prompt(cfg, 3, cfg.sliding_window + 3, pad=2, seed=4)
+    base = {"max_new_tokens": 3 * cfg.canvas_length, "max_denoising_steps": 5, "seed": 6, "sampler": "confidence",
+            "commit_threshold": 0.6}
+    free = generate_diffusion(model, ids, DiffusionParams(**base, engine="reference"), am)
+    eos = free.tokens[2][cfg.canvas_length + 1]  # row 2 stops in its second canvas
+    make = lambda **e: DiffusionParams(**base, eos_token_ids=(eos,), **e)
+    ref, fast = _both(model, ids, am, make)
+    assert ref.tokens == fast.tokens and ref.finish_reasons == fast.finish_reasons
+    assert ref.stats.steps_per_canvas == fast.stats.steps_per_canvas
+    assert ref.stats.decoder_passes == fast.stats.decoder_passes
+    steps = [s for row in fast.stats.steps_per_canvas for s in row]
+    assert len(set(steps)) > 1 and min(steps) < 5  # some canvases ended early, not all at the same step
+
+
+def test_confidence_sampler_commits_every_position_and_keeps_them():
+    """Each canvas ends with all positions committed; a committed token never changes within its canvas, and the
+    committed canvas is what the output holds."""
+    model, cfg = _model("tiny", 1)
+    ids, am = _prompt(cfg, 1, 6, seed=0)
+    seen: dict[int, list] = {}
+    params = DiffusionParams(max_new_tokens=2 * cfg.canvas_length, max_denoising_steps=4, seed=0, sampler="confidence",
+                             commit_threshold=1.0)  # the quota alone: C/4 more per step
+
+    def on_step(canvas_index, step, rows, shown, committed):
+        seen.setdefault(canvas_index, []).append((shown[0].clone(), committed[0].clone()))
+
+    out = generate_diffusion(model, ids, params, am, on_step=on_step)
+    C = cfg.canvas_length
+    for ci, states in seen.items():
+        counts = [int(c.sum()) for _, c in states]
+        assert counts == [-(-(i + 1) * C // 4) for i in range(4)]
+        for (prev, pc), (cur, cc) in itertools.pairwise(states):
+            assert bool((cc >= pc).all()) and torch.equal(cur[pc], prev[pc])
+        assert states[-1][0].tolist() == out.tokens[0][ci * C:(ci + 1) * C]
 
 
 def test_batch_one_and_stop_callback():

@@ -137,6 +137,24 @@ def test_bad_parameters_are_clear_errors():
         generate_diffusion(model, ids, DiffusionParams(), torch.tensor([[1, 1, 0]]))
     with pytest.raises(GenerationError, match="top_p"):
         generate_ar(model, ids, ARParams(top_p=1.5))
+    with pytest.raises(GenerationError, match="unknown sampler 'greedy'"):
+        generate_diffusion(model, ids, DiffusionParams(sampler="greedy"))
+    with pytest.raises(GenerationError, match="default mode"):
+        generate_diffusion(model, ids, DiffusionParams(sampler="confidence", compat=True))
+    with pytest.raises(GenerationError, match="commit_threshold"):
+        generate_diffusion(model, ids, DiffusionParams(sampler="confidence", commit_threshold=0))
+
+
+def test_params_from_generation_config():
+    g = {"max_denoising_steps": 6, "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.3},
+         "t_min": 0.2, "t_max": 0.5, "eos_token_id": [1, 6], "pad_token_id": 0,
+         "dgemma": {"sampler": "confidence", "commit_threshold": 0.8}}
+    p = DiffusionParams.from_generation_config(g, max_new_tokens=40, t_min=None, seed=3)
+    assert (p.max_denoising_steps, p.entropy_bound, p.t_min, p.t_max) == (6, 0.3, 0.2, 0.5)
+    assert (p.eos_token_ids, p.pad_token_id, p.sampler, p.commit_threshold) == ((1, 6), 0, "confidence", 0.8)
+    assert (p.max_new_tokens, p.seed) == (40, 3)  # overrides win; an override of None keeps the file's value
+    assert DiffusionParams.from_generation_config(None) == DiffusionParams()
+    assert DiffusionParams.from_generation_config({"eos_token_id": 1}).eos_token_ids == (1,)
 
 
 def test_ar_cached_logits_equal_uncached():

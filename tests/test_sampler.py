@@ -1,5 +1,6 @@
 """Hand-made logits of known entropy for the pure sampling functions."""
 
+import itertools
 import math
 
 import pytest
@@ -7,11 +8,14 @@ import torch
 
 from dgemma.sampler import (
     accept_entropy_bound,
+    commit_confident,
+    commit_quota,
     entropy,
     linear_temperature,
     sample_next_token,
     sample_step,
     stable_and_confident,
+    top_confidence,
 )
 
 
@@ -107,3 +111,52 @@ def test_inverse_cdf_sampling_matches_the_distribution_and_never_draws_zero_mass
     whole = sample_inverse_cdf(p, u)
     parts = torch.cat([sample_inverse_cdf(p[i:i + 3], u[i:i + 3]) for i in range(0, 10, 3)])
     assert torch.equal(whole, parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commit-by-confidence
+def test_commit_quota_spreads_the_canvas_and_ends_complete():
+    for length, steps in [(32, 6), (32, 4), (8, 3), (5, 8), (256, 48)]:
+        q = [commit_quota(i, steps, length) for i in range(steps)]
+        assert q[-1] == length
+        assert all(b >= a for a, b in itertools.pairwise(q))
+        assert q[0] == -(-length // steps)  # the first step takes its share, rounded up
+    assert [commit_quota(i, 4, 10) for i in range(4)] == [3, 5, 8, 10]
+
+
+def test_top_confidence_is_the_softmax_maximum():
+    x = torch.randn(3, 5, 17)
+    conf, tok = top_confidence(x)
+    probs = torch.softmax(x, dim=-1)
+    torch.testing.assert_close(conf, probs.max(dim=-1).values)
+    assert torch.equal(tok, x.argmax(dim=-1))
+
+
+def test_commit_confident_commits_the_most_confident_keeps_committed_and_renoises_the_rest():
+    V = 50
+    conf = torch.tensor([[0.3, 0.9, 0.5, 0.97, 0.1, 0.6]])
+    proposal = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    canvas = torch.tensor([[40, 41, 42, 43, 44, 45]])
+    committed = torch.tensor([[False, False, False, True, False, False]])  # position 3 holds 43 already
+    g = torch.Generator().manual_seed(0)
+    new, now = commit_confident(conf, proposal, canvas, committed, quota=3, threshold=0.95, vocab_size=V, generator=g)
+    # one committed already, two owed: the two most confident open positions (1: 0.9, 5: 0.6); 3's 0.97 does not
+    # count, since it is committed and keeps its own token
+    assert now.tolist() == [[False, True, False, True, False, True]]
+    assert new[0, 1] == 11 and new[0, 5] == 15 and new[0, 3] == 43
+    noise = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(new[~now], noise[~now])  # the open positions are renoised with the step's one draw
+
+    # above the threshold commits beyond the quota; with the quota met, only the threshold commits
+    conf2 = torch.tensor([[0.99, 0.2, 0.96, 0.5, 0.1, 0.3]])
+    new2, now2 = commit_confident(conf2, proposal, new, now, quota=3, threshold=0.95, vocab_size=V, generator=g)
+    assert now2.tolist() == [[True, True, True, True, False, True]]
+    assert new2[0, 0] == 10 and new2[0, 2] == 12 and new2[0, 1] == 11  # kept, though its confidence fell
+
+
+def test_commit_confident_rows_are_independent():
+    conf = torch.tensor([[0.9, 0.1, 0.2], [0.1, 0.2, 0.9]])
+    proposal = torch.arange(6).view(2, 3)
+    committed = torch.zeros(2, 3, dtype=torch.bool)
+    _, now = commit_confident(conf, proposal, proposal.clone(), committed, 1, 1.0, 10, torch.Generator())
+    assert now.tolist() == [[True, False, False], [False, False, True]]

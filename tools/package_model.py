@@ -84,12 +84,22 @@ def main() -> None:
     ap.add_argument("--eval", default=None, help="JSON written by `dgemma eval --out`")
     ap.add_argument("--command", action="append", default=[],
                     help="the exact training command of each stage, in order, for the card")
+    ap.add_argument("--generation", default=None, metavar="JSON",
+                    help="keys merged over the default generation_config.json, e.g. the sampler settings chosen by "
+                         "benchmarks/sampler_sweep.py")
     args = ap.parse_args()
+    try:
+        overrides = json.loads(args.generation) if args.generation else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--generation is not valid JSON ({e})") from None
+    if not isinstance(overrides, dict):
+        raise SystemExit("--generation must be a JSON object of generation_config.json keys")
     runs, out = [Path(r) for r in args.run], Path(args.out)
     ckpt = max((runs[-1] / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     ev = json.loads(Path(args.eval).read_text()) if args.eval else None  # read first: the save replaces `out`
     _, model = load_checkpoint(ckpt)
-    save_checkpoint(model, out, generation_config=generation_config_for(model.config),
+    generation = {**generation_config_for(model.config), **overrides}
+    save_checkpoint(model, out, generation_config=generation,
                     tokenizer_path=Path(args.data) / "tokenizer.json", dtype=torch.bfloat16)
     stages, log, boundaries = _stages(runs)
     plot(log, out / "loss_curves.png", boundaries)
@@ -147,7 +157,8 @@ def main() -> None:
         "dgemma data prepare --source python-stdlib --source python-docs --out data/py --vocab-size 8192",
         *commands,
         "python tools/package_model.py " + " ".join(f"--run {s['run']}" for s in stages)
-        + f" --data {args.data} --out {args.out} --eval EVAL.json",
+        + f" --data {args.data} --out {args.out} --eval EVAL.json"
+        + (f" --generation '{json.dumps(overrides)}'" if overrides else ""),
         "```",
         "",
         "![losses](loss_curves.png)",
