@@ -255,9 +255,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     # 2. generation from held-out prompts
     prompts = split_prompts(data_dir, cfg.prompts)
-    diff_params = default_diffusion_params(lm, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    if cfg.steps:
-        diff_params.max_denoising_steps = cfg.steps
+    diff_params = default_diffusion_params(lm, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                           max_denoising_steps=cfg.steps)
     ar_params = ARParams(max_new_tokens=cfg.max_new_tokens, eos_token_ids=stop_ids(lm))
     results = {"diffusion": generate_all(lm, prompts, "diffusion", diff_params, cfg.batch_size),
                "ar": generate_all(lm, prompts, "ar", ar_params, cfg.batch_size)}
@@ -278,6 +277,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         summary[f"tokens_per_s_{mode}"] = r.tokens / max(r.seconds, 1e-9)
         summary[f"tokens_{mode}"] = r.tokens
     summary["diffusion_steps_max"] = diff_params.max_denoising_steps
+    summary["diffusion_settings"] = {k: getattr(diff_params, k) for k in (
+        "sampler", "max_denoising_steps", "entropy_bound", "commit_threshold", "t_min", "t_max", "stability_threshold",
+        "confidence_threshold")}
     summary["sample_diffusion"] = prompts[0] + results["diffusion"].completions[0]
     summary["sample_ar"] = prompts[0] + results["ar"].completions[0]
     _print(summary, cfg)

@@ -44,7 +44,7 @@ def test_distinct_n():
     assert distinct_n([[]], 2) == 0.0
 
 
-def test_eval_end_to_end_on_a_tiny_model(tmp_path, capsys):
+def _tiny_model_and_data(tmp_path, generation_config=None):
     from dgemma.api import BUNDLED_TOKENIZER, load
     from dgemma.checkpoint import save_checkpoint
     from dgemma.data import prepare
@@ -55,7 +55,13 @@ def test_eval_end_to_end_on_a_tiny_model(tmp_path, capsys):
         (corpus / f"m{i}.py").write_text(SRC.replace("add", f"add{i}"))
     prepare([str(corpus)], tmp_path / "data", tokenizer_path=BUNDLED_TOKENIZER, val_fraction=0.2)
     lm = load("random:tiny")
-    path = save_checkpoint(lm.model, tmp_path / "m", tokenizer_path=BUNDLED_TOKENIZER)
+    return save_checkpoint(lm.model, tmp_path / "m", tokenizer_path=BUNDLED_TOKENIZER,
+                           generation_config=generation_config)
+
+
+def test_eval_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    path = _tiny_model_and_data(tmp_path, {"max_denoising_steps": 3, "eos_token_id": [1],
+                                           "dgemma": {"sampler": "confidence", "commit_threshold": 0.9}})
     out = evaluate(EvalConfig(model=str(path), data=str(tmp_path / "data"), prompts=3, max_new_tokens=8, steps=2,
                               val_sequences=2, judge="none", batch_size=2, out=str(tmp_path / "r.json")))
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -65,3 +71,34 @@ def test_eval_end_to_end_on_a_tiny_model(tmp_path, capsys):
         assert key in out
     assert out["passes_per_token_ar"] > 0.9  # one forward per generated token (plus prefill)
     assert 0 <= out["parse_rate_diffusion"] <= 1 and out["val_ar_nll"] > 0
+    # the model's generation_config decides the sampler; --steps overrides its step budget
+    assert out["diffusion_settings"]["sampler"] == "confidence"
+    assert out["diffusion_settings"]["commit_threshold"] == 0.9
+    assert out["diffusion_settings"]["max_denoising_steps"] == 2
+
+
+def test_sampler_sweep_runs_the_grid_on_training_prompts(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    path = _tiny_model_and_data(tmp_path)
+    spec = importlib.util.spec_from_file_location(
+        "sampler_sweep", Path(__file__).resolve().parents[1] / "benchmarks" / "sampler_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep.jsonl"
+    assert sweep.main(["--model", str(path), "--data", str(tmp_path / "data"), "--prompts", "2",
+                       "--max-new-tokens", "8", "--judge", "none", "--out", str(out),
+                       "--set", "max_denoising_steps=1,2", "--set", "t=0.4:0.8,0.9:0.5",
+                       "--set", "sampler=entropy_bound,confidence"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["mode"] == "ar" and rows[0]["split"] == "train"
+    diff = rows[1:]
+    assert len(diff) == 4  # 2 x 2 samplers; the t_min >= t_max pair is skipped
+    assert {(r["max_denoising_steps"], r["sampler"]) for r in diff} == {
+        (1, "entropy_bound"), (2, "entropy_bound"), (1, "confidence"), (2, "confidence")}
+    assert all(r["t_min"] == 0.4 and 0 <= r["parse_rate"] <= 1 and r["tokens"] > 0 for r in diff)
+    with pytest.raises(SystemExit, match="KEY one of"):
+        sweep.main(["--model", str(path), "--data", str(tmp_path / "data"), "--set", "bogus=1"])
