@@ -5,8 +5,9 @@
 
 The prompts come from the **training** split's Python files (function signature + docstring), so that the choice of
 defaults is made without looking at `dgemma eval`'s held-out prompts. Every combination of the `--set` values is
-run (a combination with t_min >= t_max is skipped; `--set t=0.4:0.8,0.1:0.3` sweeps t_min:t_max pairs); greedy AR on the same prompts is the first row. One JSON line
-per setting goes to stdout (and to --out), then a table sorted by judge perplexity.
+run; a combination with t_min >= t_max is skipped, and `--set t=0.4:0.8,0.1:0.3` sweeps t_min:t_max pairs. AR on
+the same prompts comes first: greedy, and sampled too with `--ar-temperature 0,0.8`. One JSON line per setting goes
+to stdout (and to --out), then a table sorted by judge perplexity.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--judge", default="auto")
     ap.add_argument("--set", action="append", default=[], type=parse_set, metavar="KEY=V1,V2")
+    ap.add_argument("--ar-temperature", default="0", metavar="T1,T2",
+                    help="AR rows to run: greedy (0) and/or sampled at these temperatures (seeded)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
@@ -92,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(line + "\n")
 
     base = {"model": lm.name, "split": a.split, "prompts": len(prompts), "max_new_tokens": a.max_new_tokens}
-    ar = generate_all(lm, prompts, "ar", ARParams(max_new_tokens=a.max_new_tokens, eos_token_ids=stop_ids(lm)),
-                      a.batch_size)
-    emit({**base, "mode": "ar", **score(prompts, ar, judge)})
+    for temp in (float(t) for t in a.ar_temperature.split(",")):
+        ar = generate_all(lm, prompts, "ar", ARParams(max_new_tokens=a.max_new_tokens, eos_token_ids=stop_ids(lm),
+                                                      temperature=temp, seed=a.seed), a.batch_size)
+        emit({**base, "mode": "ar", "ar_temperature": temp, **score(prompts, ar, judge)})
     keys = [k for k, _ in a.set]
     for combo in itertools.product(*(v for _, v in a.set)):
         p = default_diffusion_params(lm, max_new_tokens=a.max_new_tokens, seed=a.seed)
@@ -115,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'sampler':>13} {'steps':>5} {'eb':>6} {'commit':>6} {'t_min':>5} {'t_max':>5} {'parse':>6} "
           f"{'judge_ppl':>9} {'dist2':>6} {'pass/tok':>8}")
     for r in sorted(rows, key=lambda r: r.get("judge_ppl") or math.inf):
-        print(f"{r.get('sampler', 'AR'):>13} {r.get('max_denoising_steps', '')!s:>5} {r.get('entropy_bound', '')!s:>6} "
+        name = r.get("sampler") or f"AR T={r.get('ar_temperature', 0)}"
+        print(f"{name:>13} {r.get('max_denoising_steps', '')!s:>5} {r.get('entropy_bound', '')!s:>6} "
               f"{r.get('commit_threshold', '')!s:>6} {r.get('t_min', '')!s:>5} "
               f"{r.get('t_max', '')!s:>5} {r['parse_rate']:>6.3f} {r.get('judge_ppl') or float('nan'):>9.1f} "
               f"{r['distinct_2']:>6.3f} {r['passes_per_token']:>8.3f}")

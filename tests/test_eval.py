@@ -90,12 +90,13 @@ def test_sampler_sweep_runs_the_grid_on_training_prompts(tmp_path, capsys):
     spec.loader.exec_module(sweep)
     out = tmp_path / "sweep.jsonl"
     assert sweep.main(["--model", str(path), "--data", str(tmp_path / "data"), "--prompts", "2",
-                       "--max-new-tokens", "8", "--judge", "none", "--out", str(out),
+                       "--max-new-tokens", "8", "--judge", "none", "--out", str(out), "--ar-temperature", "0,0.8",
                        "--set", "max_denoising_steps=1,2", "--set", "t=0.4:0.8,0.9:0.5",
                        "--set", "sampler=entropy_bound,confidence"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert rows[0]["mode"] == "ar" and rows[0]["split"] == "train"
-    diff = rows[1:]
+    assert [(r["mode"], r["ar_temperature"]) for r in rows[:2]] == [("ar", 0.0), ("ar", 0.8)]
+    assert rows[0]["split"] == "train"
+    diff = rows[2:]
     assert len(diff) == 4  # 2 x 2 samplers; the t_min >= t_max pair is skipped
     assert {(r["max_denoising_steps"], r["sampler"]) for r in diff} == {
         (1, "entropy_bound"), (2, "entropy_bound"), (1, "confidence"), (2, "confidence")}

@@ -1,14 +1,16 @@
 """Package a training run as the bundled model: bf16 weights, generation config, tokenizer, loss plot, model card.
 
     python tools/package_model.py --run runs/py-mini --data data/py --out models/dgemma-py-small \
-        [--eval models/dgemma-py-small/eval.json] [--command "dgemma train ..."]
+        [--eval models/dgemma-py-small/eval.json] [--command "dgemma train ..."] \
+        [--generation '{"max_denoising_steps": 4}'] [--notes tools/dgemma-py-small-notes.md]
 
 A model trained in stages (each stage's run started `--init-from` the previous one's checkpoint) is packaged by
 giving every stage in order: `--run A --command "..." --run B --command "..."`. The weights come from the last
 stage; the card lists every stage, and the loss plot puts them end to end.
 
 Reads each run's newest checkpoint, `log.jsonl` and `train_config.json`, and the data folder's `meta.json`
-(corpus and shard hashes). The model card records everything needed to reproduce the model.
+(corpus and shard hashes). The model card records everything needed to reproduce the model. `--generation` puts
+measured sampler defaults over the release's (see benchmarks/sampler_sweep.py); `--notes` appends prose to the card.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ def main() -> None:
     ap.add_argument("--generation", default=None, metavar="JSON",
                     help="keys merged over the default generation_config.json, e.g. the sampler settings chosen by "
                          "benchmarks/sampler_sweep.py")
+    ap.add_argument("--notes", default=None, metavar="FILE",
+                    help="markdown appended to the card (what the measurements show, in words)")
     args = ap.parse_args()
     try:
         overrides = json.loads(args.generation) if args.generation else {}
@@ -97,6 +101,7 @@ def main() -> None:
     runs, out = [Path(r) for r in args.run], Path(args.out)
     ckpt = max((runs[-1] / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     ev = json.loads(Path(args.eval).read_text()) if args.eval else None  # read first: the save replaces `out`
+    notes = Path(args.notes).read_text().rstrip() if args.notes else None
     _, model = load_checkpoint(ckpt)
     generation = {**generation_config_for(model.config), **overrides}
     save_checkpoint(model, out, generation_config=generation,
@@ -158,7 +163,8 @@ def main() -> None:
         *commands,
         "python tools/package_model.py " + " ".join(f"--run {s['run']}" for s in stages)
         + f" --data {args.data} --out {args.out} --eval EVAL.json"
-        + (f" --generation '{json.dumps(overrides)}'" if overrides else ""),
+        + (f" --generation '{json.dumps(overrides)}'" if overrides else "")
+        + (f" --notes {args.notes}" if args.notes else ""),
         "```",
         "",
         "![losses](loss_curves.png)",
@@ -181,6 +187,8 @@ def main() -> None:
         lines += ["", f"Validation: AR NLL {ev['val_ar_nll']:.3f}; diffusion CE at t=0.5 "
                       f"{ev['val_diffusion_ce_t0.5']:.3f}.", ""]
         (out / "eval.json").write_text(json.dumps(ev, indent=2) + "\n")
+    if notes:
+        lines += [notes, ""]
     (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
     print(f"packaged {ckpt} -> {out} ({size / 1e6:.1f} MB)")
 
