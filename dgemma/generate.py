@@ -80,18 +80,21 @@ class DiffusionParams:
         A key the file lacks keeps the reference default; an override of None also keeps the file's value.
         """
         g = g or {}
+        own, sc = g.get("dgemma") or {}, g.get("sampler_config") or {}
+        if not isinstance(own, dict) or not isinstance(sc, dict):
+            raise GenerationError("generation_config.json: 'dgemma' and 'sampler_config' must be JSON objects, e.g. "
+                                  '"dgemma": {"sampler": "confidence"}; fix or remove them')
         eos = g.get("eos_token_id")
         fields = {
             "max_new_tokens": g.get("max_new_tokens"), "max_denoising_steps": g.get("max_denoising_steps"),
-            "entropy_bound": (g.get("sampler_config") or {}).get("entropy_bound"),
+            "entropy_bound": sc.get("entropy_bound"),
             "t_min": g.get("t_min"), "t_max": g.get("t_max"),
             "stability_threshold": g.get("stability_threshold"),
             "confidence_threshold": g.get("confidence_threshold"),
             "eos_token_ids": tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else None,
             "pad_token_id": g.get("pad_token_id"),
             # dgemma's own keys (transformers keeps unknown keys as plain attributes)
-            "sampler": (g.get("dgemma") or {}).get("sampler"),
-            "commit_threshold": (g.get("dgemma") or {}).get("commit_threshold"),
+            "sampler": own.get("sampler"), "commit_threshold": own.get("commit_threshold"),
         }
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**{k: v for k, v in fields.items() if v is not None})

@@ -155,6 +155,8 @@ def test_params_from_generation_config():
     assert (p.max_new_tokens, p.seed) == (40, 3)  # overrides win; an override of None keeps the file's value
     assert DiffusionParams.from_generation_config(None) == DiffusionParams()
     assert DiffusionParams.from_generation_config({"eos_token_id": 1}).eos_token_ids == (1,)
+    with pytest.raises(GenerationError, match="must be JSON objects"):
+        DiffusionParams.from_generation_config({"dgemma": "confidence"})
 
 
 def test_ar_cached_logits_equal_uncached():
