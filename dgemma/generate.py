@@ -69,7 +69,8 @@ class DiffusionParams:
     right_size: bool = False  # default mode, fast engine: a last canvas only as long as the tokens still wanted
     # Default mode only. "entropy_bound": the reference's EB sampler (spec A5.2). "confidence": commit-by-confidence;
     # each step commits the most confident greedy proposals (an even share of the canvas per step, plus any above
-    # commit_threshold), committed tokens stay, the rest are renoised; a canvas ends when all are committed.
+    # commit_threshold), committed tokens stay, the rest are renoised; a canvas ends when all are committed (the
+    # stability/confidence thresholds of adaptive stopping apply to entropy_bound only).
     sampler: str = "entropy_bound"
     commit_threshold: float = 0.95
 
