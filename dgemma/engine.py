@@ -334,11 +334,10 @@ def diffusion_default(model, input_ids, attention_mask, p, stop_fn, on_step):
             if by_confidence:
                 st = position_stats(raw, temp, gen, model, soft_from="raw", chunk=p.sampler_chunk, method=None,
                                     confidence=True)
-                proposal = st.argmax.view(m, c)
-                new_canvas, accepted = commit_confident(st.confidence.view(m, c), proposal, canvas[:m],
-                                                        committed[:m], commit_quota(N - k, N, c),
-                                                        p.commit_threshold, V, gen)
-                new_argmax, new_soft = torch.where(accepted, new_canvas, proposal), st.soft
+                new_canvas, accepted, new_argmax = commit_confident(
+                    st.confidence.view(m, c), st.argmax.view(m, c), canvas[:m], committed[:m],
+                    commit_quota(N - k, N, c), p.commit_threshold, V, gen)
+                new_soft = st.soft
                 committed[:m] = accepted
             else:
                 new_canvas, new_argmax, accepted, h, new_soft = sample_chunked(

@@ -385,29 +385,26 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
             has_sc = True
             if p.sampler == "confidence":
                 conf, proposal = top_confidence(proc)
-                new_canvas, now = commit_confident(conf, proposal, sub(canvas), sub(committed),
-                                                   commit_quota(N - n, N, C), p.commit_threshold, V, gen)
-                canvas[live], committed[live] = new_canvas, now
-                argmax[live] = torch.where(now, new_canvas, proposal)
-                done[live] |= now.all(dim=-1)
-                if on_step is not None:
-                    on_step(ci, N - n, [rows[j] for j in live.tolist()], argmax[live], now)
-                if bool(done.all()):
-                    break
-                continue
-            step = sample_step(proc, sub(canvas), p.entropy_bound, V, gen, method="inverse_cdf")
-            canvas[live], argmax[live] = step.canvas, step.argmax
-            if p.stability_threshold is not None and p.confidence_threshold is not None:
-                h_live = None if history is None else history[:, live]
-                stop, h_new = stable_and_confident(step.argmax, proc, h_live, p.stability_threshold,
-                                                   p.confidence_threshold)
-                if h_new is not None:
-                    if history is None:
-                        history = torch.full((h_new.shape[0], b, C), -1, dtype=h_new.dtype, device=h_new.device)
-                    history[:, live] = h_new
-                done[live] |= stop
+                new_canvas, accepted, new_argmax = commit_confident(
+                    conf, proposal, sub(canvas), sub(committed), commit_quota(N - n, N, C), p.commit_threshold, V,
+                    gen)
+                committed[live] = accepted
+                done[live] |= accepted.all(dim=-1)  # every position committed: the canvas is done
+            else:
+                step = sample_step(proc, sub(canvas), p.entropy_bound, V, gen, method="inverse_cdf")
+                new_canvas, accepted, new_argmax = step.canvas, step.accepted, step.argmax
+                if p.stability_threshold is not None and p.confidence_threshold is not None:
+                    h_live = None if history is None else history[:, live]
+                    stop, h_new = stable_and_confident(new_argmax, proc, h_live, p.stability_threshold,
+                                                       p.confidence_threshold)
+                    if h_new is not None:
+                        if history is None:
+                            history = torch.full((h_new.shape[0], b, C), -1, dtype=h_new.dtype, device=h_new.device)
+                        history[:, live] = h_new
+                    done[live] |= stop
+            canvas[live], argmax[live] = new_canvas, new_argmax
             if on_step is not None:
-                on_step(ci, N - n, [rows[j] for j in live.tolist()], step.argmax, step.accepted)
+                on_step(ci, N - n, [rows[j] for j in live.tolist()], new_argmax, accepted)
             if bool(done.all()):
                 break
         keep = []

@@ -129,7 +129,8 @@ def commit_confident(confidence: torch.Tensor, proposal: torch.Tensor, canvas: t
     Among the positions not yet committed, the most confident are committed with their proposal until `quota` are
     committed in the row, and so is any position whose confidence exceeds `threshold`. Committed positions keep
     their token for the rest of the canvas; every other position is renoised with a uniform random token (one
-    randint(B, C), the only RNG draw of the step). Returns (next canvas, committed)."""
+    randint(B, C), the only RNG draw of the step). Returns (next canvas, committed, draft), the draft being the
+    canvas as it stands: committed tokens where committed, this step's proposals elsewhere."""
     open_conf = confidence.masked_fill(committed, -1.0)
     rank = torch.argsort(torch.argsort(open_conf, dim=-1, descending=True, stable=True), dim=-1, stable=True)
     owed = (quota - committed.sum(dim=-1, keepdim=True)).clamp(min=0)
@@ -137,7 +138,7 @@ def commit_confident(confidence: torch.Tensor, proposal: torch.Tensor, canvas: t
     committed = committed | new
     kept = torch.where(new, proposal, canvas)
     noise = torch.randint(0, vocab_size, canvas.shape, generator=generator, device=canvas.device)
-    return torch.where(committed, kept, noise), committed
+    return torch.where(committed, kept, noise), committed, torch.where(committed, kept, proposal)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -139,17 +139,19 @@ def test_commit_confident_commits_the_most_confident_keeps_committed_and_renoise
     canvas = torch.tensor([[40, 41, 42, 43, 44, 45]])
     committed = torch.tensor([[False, False, False, True, False, False]])  # position 3 holds 43 already
     g = torch.Generator().manual_seed(0)
-    new, now = commit_confident(conf, proposal, canvas, committed, quota=3, threshold=0.95, vocab_size=V, generator=g)
+    new, now, draft = commit_confident(conf, proposal, canvas, committed, quota=3, threshold=0.95, vocab_size=V,
+                                       generator=g)
     # one committed already, two owed: the two most confident open positions (1: 0.9, 5: 0.6); 3's 0.97 does not
     # count, since it is committed and keeps its own token
     assert now.tolist() == [[False, True, False, True, False, True]]
     assert new[0, 1] == 11 and new[0, 5] == 15 and new[0, 3] == 43
     noise = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(0))
     assert torch.equal(new[~now], noise[~now])  # the open positions are renoised with the step's one draw
+    assert draft.tolist() == [[10, 11, 12, 43, 14, 15]]  # committed tokens, this step's proposals elsewhere
 
     # above the threshold commits beyond the quota; with the quota met, only the threshold commits
     conf2 = torch.tensor([[0.99, 0.2, 0.96, 0.5, 0.1, 0.3]])
-    new2, now2 = commit_confident(conf2, proposal, new, now, quota=3, threshold=0.95, vocab_size=V, generator=g)
+    new2, now2, _ = commit_confident(conf2, proposal, new, now, quota=3, threshold=0.95, vocab_size=V, generator=g)
     assert now2.tolist() == [[True, True, True, True, False, True]]
     assert new2[0, 0] == 10 and new2[0, 2] == 12 and new2[0, 1] == 11  # kept, though its confidence fell
 
@@ -158,5 +160,5 @@ def test_commit_confident_rows_are_independent():
     conf = torch.tensor([[0.9, 0.1, 0.2], [0.1, 0.2, 0.9]])
     proposal = torch.arange(6).view(2, 3)
     committed = torch.zeros(2, 3, dtype=torch.bool)
-    _, now = commit_confident(conf, proposal, proposal.clone(), committed, 1, 1.0, 10, torch.Generator())
+    _, now, _ = commit_confident(conf, proposal, proposal.clone(), committed, 1, 1.0, 10, torch.Generator())
     assert now.tolist() == [[True, False, False], [False, False, True]]
