@@ -24,19 +24,10 @@ from pathlib import Path
 import torch
 
 from dgemma.api import load
-from dgemma.eval import (
-    Judge,
-    default_diffusion_params,
-    distinct_n,
-    generate_all,
-    judge_dir,
-    parses,
-    split_prompts,
-    stop_ids,
-)
+from dgemma.eval import Judge, default_diffusion_params, generate_all, judge_dir, score, split_prompts, stop_ids
 from dgemma.generate import ARParams, DiffusionParams
 
-FIELDS = {f.name: f.type for f in dataclasses.fields(DiffusionParams)}
+FIELDS = tuple(f.name for f in dataclasses.fields(DiffusionParams))
 
 
 def parse_set(text: str) -> tuple[str, list]:
@@ -51,16 +42,6 @@ def parse_set(text: str) -> tuple[str, list]:
     conv = (int if key in ("max_denoising_steps", "max_new_tokens", "stability_threshold")
             else str if key == "sampler" else float)
     return key, [None if v == "none" else conv(v) for v in values.split(",")]
-
-
-def score(prompts, res, judge) -> dict:
-    out = {"parse_rate": sum(parses(p, c) for p, c in zip(prompts, res.completions)) / len(prompts),
-           "distinct_2": distinct_n(res.token_ids, 2), "passes_per_token": res.passes / max(res.tokens, 1),
-           "tokens_per_s": res.tokens / max(res.seconds, 1e-9), "tokens": res.tokens}
-    if judge is not None:
-        nll, cnt = map(sum, zip(*(judge.nll(p, c) for p, c in zip(prompts, res.completions))))
-        out["judge_ppl"] = math.exp(nll / cnt) if cnt else None
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

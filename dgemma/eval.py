@@ -217,6 +217,21 @@ def generate_all(lm, prompts: list[str], mode: str, params, batch: int) -> ModeR
     return res
 
 
+def score(prompts: list[str], res: ModeResult, judge: Judge | None) -> dict:
+    """The quality and speed measures of one mode's completions (judge_ppl None without a judge)."""
+    out = {"parse_rate": sum(parses(p, c) for p, c in zip(prompts, res.completions)) / len(prompts)}
+    out["judge_ppl"] = None
+    if judge is not None:
+        nll, cnt = map(sum, zip(*(judge.nll(p, c) for p, c in zip(prompts, res.completions))))
+        out["judge_ppl"] = math.exp(nll / cnt) if cnt else None
+    for k in (1, 2, 3):
+        out[f"distinct_{k}"] = distinct_n(res.token_ids, k)
+    out["passes_per_token"] = res.passes / max(res.tokens, 1)
+    out["tokens_per_s"] = res.tokens / max(res.seconds, 1e-9)
+    out["tokens"] = res.tokens
+    return out
+
+
 def stop_ids(lm) -> tuple[int, ...]:
     eos = lm.generation_config.get("eos_token_id") or lm.tokenizer.stop_ids()
     return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
@@ -265,17 +280,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     judge = Judge.load(jd) if jd is not None else None
     summary: dict = {"model": lm.name, "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens, **losses}
     for mode, r in results.items():
-        summary[f"parse_rate_{mode}"] = sum(parses(p, c) for p, c in zip(prompts, r.completions)) / len(prompts)
-        if judge is not None:
-            nll, cnt = map(sum, zip(*(judge.nll(p, c) for p, c in zip(prompts, r.completions))))
-            summary[f"judge_ppl_{mode}"] = math.exp(nll / cnt) if cnt else None
-        else:
-            summary[f"judge_ppl_{mode}"] = None
-        for k in (1, 2, 3):
-            summary[f"distinct_{k}_{mode}"] = distinct_n(r.token_ids, k)
-        summary[f"passes_per_token_{mode}"] = r.passes / max(r.tokens, 1)
-        summary[f"tokens_per_s_{mode}"] = r.tokens / max(r.seconds, 1e-9)
-        summary[f"tokens_{mode}"] = r.tokens
+        summary.update({f"{k}_{mode}": v for k, v in score(prompts, r, judge).items()})
     summary["diffusion_steps_max"] = diff_params.max_denoising_steps
     summary["diffusion_settings"] = {k: getattr(diff_params, k) for k in (
         "sampler", "max_denoising_steps", "entropy_bound", "commit_threshold", "t_min", "t_max", "stability_threshold",
