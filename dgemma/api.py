@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, preset
+from .config import ConfigError, ModelConfig
 from .generate import ARParams, DiffusionParams, GenerationStats, StepFn, generate_ar, generate_diffusion
 from .model import DiffusionGemma, init_weights
 from .tokenizer import Tokenizer
@@ -36,9 +36,17 @@ class LoadedModel:
     generation_config: dict = field(default_factory=dict)
 
 
-def load(spec: str | Path | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+def load(spec: str | Path | None = None, dtype: torch.dtype | str | None = None) -> LoadedModel:
     """`spec` is a checkpoint folder, or `random:PRESET` for random weights (pipeline demos and tests).
-    None means the bundled default model."""
+    None means the bundled default model. `dtype`: float32/bfloat16/float16 (a torch dtype or a name such as
+    "bf16"); None keeps a checkpoint's stored dtype, float32 for random weights.
+
+    Everything a user can get wrong fails here with a ModelLoadError (or the CheckpointError, ConfigError or
+    TokenizerError of the file at fault), naming the path and the fix: a missing path, a training run folder
+    instead of one of its checkpoints, a folder with no config.json, a corrupt weight (NaN/inf), a tokenizer
+    whose vocabulary or special ids do not fit the model."""
+    from .checkpoint import load_checkpoint, load_generation_config, random_config, resolve_dtype
+
     if spec is None:
         spec = DEFAULT_MODEL
         if not (Path(spec) / "config.json").is_file():
@@ -46,34 +54,71 @@ def load(spec: str | Path | None = None, dtype: torch.dtype | None = None) -> Lo
                                  "--model random:small for a random-weight demo")
     spec = str(spec)
     if spec.startswith("random:"):
-        name = spec.split(":", 1)[1]
         try:
-            cfg = preset(name)
+            cfg, tok = random_config(spec)
         except ConfigError as e:
             raise ModelLoadError(str(e)) from None
-        tok = Tokenizer.from_path(BUNDLED_TOKENIZER)
-        if cfg.vocab_size < tok.vocab_size:
-            cfg = cfg.replace(vocab_size=tok.vocab_size)
-        cfg = cfg.replace(eos_token_ids=tuple(tok.stop_ids()))
+        _check_tokenizer_fits(tok, cfg.vocab_size, f"{spec} (tokenizer {tok.path})")
         model = init_weights(DiffusionGemma(cfg), seed=0).eval()
-        if dtype is not None:
-            model = model.to(dtype)
+        target = resolve_dtype(dtype)
+        if target is not None:
+            model = model.to(target)
         return LoadedModel(model, tok, spec)
-    from .checkpoint import load_checkpoint, load_generation_config
 
     path = Path(spec)
-    if not path.exists():
-        raise ModelLoadError(f"model path {path} does not exist; pass a checkpoint folder (config.json, "
-                             "model.safetensors, tokenizer.json) or random:PRESET")
-    _, model = load_checkpoint(path, dtype=dtype)
-    tok_path = path / "tokenizer.json"
-    if not tok_path.is_file():
+    _check_checkpoint_folder(path)
+    try:
+        cfg = ModelConfig.from_hf_config(path / "config.json")
+    except ConfigError as e:
+        raise ModelLoadError(str(e)) from None
+    if not (path / "tokenizer.json").is_file():
         raise ModelLoadError(f"{path} has no tokenizer.json; copy the model's tokenizer into the folder")
     tok = Tokenizer.from_path(path)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ModelLoadError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only "
-                             f"{model.config.vocab_size}; the tokenizer belongs to another model")
+    _check_tokenizer_fits(tok, cfg.vocab_size, str(path))  # before reading any weights
+    _, model = load_checkpoint(path, dtype=dtype)
     return LoadedModel(model.eval(), tok, str(path), load_generation_config(path))
+
+
+CHECKPOINT_FILES = "config.json, model.safetensors, tokenizer.json"
+
+
+def _check_checkpoint_folder(path: Path) -> None:
+    """A ModelLoadError unless `path` is a folder with a config.json; says what to pass instead."""
+    from .checkpoint import run_folder_checkpoint
+
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist; pass a checkpoint folder ({CHECKPOINT_FILES}) "
+                             "or random:PRESET (e.g. random:tiny)")
+    if not path.is_dir():
+        what = f"the folder holding it, {path.parent}" if path.name in ("config.json", "model.safetensors",
+                                                                         "tokenizer.json") else "a checkpoint folder"
+        raise ModelLoadError(f"model path {path} is a file, not a checkpoint folder; pass {what}")
+    if (path / "config.json").is_file():
+        return
+    inner = run_folder_checkpoint(path)
+    if inner is not None:
+        raise ModelLoadError(f"{path} is a training run folder, not a checkpoint (no config.json at its top level); "
+                             f"pass --model {inner} (its newest checkpoint)")
+    raise ModelLoadError(f"{path} has no config.json, so it is not a model checkpoint; pass a checkpoint folder "
+                         f"({CHECKPOINT_FILES}), e.g. a run's RUN/latest from `dgemma train`, or random:PRESET")
+
+
+def _check_tokenizer_fits(tok: Tokenizer, vocab_size: int, where: str) -> None:
+    """A ModelLoadError if the tokenizer can produce an id the model has no embedding row for: more tokens than
+    the model's vocabulary, or a special token (eos, bos, pad, ...) whose id lies outside it."""
+    problems = []
+    if tok.vocab_size > vocab_size:
+        problems.append(f"tokenizer has {tok.vocab_size} tokens but the model only {vocab_size}")
+    specials = {"pad": tok.pad_id, "eos": tok.eos_id, "bos": tok.bos_id, "unk": tok.unk_id, "mask": tok.mask_id,
+                "start_of_turn": tok.start_of_turn_id, "end_of_turn": tok.end_of_turn_id}
+    outside = [f"{name} {tok.id_to_token(i)!r} = {i}" for name, i in specials.items()
+               if i is not None and i >= vocab_size]
+    if outside:
+        problems.append(f"tokenizer's special ids lie outside the model's vocabulary (ids 0..{vocab_size - 1}): "
+                        + ", ".join(outside))
+    if problems:
+        raise ModelLoadError(f"{where}: " + "; ".join(problems) + "; the tokenizer belongs to another model: use the "
+                             "tokenizer.json the model was trained with")
 
 
 @dataclass

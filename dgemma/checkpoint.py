@@ -7,7 +7,8 @@ transformers' `DiffusionGemmaForBlockDiffusion.save_pretrained` writes and `from
     load_checkpoint(path, dtype=None, device="cpu") -> (ModelConfig, DiffusionGemma)
     save_checkpoint(model, path, generation_config=None, tokenizer_path=None, dtype=None) -> Path
     load_generation_config(path) -> dict
-    describe(path) -> dict                   # header-only summary for `dgemma info`
+    describe(path) -> dict                   # header-only summary for `dgemma info` (also random:PRESET)
+    run_folder_checkpoint(path) -> Path|None # the checkpoint inside a `dgemma train` run folder
     hf_to_dgemma / dgemma_to_hf              # the name map, over state dicts, shape tables or bare key lists
 
 The name map is the table `KEY_RULES` below: dgemma's module names are the checkpoint's `model.decoder.*` names,
@@ -17,7 +18,7 @@ decoder copy wins, and only the decoder copy is written, as transformers itself 
 
 Loading builds the model on the meta device and assigns tensors read through safetensors' memory map, so a model
 never sits in memory twice. Every problem with a folder (files, JSON, keys, shapes, dtypes) is collected first and
-reported in one `CheckpointError`.
+reported in one `CheckpointError`; a tensor holding NaN or infinity is reported at load, naming the tensor and file.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import FULL, SLIDING, ConfigError, ModelConfig
+from .config import FULL, SLIDING, ConfigError, ModelConfig, preset
 from .model import DiffusionGemma, rope_inv_freq
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ TOKENIZER_EXTRAS = ("tokenizer_config.json",)  # copied along with tokenizer.jso
 
 FIX_HINT = ("re-save the checkpoint with transformers (save_pretrained) or dgemma (save_checkpoint), "
             "or point to a complete DiffusionGemma checkpoint folder")
+CORRUPT_HINT = "the checkpoint is corrupt; re-export or re-download it"
+RANDOM_PREFIX = "random:"  # `random:PRESET` names a random-weight model built from a preset (see random_config)
+RUN_LATEST, RUN_CHECKPOINTS = "latest", "checkpoints"  # a `dgemma train` run folder (see train.py's docstring)
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "assets" / TOKENIZER_NAME  # the tokenizer of random:PRESET
 MAX_LISTED = 30  # keys listed per kind of problem; the rest are counted
 
 
@@ -407,9 +412,18 @@ def scan_checkpoint(path: str | Path) -> CheckpointInfo:
     """Validate a checkpoint folder from its config and headers; raise one CheckpointError naming every problem."""
     folder = Path(path)
     if not folder.exists():
-        raise CheckpointError(folder, ["checkpoint folder does not exist"])
+        raise CheckpointError(folder, ["checkpoint folder does not exist"],
+                              hint="check the path, or pass random:PRESET for a random-weight model")
     if not folder.is_dir():
-        raise CheckpointError(folder, [f"not a folder (expected a folder holding config.json and {WEIGHTS_NAME})"])
+        hint = (f"pass the folder that holds it, {folder.parent}" if folder.name in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME)
+                else "pass the checkpoint folder")
+        raise CheckpointError(folder, [f"not a folder (expected a folder holding config.json and {WEIGHTS_NAME})"],
+                              hint=hint)
+    if not (folder / CONFIG_NAME).is_file():
+        inner = run_folder_checkpoint(folder)
+        if inner is not None:
+            problem = f"is a training run folder, not a checkpoint (no {CONFIG_NAME} at its top level)"
+            raise CheckpointError(folder, [problem], hint=f"pass {inner}, the run's newest checkpoint")
     problems: list[str] = []
     config = None
     if not (folder / CONFIG_NAME).is_file():
@@ -440,6 +454,22 @@ def scan_checkpoint(path: str | Path) -> CheckpointInfo:
     return CheckpointInfo(folder=folder, config=config, weight_files=files, tensors=tensors, plan=plan, dtype=dtype)
 
 
+def run_folder_checkpoint(path: str | Path) -> Path | None:
+    """If `path` is a `dgemma train` run folder (or its `checkpoints/` folder) rather than a checkpoint, the
+    checkpoint to load instead: `path/latest` when it holds a config.json, else the newest `step-*` folder that does.
+    None for anything else. The returned path is spelled from `path` as given (`runs/x/latest`, not resolved)."""
+    folder = Path(path)
+    if (folder / CONFIG_NAME).is_file() or not folder.is_dir():
+        return None
+    if (folder / RUN_LATEST / CONFIG_NAME).is_file():
+        return folder / RUN_LATEST
+    for root in (folder / RUN_CHECKPOINTS, folder):
+        steps = sorted(p for p in root.glob("step-*") if (p / CONFIG_NAME).is_file())
+        if steps:
+            return steps[-1]
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
@@ -460,10 +490,33 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
     for dk, hk in info.plan.sources.items():
         by_file.setdefault(info.tensors[hk][2], []).append((dk, hk))
     state: dict[str, torch.Tensor] = {}
+    corrupt: dict[Path, list[str]] = {}  # file -> tensors with NaN/inf as stored
+    overflow: list[str] = []  # finite in the file, infinite once cast to float16
     for file, pairs in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for dk, hk in pairs:
-                state[dk] = f.get_tensor(hk).to(device=device, dtype=target)
+                stored = f.get_tensor(hk)  # [shape] backed by the file's memory map
+                bad = count_nonfinite(stored)
+                if bad:
+                    corrupt.setdefault(file, []).append(f"{hk} ({bad} of {stored.numel()} values)")
+                t = stored.to(device=device, dtype=target)
+                if not bad and target == torch.float16 and stored.dtype != torch.float16 and count_nonfinite(t):
+                    overflow.append(hk)
+                state[dk] = t
+    if corrupt:
+        one_file = len(corrupt) == 1
+        problems = []
+        for file, names in corrupt.items():
+            prefix = "" if one_file else f"{file.name}: "
+            what = f"tensor {names[0]} contains" if len(names) == 1 else f"{len(names)} tensors contain"
+            listed = "" if len(names) == 1 else f": {_listing(names)}"
+            problems.append(f"{prefix}{what} NaN/inf{listed}")
+        raise CheckpointError(next(iter(corrupt)) if one_file else info.folder, problems, hint=CORRUPT_HINT)
+    if overflow:
+        problem = (f"{len(overflow)} tensor(s) hold values beyond float16's range (+-65504) and would become "
+                   f"infinite: {_listing(overflow)}")
+        raise CheckpointError(info.folder, [problem],
+                              hint="load in bfloat16 or float32 (dtype=torch.bfloat16, or --dtype bfloat16)")
     model.load_state_dict(state, strict=True, assign=True)
     del state
     _rebuild_buffers(model, device)
@@ -471,6 +524,23 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
     if left:  # a new buffer in model.py that _rebuild_buffers does not know: fail loudly, not at first use
         raise RuntimeError(f"load_checkpoint left tensors on the meta device: {left}; teach _rebuild_buffers them")
     return info.config, model.eval()
+
+
+NONFINITE_CHUNK = 1 << 22  # elements checked at a time: the temporary mask is at most 4 MiB, whatever the tensor
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """Number of NaN/inf entries of a floating-point tensor (0 for other dtypes), read in chunks so that checking
+    even the largest tensor allocates only a small mask, never a copy of the tensor."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    flat = t.reshape(-1)  # a view: tensors read from safetensors are contiguous
+    bad = 0
+    for start in range(0, flat.numel(), NONFINITE_CHUNK):
+        finite = torch.isfinite(flat[start:start + NONFINITE_CHUNK])
+        if not bool(finite.all()):
+            bad += int(finite.numel() - finite.sum())
+    return bad
 
 
 def _rebuild_buffers(model: DiffusionGemma, device: torch.device) -> None:
@@ -626,35 +696,78 @@ def _exchange(a: Path, b: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Describing
-def describe(path: str | Path) -> dict[str, Any]:
-    """A summary of a checkpoint for `dgemma info`, from config.json and the safetensors headers (no weights read)."""
-    info = scan_checkpoint(path)
-    cfg = info.config
-    counts = cfg.num_parameters()
+def random_config(spec: str):
+    """The config and tokenizer of `random:PRESET`: the named preset, its vocabulary widened to the bundled
+    tokenizer's and its eos ids set to the tokenizer's stop ids (what `api.load` builds the random model from).
+    Returns (ModelConfig, Tokenizer); an unknown preset is a ConfigError listing the valid names."""
+    from .tokenizer import Tokenizer  # lazily: reading checkpoints needs no tokenizer
+
+    name = spec.removeprefix(RANDOM_PREFIX)
+    try:
+        cfg = preset(name)
+    except ConfigError:
+        from .config import PRESETS
+
+        raise ConfigError(f"{spec}: unknown preset {name!r}; use random:NAME with NAME one of {sorted(PRESETS)}, "
+                          "e.g. random:tiny") from None
+    tok = Tokenizer.from_path(BUNDLED_TOKENIZER)
+    if cfg.vocab_size < tok.vocab_size:
+        cfg = cfg.replace(vocab_size=tok.vocab_size)
+    return cfg.replace(eos_token_ids=tuple(tok.stop_ids())), tok
+
+
+def _describe_config(cfg: ModelConfig) -> dict[str, Any]:
     n_full = sum(not cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
     return {
+        "layers": cfg.num_hidden_layers,
+        "sliding_layers": cfg.num_hidden_layers - n_full,
+        "full_layers": n_full,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "attention_heads": cfg.num_attention_heads,
+        "head_dim": cfg.head_dim,
+        "global_head_dim": cfg.global_head_dim,
+        "kv_heads": cfg.num_key_value_heads,
+        "global_kv_heads": cfg.num_global_key_value_heads,
+        "experts": cfg.num_experts,
+        "top_k_experts": cfg.top_k_experts,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "sliding_window": cfg.sliding_window,
+        "canvas_length": cfg.canvas_length,
+        "vocab_size": cfg.vocab_size,
+        "final_logit_softcapping": cfg.final_logit_softcapping,
+    }
+
+
+def _describe_parameters(cfg: ModelConfig) -> dict[str, int]:
+    counts = cfg.num_parameters()
+    return {k: counts[k] for k in ("total", "active_per_token", "embedding", "experts")}
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """A summary of a checkpoint for `dgemma info`, from config.json and the safetensors headers (no weights read).
+
+    `random:PRESET` (as `dgemma generate --model` takes it) is described from the preset config alone, with the same
+    fields: float32, no weight files, and the tensor count a saved checkpoint of it would hold."""
+    if isinstance(path, str) and path.startswith(RANDOM_PREFIX):
+        cfg, _ = random_config(path)
+        return {
+            "path": path,
+            "config": _describe_config(cfg),
+            "parameters": _describe_parameters(cfg),
+            "dtype": _DTYPE_NAMES[torch.float32],  # random weights are built in float32 unless a dtype is asked for
+            "weight_files": [],
+            "file_size_bytes": 0,
+            "tensors": len(hf_shapes(cfg)),  # on the meta device: no memory
+            "skipped_vision_tensors": 0,
+            "has_generation_config": False,
+            "has_tokenizer": True,  # the bundled tokenizer
+        }
+    info = scan_checkpoint(path)
+    return {
         "path": str(info.folder),
-        "config": {
-            "layers": cfg.num_hidden_layers,
-            "sliding_layers": cfg.num_hidden_layers - n_full,
-            "full_layers": n_full,
-            "hidden_size": cfg.hidden_size,
-            "intermediate_size": cfg.intermediate_size,
-            "attention_heads": cfg.num_attention_heads,
-            "head_dim": cfg.head_dim,
-            "global_head_dim": cfg.global_head_dim,
-            "kv_heads": cfg.num_key_value_heads,
-            "global_kv_heads": cfg.num_global_key_value_heads,
-            "experts": cfg.num_experts,
-            "top_k_experts": cfg.top_k_experts,
-            "moe_intermediate_size": cfg.moe_intermediate_size,
-            "sliding_window": cfg.sliding_window,
-            "canvas_length": cfg.canvas_length,
-            "vocab_size": cfg.vocab_size,
-            "final_logit_softcapping": cfg.final_logit_softcapping,
-        },
-        "parameters": {"total": counts["total"], "active_per_token": counts["active_per_token"],
-                       "embedding": counts["embedding"], "experts": counts["experts"]},
+        "config": _describe_config(info.config),
+        "parameters": _describe_parameters(info.config),
         "dtype": _DTYPE_NAMES[info.dtype],
         "weight_files": [f.name for f in info.weight_files],
         "file_size_bytes": info.file_size,

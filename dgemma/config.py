@@ -9,16 +9,32 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+# ModelConfig fields that must be integers > 0 (checked by ModelConfig.validate).
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
+                  "sliding_window", "num_experts", "top_k_experts", "moe_intermediate_size", "canvas_length",
+                  "max_position_embeddings")
 
 
 class ConfigError(ValueError):
     """A configuration the user supplied cannot be honoured; the message says which field and why."""
+
+
+def _is_int(v: Any) -> bool:
+    """An integer (Python or numpy), not a bool (True would otherwise pass as 1)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    """A finite real number, not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -53,30 +69,65 @@ class ModelConfig:
     hf_passthrough: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.layer_types:
-            types = [SLIDING if (i + 1) % 6 else FULL for i in range(self.num_hidden_layers)]
-            object.__setattr__(self, "layer_types", tuple(types))
-        types = list(self.layer_types)
-        if types and types[-1] != FULL:  # the reference forces the last layer to full attention
-            types[-1] = FULL
-        object.__setattr__(self, "layer_types", tuple(types))
-        object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in self.eos_token_ids))
+        n, types = self.num_hidden_layers, self.layer_types
+        if isinstance(types, list):
+            types = tuple(types)
+        if not types and _is_int(n) and n > 0:
+            types = tuple(SLIDING if (i + 1) % 6 else FULL for i in range(n))
+        if isinstance(types, tuple) and types and types[-1] != FULL:  # the reference forces the last layer full
+            types = (*types[:-1], FULL)
+        object.__setattr__(self, "layer_types", types)
+        eos = self.eos_token_ids
+        eos = (eos,) if _is_int(eos) else tuple(eos) if isinstance(eos, (list, tuple)) else eos
+        object.__setattr__(self, "eos_token_ids", eos)
         self.validate()
+        object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in self.eos_token_ids))
+        for name in (*_POSITIVE_INTS, "pad_token_id", "bos_token_id"):  # numpy ints -> int, for JSON
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
 
     def validate(self) -> None:
+        """Check every field once (called by the constructor, so presets, `replace` and config.json all pass here);
+        raise one ConfigError that lists each bad field, the value found and what is allowed."""
         problems = []
-        positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
-                    "sliding_window", "num_experts", "top_k_experts", "moe_intermediate_size", "canvas_length"]
-        for name in positive:
+        for name in _POSITIVE_INTS:
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if not _is_int(v) or v <= 0:
                 problems.append(f"{name} must be a positive integer (got {v!r})")
-        if len(self.layer_types) != self.num_hidden_layers:
-            problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
-        bad = sorted({t for t in self.layer_types if t not in (SLIDING, FULL)})
-        if bad:
-            problems.append(f"layer_types contains unknown types {bad}; expected '{SLIDING}' or '{FULL}'")
+        for name in ("rms_norm_eps", "sliding_rope_theta", "full_rope_theta"):
+            v = getattr(self, name)
+            if not _is_real(v) or v <= 0:
+                problems.append(f"{name} must be a positive finite number (got {v!r})")
+        v = self.full_partial_rotary_factor
+        if not _is_real(v) or not 0 < v <= 1:
+            problems.append(f"full_partial_rotary_factor must be in (0, 1] (got {v!r})")
+        v = self.final_logit_softcapping
+        if v is not None and (not _is_real(v) or v <= 0):
+            problems.append(f"final_logit_softcapping must be a positive number or null (got {v!r})")
+        if not problems and self.canvas_length > self.max_position_embeddings:
+            problems.append(f"canvas_length={self.canvas_length} exceeds max_position_embeddings="
+                            f"{self.max_position_embeddings}")
+        vocab = self.vocab_size if _is_int(self.vocab_size) and self.vocab_size > 0 else None
+        ids = [("pad_token_id", self.pad_token_id), ("bos_token_id", self.bos_token_id)]
+        if isinstance(self.eos_token_ids, tuple):
+            ids += [(f"eos_token_id[{i}]", e) for i, e in enumerate(self.eos_token_ids)]
+        else:
+            problems.append(f"eos_token_id must be an integer or a list of integers (got {self.eos_token_ids!r})")
+        for name, v in ids:
+            if v is None and not name.startswith("eos"):
+                continue
+            if not _is_int(v) or v < 0:
+                problems.append(f"{name} must be a non-negative integer token id (got {v!r})")
+            elif vocab is not None and v >= vocab:
+                problems.append(f"{name}={v} is outside the vocabulary (vocab_size={vocab})")
+        if not isinstance(self.layer_types, tuple) or not all(isinstance(t, str) for t in self.layer_types):
+            problems.append(f"layer_types must be a list of strings (got {self.layer_types!r})")
+        else:
+            if _is_int(self.num_hidden_layers) and len(self.layer_types) != self.num_hidden_layers:
+                problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            bad = sorted({t for t in self.layer_types if t not in (SLIDING, FULL)})
+            if bad:
+                problems.append(f"layer_types contains unknown types {bad}; expected '{SLIDING}' or '{FULL}'")
         if not problems:
             for name, kv in (("num_key_value_heads", self.num_key_value_heads),
                              ("num_global_key_value_heads", self.num_global_key_value_heads)):
@@ -249,17 +300,24 @@ def _config_from_dict(raw: dict, where: str) -> ModelConfig:
     missing = [k for k in required if text.get(k) is None]
     if missing:
         problems.append(f"missing required fields {missing}")
+    n_layers = text.get("num_hidden_layers")
+    if n_layers is not None and (not _is_int(n_layers) or n_layers <= 0):
+        problems.append(f"num_hidden_layers must be a positive integer (got {n_layers!r})")
+    layer_types = text.get("layer_types") or []
+    if not isinstance(layer_types, list):
+        problems.append(f"layer_types must be a list of '{SLIDING}'/'{FULL}' strings (got {layer_types!r})")
+    rope = text.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or not all(isinstance(rope.get(k, {}), dict) for k in (SLIDING, FULL)):
+        problems.append(f"rope_parameters must be an object of layer type -> rope settings (got {rope!r})")
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
 
-    n_layers = int(text["num_hidden_layers"])
-    layer_types = text.get("layer_types") or []
-    kw: dict[str, Any] = {k: text[k] for k in required}
+    kw: dict[str, Any] = {k: text[k] for k in required}  # types and ranges are checked by ModelConfig.validate
     kw["layer_types"] = tuple(layer_types)
-    for k in ("hidden_activation", "max_position_embeddings", "rms_norm_eps", "sliding_window"):
+    for k in ("hidden_activation", "max_position_embeddings", "rms_norm_eps"):
         if text.get(k) is not None:
             kw[k] = text[k]
-    kw["sliding_window"] = int(text.get("sliding_window", 512))
+    kw["sliding_window"] = text.get("sliding_window", 512)  # absent -> HF's default; null or <= 0 -> an error
     # final_logit_softcapping is a class attribute in HF 5.23 and is omitted from saved configs: default 30.
     kw["final_logit_softcapping"] = text.get("final_logit_softcapping", 30.0)
 
@@ -273,7 +331,10 @@ def _config_from_dict(raw: dict, where: str) -> ModelConfig:
         if not isinstance(plc, dict):
             raise ConfigError(f"{where}: per_layer_config must be an object of layer index -> overrides")
         base = {"global_head_dim": kw["head_dim"], "num_global_key_value_heads": kw["num_key_value_heads"]}
-        tmp = ModelConfig(**{**_shape_stub(kw), **base, "layer_types": kw["layer_types"]})
+        try:
+            tmp = ModelConfig(**{**_shape_stub(kw), **base, "layer_types": kw["layer_types"]})
+        except (TypeError, ConfigError) as e:
+            raise ConfigError(f"{where}: {e}; {_CONFIG_FIX}") from None
         overrides: dict[int, dict] = {}
         for key, ov in plc.items():
             try:
@@ -296,22 +357,22 @@ def _config_from_dict(raw: dict, where: str) -> ModelConfig:
             raise ConfigError(f"{where}: per_layer_config gives full layers different (head_dim, kv heads) "
                               f"{sorted(shapes)}; dgemma needs one shape for all full-attention layers")
         global_head_dim, global_kv = shapes.pop()
-    kw["global_head_dim"] = int(global_head_dim)
-    kw["num_global_key_value_heads"] = int(global_kv if global_kv is not None else kw["num_key_value_heads"])
+    kw["global_head_dim"] = global_head_dim
+    kw["num_global_key_value_heads"] = global_kv if global_kv is not None else kw["num_key_value_heads"]
 
-    rope = text.get("rope_parameters") or {}
     if rope:
         sl, fu = rope.get(SLIDING, {}), rope.get(FULL, {})
         if sl.get("rope_type", "default") != "default":
             raise ConfigError(f"{where}: sliding rope_type {sl.get('rope_type')!r} unsupported (expected 'default')")
         if fu.get("rope_type", "proportional") not in ("proportional", "default"):
             raise ConfigError(f"{where}: full rope_type {fu.get('rope_type')!r} unsupported (expected 'proportional')")
-        kw["sliding_rope_theta"] = float(sl.get("rope_theta", 10_000.0))
-        kw["full_rope_theta"] = float(fu.get("rope_theta", 1_000_000.0))
-        kw["full_partial_rotary_factor"] = float(
+        kw["sliding_rope_theta"] = _as_float(sl.get("rope_theta", 10_000.0))
+        kw["full_rope_theta"] = _as_float(fu.get("rope_theta", 1_000_000.0))
+        kw["full_partial_rotary_factor"] = _as_float(
             fu.get("partial_rotary_factor", 1.0 if fu.get("rope_type") == "default" else 0.25))
 
-    kw["canvas_length"] = int(top.get("canvas_length") or 256)
+    canvas = top.get("canvas_length")
+    kw["canvas_length"] = 256 if canvas is None else canvas  # absent -> the released 256; 0, -1, "32" -> an error
     eos = top.get("eos_token_id", text.get("eos_token_id", 1))
     if eos is None:
         eos = []
@@ -326,7 +387,15 @@ def _config_from_dict(raw: dict, where: str) -> ModelConfig:
     try:
         return ModelConfig(**kw)
     except (TypeError, ConfigError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: {e}; {_CONFIG_FIX}") from None
+
+
+_CONFIG_FIX = "correct these fields in config.json (or re-export the checkpoint with the tool that trained it)"
+
+
+def _as_float(v: Any) -> Any:
+    """A JSON number as a float; anything else unchanged, for ModelConfig.validate to name."""
+    return float(v) if _is_real(v) else v
 
 
 def _shape_stub(kw: dict) -> dict:
@@ -345,14 +414,15 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # The released google/diffusiongemma-26B-A4B-it text shape.
     "26b-a4b": ModelConfig(eos_token_ids=(1, 106, 50)),
-    # The shipped default model (trained by `dgemma train`): small enough to train on 2 CPU cores.
+    # The shipped default model (trained by `dgemma train`): sized to be trainable on a few CPU cores.
     "small": ModelConfig(
         vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1,
         sliding_window=128, layer_types=(SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL), num_experts=4,
         top_k_experts=2, moe_intermediate_size=256, canvas_length=32, max_position_embeddings=8192,
     ),
-    # A smaller sibling sized for about an hour of fp32 training on this 2-core AVX2 CPU.
+    # A smaller sibling of `small` for quicker CPU training runs; how long a run takes depends on the CPU
+    # (`dgemma train --synthetic-data ...` measures the speed on the machine at hand).
     "mini": ModelConfig(
         vocab_size=8192, hidden_size=192, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=48, global_head_dim=96, num_global_key_value_heads=1,

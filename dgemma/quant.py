@@ -2,10 +2,10 @@
 
 Why: decoding large models is bound by reading the weights from memory. Storing the big matrices as int8 with one
 fp32 scale per output row (symmetric, per channel) reads a quarter of the bytes of fp32, and PyTorch has a CPU kernel
-for exactly this product, `aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]`. Activations
-stay in the model's float dtype; only weights are quantised. Whether that kernel is faster depends on the CPU: on
-the AVX2-only development machine it is many times slower than an fp32 matmul (`dgemma bench`: int8 diffusion
-at 0.18x of fp32), so there int8 saves memory only (`dgemma bench` measures it on whatever machine runs it).
+for this product, `aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]`. Activations stay in
+the model's float dtype; only weights are quantised. Whether int8 is faster than the float model, or only smaller,
+depends on the CPU (its vector units, memory bandwidth, thread count): `dgemma bench` measures it on the machine
+that runs it, so read the figure there rather than assuming one.
 
     from dgemma.quant import quantize_int8, quantized_bytes
     model = quantize_int8(model)          # in place; returns the model
@@ -25,9 +25,11 @@ What stays in full precision: norms, scalars, `embed_tokens`, and the router pro
 router's logits pick the top-k experts, a discrete choice: rounding noise there can swap an expert and change a
 token's output by far more than the int8 error anywhere else, and the matrix is tiny (E x H), so it saves nothing.
 
-On CPU with fp32/bf16/fp16 activations the fused kernel is used; on any other device (CUDA) the weights are
-dequantised and multiplied with F.linear, which is correct everywhere and lets cuBLAS do the work. Quantised
-models are for inference: they have no gradients and are not saved by checkpoint.py (their state-dict keys differ).
+Which path computes a product is decided per call by `use_fused_kernel` (the rule and why are in its docstring):
+the fused CPU kernel only for fp32 activations with an inner size K that is a multiple of 64; everywhere else (bf16
+and fp16 activations, other K, CUDA) the weights are dequantised and multiplied with F.linear, which is correct on
+every CPU and lets cuBLAS do the work on a GPU. Quantised models are for inference: they have no gradients and are
+not saved by checkpoint.py (their state-dict keys differ).
 """
 
 from __future__ import annotations
@@ -61,14 +63,38 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return q.to(dtype) * scale.to(dtype)[..., None]
 
 
+FUSED_K_MULTIPLE = 64  # the fused kernel is used only when the inner size K is a multiple of this
+
+
+def use_fused_kernel(x: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether `int8_linear(x, q, scale)` uses PyTorch's fused CPU kernel (True) or dequantise + F.linear (False).
+
+    The rule, chosen to be safe on every CPU rather than fast on one: the kernel is used only when x is on the CPU,
+    x is float32, and the inner size K = q.shape[1] is a multiple of 64. Why: `aten._weight_int8pack_mm` is a
+    private op whose CPU code differs per instruction set, and on AVX-512 CPUs with avx512_bf16 it has been seen to
+    crash (segfault) with bf16 activations and scales, at least 5 rows and K = 24 or 40, while fp32, and K = 64,
+    worked. Nothing in the process can catch a segfault, so the only safe course is never to call the kernel on
+    shapes and dtypes that are not known to work. fp32 with K a multiple of 64 avoids both ingredients of the
+    crash; bf16/fp16 activations always take the fallback. All the large matrices of the shipped presets and of
+    26B-A4B have K a multiple of 64, so fp32 models keep the kernel where it matters. The fallback computes the
+    same product (to rounding), at a cost that depends on the CPU (`dgemma bench` measures both)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and q.device.type == "cpu"
+            and q.dim() == 2 and q.shape[1] % FUSED_K_MULTIPLE == 0)
+
+
+def _fused_int8_mm(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] fp32 @ (q int8 [N, K] * scale [N])^T through the private kernel; callers check use_fused_kernel."""
+    return torch.ops.aten._weight_int8pack_mm(x2, q, scale)
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] float @ (q int8 [N, K] * scale fp32 [N])^T -> [..., N] in x.dtype.
 
-    CPU: the fused int8 kernel. Elsewhere (CUDA, where that kernel is missing or slower than cuBLAS on the
-    dequantised matrix): dequantise, then F.linear."""
-    if x.device.type == "cpu" and x.dtype in _FLOATS:
+    The fused CPU kernel where `use_fused_kernel` allows it (fp32 activations, K a multiple of 64); elsewhere
+    (bf16/fp16 activations, other K, CUDA) dequantise to x.dtype, then F.linear."""
+    if use_fused_kernel(x, q):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the kernel takes 2-D activations only
-        y = torch.ops.aten._weight_int8pack_mm(x2, q, scale.to(x.dtype))  # scales must match x's dtype
+        y = _fused_int8_mm(x2, q, scale.to(x.dtype))  # scales must match x's dtype
         return y.view(*x.shape[:-1], q.shape[0])
     return F.linear(x, dequantize(q, scale, x.dtype))
 
@@ -112,9 +138,9 @@ class Int8Experts(nn.Module):
         self.register_buffer("down_scale", s)  # [E, H] fp32
         self.float_nbytes = (gu.numel() + down.numel()) * gu.element_size()
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, min_rows: int = 0) -> torch.Tensor:
         """x: [N, H]; weights [N, k] fp32, idx [N, k]. The routing of `Experts.forward` (model.mix_experts)."""
-        return mix_experts(x, weights, idx, self.gate_up_int8.shape[0], self.expert)
+        return mix_experts(x, weights, idx, self.gate_up_int8.shape[0], self.expert, min_rows)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = int8_linear(x, self.gate_up_int8[e], self.gate_up_scale[e]).chunk(2, -1)

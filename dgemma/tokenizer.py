@@ -62,19 +62,30 @@ def _tokenizer_file(path: str | os.PathLike[str]) -> Path:
     return file
 
 
-def _read_chat_template(folder: Path) -> str | None:
-    """A chat template shipped beside tokenizer.json: `chat_template.jinja`, else `tokenizer_config.json`'s."""
-    jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    config_file = folder / "tokenizer_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def _read_tokenizer_config(folder: Path) -> dict[str, Any]:
+    """`tokenizer_config.json` beside tokenizer.json as a dict ({} when absent)."""
+    config_file = folder / TOKENIZER_CONFIG
     if not config_file.is_file():
-        return None
+        return {}
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"cannot read {config_file}: {e}; fix or delete the file") from e
-    template = config.get("chat_template") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{config_file} must hold a JSON object; fix or delete the file")
+    return config
+
+
+def _read_chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
+    """A chat template shipped beside tokenizer.json: `chat_template.jinja`, else `tokenizer_config.json`'s."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    config_file = folder / TOKENIZER_CONFIG
+    template = config.get("chat_template")
     if isinstance(template, list):  # the named-templates form: [{"name": "default", "template": "..."}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
@@ -83,14 +94,63 @@ def _read_chat_template(folder: Path) -> str | None:
     return template
 
 
+# Where `Tokenizer.add_bos_default` came from (`Tokenizer.add_bos_source`), in the order they are consulted.
+BOS_FROM_CONFIG = "tokenizer_config.json add_bos_token"
+BOS_FROM_POST_PROCESSOR = "tokenizer.json post_processor"
+BOS_FROM_FAMILY = "Gemma default"
+
+
+def _bos_from_post_processor(inner: tokenizers.Tokenizer) -> bool | None:
+    """Whether tokenizer.json's post-processor prepends bos: None without a post-processor, else True only for a
+    TemplateProcessing (alone or inside a Sequence) whose single-sequence template starts with the bos token."""
+    processor = inner.post_processor
+    if processor is None:
+        return None
+    try:
+        state = json.loads(processor.__getstate__())
+    except (AttributeError, TypeError, ValueError):
+        return False  # a post-processor we cannot read: it is there, and it is not known to add bos
+    steps = (state.get("processors") or []) if state.get("type") == "Sequence" else [state]
+    for step in steps:
+        if isinstance(step, dict) and step.get("type") == "TemplateProcessing":
+            single = step.get("single") or []
+            first = single[0] if single and isinstance(single[0], dict) else {}
+            return (first.get("SpecialToken") or {}).get("id") == BOS
+    return False
+
+
+def _add_bos_token(config: Mapping[str, Any], config_file: Path) -> bool | None:
+    value = config.get("add_bos_token")
+    if value is not None and not isinstance(value, bool):
+        raise TokenizerError(f"{config_file}: add_bos_token must be true or false (got {value!r}); fix the file")
+    return value
+
+
 class Tokenizer:
     """A loaded tokenizer: encode/decode, Gemma's special ids by token string, and the chat template."""
 
-    def __init__(self, inner: tokenizers.Tokenizer, chat_template: str | None = None, path: Path | None = None):
+    def __init__(self, inner: tokenizers.Tokenizer, chat_template: str | None = None, path: Path | None = None,
+                 add_bos: bool | None = None):
+        """`add_bos`: the folder's explicit choice (tokenizer_config.json `add_bos_token`); None = decide from
+        tokenizer.json's post-processor, else the Gemma default (see `add_bos_default`)."""
         self.inner = inner
         self.chat_template = chat_template  # jinja source, or None for the built-in Gemma template
         self.path = path
         self._raw: tokenizers.Tokenizer | None = None  # a twin that treats special-token strings as text
+        from_post = _bos_from_post_processor(inner)
+        if add_bos is not None:
+            self._add_bos, self._add_bos_source = add_bos, BOS_FROM_CONFIG
+        elif from_post is not None:
+            self._add_bos, self._add_bos_source = from_post, BOS_FROM_POST_PROCESSOR
+        else:  # Gemma's tokenizer_config says add_bos_token: true; a tokenizer without <bos> cannot comply
+            self._add_bos, self._add_bos_source = self.bos_id is not None, BOS_FROM_FAMILY
+        self._add_bos_from_files = add_bos is None  # False: only tokenizer_config.json holds the choice
+        if self._add_bos and self.bos_id is None:
+            raise TokenizerError(
+                f"{path or 'the tokenizer'}: {self._add_bos_source} asks for a {BOS} token at the start of every "
+                f"prompt, but the vocabulary has no {BOS}; add it to tokenizer.json or set add_bos_token to false "
+                f"in {TOKENIZER_CONFIG}"
+            )
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -103,10 +163,13 @@ class Tokenizer:
                 f"{file} is not a valid tokenizer.json ({e}); replace it with a file saved by the tokenizers "
                 "library or retrain it with `dgemma data prepare`"
             ) from e
-        return cls(inner, _read_chat_template(file.parent), file)
+        config = _read_tokenizer_config(file.parent)
+        add_bos = _add_bos_token(config, file.parent / TOKENIZER_CONFIG)
+        return cls(inner, _read_chat_template(file.parent, config), file, add_bos=add_bos)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write tokenizer.json (and chat_template.jinja if this tokenizer has one) atomically; returns the file.
+        """Write tokenizer.json (and chat_template.jinja if this tokenizer has one, and tokenizer_config.json's
+        add_bos_token if it was set there) atomically; returns the file.
 
         `path` ending in `.json` names the file; anything else is a folder that receives `tokenizer.json`.
         """
@@ -115,7 +178,37 @@ class Tokenizer:
         _write_atomic(file, self.inner.to_str(pretty=True))
         if self.chat_template is not None:
             _write_atomic(file.parent / "chat_template.jinja", self.chat_template)
+        # An explicit add_bos_token lives only in tokenizer_config.json: write it there, so the saved folder loads
+        # with the same add_bos_default; and drop a different one already in the target folder.
+        config = _read_tokenizer_config(file.parent)
+        before = dict(config)
+        if not self._add_bos_from_files:
+            config["add_bos_token"] = self._add_bos
+        elif config.get("add_bos_token", self._add_bos) != self._add_bos:
+            del config["add_bos_token"]
+        if config != before:
+            _write_atomic(file.parent / TOKENIZER_CONFIG, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return file
+
+    # --- beginning of sequence --------------------------------------------------------------------------------
+
+    @property
+    def add_bos_default(self) -> bool:
+        """Whether a plain (non-chat) prompt should start with `<bos>`, as the tokenizer's files say (the Hugging
+        Face convention), decided once at load:
+
+        1. `add_bos_token` in tokenizer_config.json beside tokenizer.json, when present;
+        2. else tokenizer.json's post-processor: a TemplateProcessing whose template starts with `<bos>` means
+           yes, any other post-processor means no;
+        3. else the model family's default: Gemma prepends `<bos>` (when the vocabulary has one).
+
+        Use it as `tok.encode(text, add_bos=tok.add_bos_default)`. `add_bos_source` says which rule decided."""
+        return self._add_bos
+
+    @property
+    def add_bos_source(self) -> str:
+        """Which rule decided `add_bos_default`: BOS_FROM_CONFIG, BOS_FROM_POST_PROCESSOR or BOS_FROM_FAMILY."""
+        return self._add_bos_source
 
     # --- vocabulary --------------------------------------------------------------------------------------------
 

@@ -256,6 +256,34 @@ def test_sharded_checkpoint_loads(tiny_saved, tmp_path):
     assert describe(out)["weight_files"] == list(halves)
 
 
+def test_nonfinite_in_shards_names_each_file(tiny_saved, tmp_path):
+    """NaN/inf in two shards: one error listing each shard and its tensors; nothing is loaded."""
+    path, _ = tiny_saved
+    sd = load_file(str(path / "model.safetensors"))
+    keys = sorted(sd)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    out = tmp_path / "sharded-nan"
+    out.mkdir()
+    (out / "config.json").write_text((path / "config.json").read_text())
+    bad = [halves["model-00001-of-00002.safetensors"][0], *halves["model-00002-of-00002.safetensors"][:2]]
+    for k in bad:
+        sd[k] = sd[k].clone()
+        sd[k].view(-1)[0] = float("nan") if k == bad[1] else float("inf")
+    for shard, ks in halves.items():
+        save_file({k: sd[k] for k in ks}, str(out / shard), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": 0}, "weight_map": {k: s for s, ks in halves.items() for k in ks}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(out)
+    msg = str(e.value)
+    assert msg.startswith(f"{out}: 2 problems: model-00001-of-00002.safetensors: tensor {bad[0]} (1 of ")
+    second = msg.split("model-00002-of-00002.safetensors: 2 tensors contain NaN/inf: ")[1]
+    assert f"{bad[1]} (1 of " in second and f"{bad[2]} (1 of " in second
+    assert msg.endswith("To fix: the checkpoint is corrupt; re-export or re-download it")
+    describe(out)  # headers only: `dgemma info` still describes the folder
+
+
 def test_encoder_copy_only_checkpoint_loads(tmp_path):
     cfg = CONFIGS["gqa4"]
     hf = hf_model(cfg, seed=4)
@@ -344,7 +372,7 @@ def test_save_through_symlink_replaces_the_real_folder(tiny_saved, tmp_path):
 # malformed folders: one error naming every problem
 def test_missing_folder(tmp_path):
     msg = error_of(tmp_path / "nope")
-    assert "nope" in msg and "does not exist" in msg and "re-save" in msg
+    assert "nope" in msg and "does not exist" in msg and "check the path, or pass random:PRESET" in msg
 
 
 def test_missing_config_and_weights(tmp_path):

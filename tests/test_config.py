@@ -190,3 +190,77 @@ def test_26b_parameter_counts_match_the_spec():
     assert counts["active_per_token"] == pytest.approx(3.84e9, abs=0.01e9)  # 8 of 128 experts, embedding included
     assert counts["experts"] == pytest.approx(22.84e9, abs=0.01e9)
     assert counts["embedding"] == 262144 * 2816
+
+
+@pytest.mark.parametrize("value", [0, -1, "32", 32.5, True, None])
+def test_canvas_length_must_be_a_positive_int(value):
+    """canvas_length 0 (or any non-positive / non-int value) used to become 256 silently."""
+    raw = preset("tiny").to_hf_config()
+    raw["canvas_length"] = value
+    if value is None:  # absent/null -> the released default, as transformers does
+        assert ModelConfig.from_hf_config(raw).canvas_length == 256
+        return
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf_config(raw)
+    msg = str(e.value)
+    assert f"canvas_length must be a positive integer (got {value!r})" in msg
+    assert "config.json" in msg  # the fix
+    del raw["canvas_length"]
+    assert ModelConfig.from_hf_config(raw).canvas_length == 256
+
+
+def test_bad_field_names_the_file_and_the_field(tmp_path):
+    raw = preset("tiny").to_hf_config()
+    raw["canvas_length"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf_config(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value) and "canvas_length" in str(e.value)
+
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("vocab_size", 0, "vocab_size must be a positive integer (got 0)"),
+    ("hidden_size", -64, "hidden_size must be a positive integer (got -64)"),
+    ("hidden_size", "64", "hidden_size must be a positive integer (got '64')"),
+    ("num_hidden_layers", 0, "num_hidden_layers must be a positive integer (got 0)"),
+    ("num_hidden_layers", "2", "num_hidden_layers must be a positive integer (got '2')"),
+    ("sliding_window", 0, "sliding_window must be a positive integer (got 0)"),
+    ("sliding_window", None, "sliding_window must be a positive integer (got None)"),
+    ("max_position_embeddings", -1, "max_position_embeddings must be a positive integer (got -1)"),
+    ("moe_intermediate_size", 0, "moe_intermediate_size must be a positive integer (got 0)"),
+    ("num_experts", 2.0, "num_experts must be a positive integer (got 2.0)"),
+    ("rms_norm_eps", 0, "rms_norm_eps must be a positive finite number (got 0)"),
+    ("final_logit_softcapping", -30.0, "final_logit_softcapping must be a positive number or null"),
+    ("layer_types", "full_attention", "layer_types must be a list"),
+    ("rope_parameters", [1], "rope_parameters must be an object"),
+])
+def test_text_config_fields_are_validated(key, value, expect):
+    raw = preset("tiny").to_hf_config()
+    raw["text_config"][key] = value
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf_config(raw)
+    assert expect in str(e.value)
+
+
+def test_token_ids_must_fit_the_vocabulary():
+    raw = preset("tiny").to_hf_config()  # vocab_size 256
+    raw["eos_token_id"] = [1, 300]
+    with pytest.raises(ConfigError, match=r"eos_token_id\[1\]=300 is outside the vocabulary \(vocab_size=256\)"):
+        ModelConfig.from_hf_config(raw)
+    raw = preset("tiny").to_hf_config()
+    raw["pad_token_id"] = -1
+    with pytest.raises(ConfigError, match="pad_token_id must be a non-negative integer"):
+        ModelConfig.from_hf_config(raw)
+    raw["pad_token_id"] = None  # no pad token is allowed
+    assert ModelConfig.from_hf_config(raw).pad_token_id is None
+
+
+def test_validation_applies_to_every_construction():
+    with pytest.raises(ConfigError, match="canvas_length must be a positive integer"):
+        preset("tiny").replace(canvas_length=0)
+    with pytest.raises(ConfigError, match="canvas_length=8192 exceeds max_position_embeddings=4096"):
+        preset("tiny").replace(canvas_length=8192)
+    with pytest.raises(ConfigError, match="full_partial_rotary_factor must be in"):
+        preset("tiny").replace(full_partial_rotary_factor=1.5)
+    cfg = preset("tiny").replace(eos_token_ids=[1, 2])  # a list is accepted and stored as a tuple
+    assert cfg.eos_token_ids == (1, 2)

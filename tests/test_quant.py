@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgemma import quant
 from dgemma.cache import KVCache
 from dgemma.config import preset
 from dgemma.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
@@ -20,6 +21,7 @@ from dgemma.quant import (
     quantize_int8,
     quantize_rows,
     quantized_bytes,
+    use_fused_kernel,
 )
 
 CFG = preset("tiny")
@@ -165,7 +167,68 @@ def test_greedy_ar_mostly_agrees_with_fp32():
     assert got[0] == ref[0]  # later tokens may legitimately diverge once one differs
 
 
-def test_bf16_model_quantises():
+@pytest.fixture
+def no_fused_kernel_except_fp32(monkeypatch):
+    """Fail (instead of segfaulting) if anything calls the fused kernel outside the safe rule."""
+    real = quant._fused_int8_mm
+    calls = []
+
+    def guarded(x2, q, scale):
+        assert x2.dtype == torch.float32 and q.shape[1] % 64 == 0, (x2.dtype, tuple(q.shape))
+        calls.append(tuple(q.shape))
+        return real(x2, q, scale)
+
+    monkeypatch.setattr(quant, "_fused_int8_mm", guarded)
+    return calls
+
+
+def test_fused_kernel_rule_avoids_the_crashing_shapes():
+    """The fused kernel segfaults on avx512_bf16 CPUs for bf16, M >= 5, K in {24, 40}: the rule must never pick it
+    there (whatever CPU runs the tests), and keeps it only for fp32 with K a multiple of 64."""
+    for K in (24, 40):
+        q = torch.zeros(8, K, dtype=torch.int8)
+        for M in (5, 7, 64):
+            assert not use_fused_kernel(torch.zeros(M, K, dtype=torch.bfloat16), q)
+            assert not use_fused_kernel(torch.zeros(M, K, dtype=torch.float16), q)
+            assert not use_fused_kernel(torch.zeros(M, K), q)  # fp32, but K is not a multiple of 64
+    q64 = torch.zeros(8, 64, dtype=torch.int8)
+    assert use_fused_kernel(torch.zeros(5, 64), q64)
+    assert not use_fused_kernel(torch.zeros(5, 64, dtype=torch.bfloat16), q64)
+    assert not use_fused_kernel(torch.zeros(5, 64, device="meta"), q64)
+
+
+@pytest.mark.parametrize("K", [24, 40])
+@pytest.mark.parametrize("M", [5, 9])
+def test_int8_linear_bf16_at_crashing_shapes(no_fused_kernel_except_fp32, M, K):
+    g = torch.Generator().manual_seed(K)
+    w = torch.randn(16, K, generator=g)
+    q, s = quantize_rows(w)
+    x = torch.randn(2, M, K, generator=g).bfloat16()  # 3-D, 2*M rows >= 5
+    got = quant.int8_linear(x, q, s)
+    ref = F.linear(x, dequantize(q, s, torch.bfloat16))
+    assert got.dtype == torch.bfloat16 and got.shape == (2, M, 16)
+    assert torch.equal(got, ref)  # the fallback path, exactly
+    assert no_fused_kernel_except_fp32 == []
+
+
+def test_random_tiny_bf16_quantised_generates(no_fused_kernel_except_fp32):
+    from dgemma.api import load
+
+    lm = load("random:tiny", dtype=torch.bfloat16)
+    model = quantize_int8(lm.model)
+    assert model.dtype == torch.bfloat16
+    ids = torch.tensor([lm.tokenizer.encode("def f(x):", add_bos=True)])
+    out = generate_diffusion(model, ids, DiffusionParams(max_new_tokens=6, max_denoising_steps=2, seed=0))
+    assert len(out.tokens[0]) <= 6 and all(0 <= t < model.config.vocab_size for t in out.tokens[0])
+    assert no_fused_kernel_except_fp32 == []  # bf16 never reaches the kernel
+
+
+def test_fp32_still_uses_the_fused_kernel(no_fused_kernel_except_fp32):
+    _run(quantize_int8(_model()))
+    assert (CFG.hidden_size, CFG.hidden_size) in no_fused_kernel_except_fp32  # q_proj of the tiny model: K = 64
+
+
+def test_bf16_model_quantises(no_fused_kernel_except_fp32):
     model = _model().to(torch.bfloat16)
     _, l0 = _run(model)
     q = quantize_int8(copy.deepcopy(model))

@@ -212,3 +212,66 @@ def test_load_errors_name_the_path(tmp_path: Path) -> None:
         Tokenizer.from_path(tmp_path)
     with pytest.raises(TokenizerError, match="too small"):
         train_bpe(["abc"], vocab_size=100, path=tmp_path / "small")
+
+
+# --- add_bos_default: tokenizer_config.json, else the post-processor, else the Gemma default ----------------------
+
+
+def _folder_with_post_processor(tok: Tokenizer, folder: Path, processor) -> Path:
+    inner = tokenizers.Tokenizer.from_str(tok.inner.to_str())
+    inner.post_processor = processor
+    Tokenizer(inner).save(folder)
+    return folder
+
+
+def test_add_bos_gemma_default_without_config_or_post_processor(tok: Tokenizer, tmp_path: Path) -> None:
+    tok.save(tmp_path / "plain")
+    loaded = Tokenizer.from_path(tmp_path / "plain")
+    assert loaded.add_bos_default is True and loaded.add_bos_source == "Gemma default"
+    bundled = Tokenizer.from_path(Path(__file__).resolve().parent.parent / "dgemma" / "assets" / "tokenizer.json")
+    assert bundled.add_bos_default is True
+    # A tokenizer with no <bos> at all cannot follow the Gemma default: no bos, and no error.
+    word = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    assert Tokenizer(word).add_bos_default is False
+
+
+def test_add_bos_from_tokenizer_config(tok: Tokenizer, tmp_path: Path) -> None:
+    TP = tokenizers.processors.TemplateProcessing
+    folder = _folder_with_post_processor(tok, tmp_path / "cfg", TP(single="<bos> $A", special_tokens=[("<bos>", 2)]))
+    assert Tokenizer.from_path(folder).add_bos_default is True  # the post-processor says yes ...
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}), encoding="utf-8")
+    loaded = Tokenizer.from_path(folder)
+    assert loaded.add_bos_default is False and loaded.add_bos_source == "tokenizer_config.json add_bos_token"
+    # ... and the explicit choice survives a save to another folder.
+    loaded.save(tmp_path / "copy")
+    assert Tokenizer.from_path(tmp_path / "copy").add_bos_default is False
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": "yes"}), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"add_bos_token must be true or false \(got 'yes'\)"):
+        Tokenizer.from_path(folder)
+
+
+def test_add_bos_from_post_processor(tok: Tokenizer, tmp_path: Path) -> None:
+    P = tokenizers.processors
+    with_bos = _folder_with_post_processor(
+        tok, tmp_path / "bos", P.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)]))
+    loaded = Tokenizer.from_path(with_bos)
+    assert loaded.add_bos_default is True and loaded.add_bos_source == "tokenizer.json post_processor"
+    no_bos = _folder_with_post_processor(
+        tok, tmp_path / "eos", P.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 1)]))
+    assert Tokenizer.from_path(no_bos).add_bos_default is False
+    byte_level = _folder_with_post_processor(tok, tmp_path / "bl", P.ByteLevel())  # GPT-2 style: never a bos
+    assert Tokenizer.from_path(byte_level).add_bos_default is False
+    sequence = _folder_with_post_processor(  # Llama-3 style: ByteLevel then a bos template
+        tok, tmp_path / "seq",
+        P.Sequence([P.ByteLevel(), P.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])]))
+    assert Tokenizer.from_path(sequence).add_bos_default is True
+
+
+def test_add_bos_asked_but_no_bos_token(tmp_path: Path) -> None:
+    word = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    folder = tmp_path / "nobos"
+    Tokenizer(word).save(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}), encoding="utf-8")
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer.from_path(folder)
+    assert str(folder / "tokenizer.json") in str(e.value) and "set add_bos_token to false" in str(e.value)
