@@ -1,513 +1,631 @@
-"""The fast inference path: preallocated caches, a chunked sampler, rows that leave, optional torch.compile.
+"""The stepped engine: many requests share one model, step by step (continuous batching).
 
-The reference path (model.encode/denoise with `KVCache`, sampler.sample_step) is written for clarity and for
-bit-identity with transformers; this module computes the same things with less memory traffic:
+    eng = Engine(model, EngineConfig(max_batch=16))
+    eng.add(Request("a", prompt_ids, SamplingParams(max_new_tokens=64, seed=0)))
+    while eng.has_work():
+        for event in eng.step():
+            ...                                     # event.new_ids, event.draft, event.finished
 
-- `StaticCache` allocates every K/V buffer once per generate call. Full-attention layers get one slot per position;
-  sliding layers get a bounded buffer of `W - 1 + span` slots (the last W - 1 positions plus room for a canvas or
-  a prefill chunk) that moves its last W - 1 positions to the front when it fills, once every `span / C` canvases.
-  The decoder writes the canvas's K/V into the slots the canvas will occupy once committed (scratch until then), so
-  a denoising step concatenates nothing, and every pass reads one contiguous, position-ordered slice of keys.
-- Batch rows live in a prefix of the buffers: when rows finish, the survivors are moved to the front once and every
-  later step runs on views of the first `n` rows.
-- `sample_chunked` does the sampler's work (temperature, softmax, multinomial, argmax, entropy, and the next step's
-  self-conditioning soft embedding) a few canvas positions at a time, so at most one `[B, C, V]` fp32 tensor (the
-  logits) exists per step. It performs the reference's operations row by row in the reference's RNG order, so it
-  draws the same tokens.
+Token ids only: text, stop strings, HTTP and printing live above it. One `step()` is schedule -> forward -> update:
 
-Since the keys and masks are exactly the reference's, the fast path is bit-identical to it (tests/test_engine.py
-compares tokens), except for prompts longer than the span, which are encoded in chunks (equal to float rounding).
+- schedule: admit waiting requests into free K/V slots (first come, first served), then pick this step's causal
+  work (commits of finished canvases, AR tokens, prompt chunks within a token budget so a long prompt cannot stall
+  the others) and its denoising work (every diffusion row with an open canvas, each at its own step).
+- forward: one encoder pass over all the causal work and one decoder pass over all the canvases. Both are ragged:
+  every row brings its own tokens at its own positions, flattened into one `[1, N]` sequence, so projections, MLPs,
+  experts and the LM head run as one batch; attention runs per row on that row's own keys, in position order, with
+  exactly the reference's masks (this is what keeps a request's tokens identical whoever it shares the step with).
+- update: the sampler works over all rows at once with per-row temperature, step, entropy bound and stopping state
+  as tensors; each request draws from its own generator in the reference's order. Finished canvases are reported
+  at once (their tokens are final) and committed by the next encoder pass; finished rows free their slot at once.
+
+`KVPool` holds the K/V: per slot, full layers keep every position and sliding layers the last W - 1 (moved to the
+front after each encoder block), so a row's keys are always the reference `KVCache`'s keys in the same order.
+Memory is sized from `EngineConfig` (slots x positions), never from the longest request.
+
+The reference path (generate.py over model.py, cache.py and sampler.py) is the slow twin this engine is tested
+against (tests/test_engine.py); compat mode stays batch-synchronous in static.py.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .cache import KVCache
-from .config import FULL, SLIDING
-from .generate import GenerationOutput, GenerationStats, _commit, _compat_append, _compat_output, _generator
-from .model import DiffusionGemma, decoder_mask, encoder_mask
-from .sampler import (
-    accept_entropy_bound,
-    commit_confident,
-    commit_quota,
-    draw_uniforms,
-    linear_temperature,
-    sample_inverse_cdf,
-    sample_next_token,
-    top_confidence,
-)
+from .model import DiffusionGemma, rope_cos_sin
+from .outputs import GenerationOutput, GenerationStats
+from .params import Draft, EngineConfig, Event, QueueFull, Request, RequestError, SamplingParams
+from .sampler import accept_entropy_bound, commit_confident, draw_uniforms, sample_next_token
+from .static import chunk_rows, position_stats
 
-
-class StaticCache:
-    """Preallocated K/V for `batch` rows. Full layers: one slot per position, [0, capacity). Sliding layers: a
-    bounded buffer of `W - 1 + span` slots holding positions from `base` on; when a new block does not fit, the
-    last W - 1 positions move to the front (one copy of W - 1 slots every `span / block` blocks), so the keys a
-    pass reads are always one contiguous, position-ordered slice: the reference's keys, in its order."""
-
-    def __init__(self, model: DiffusionGemma, batch: int, capacity: int, span: int):
-        cfg = model.config
-        dev, dt = model.device, model.dtype
-        self.batch, self.capacity, self.span = batch, capacity, span
-        self.length = 0
-        self.n = batch  # live rows: [0, n)
-        self.keep_w = cfg.sliding_window - 1  # positions a sliding layer keeps
-        self.ring = min(self.keep_w + span, capacity)
-        self.base = 0  # position held by slot 0 of the sliding buffers
-        self.sliding = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
-        self.keys, self.values = [], []
-        for i in range(cfg.num_hidden_layers):
-            shape = (batch, cfg.layer_kv_heads(i), self.ring if self.sliding[i] else capacity, cfg.layer_head_dim(i))
-            self.keys.append(torch.zeros(shape, dtype=dt, device=dev))
-            self.values.append(torch.zeros(shape, dtype=dt, device=dev))
-        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=dev)  # real token (not left padding)
-        self._window = [self.keep_w if sl else None for sl in self.sliding]
-
-    def start(self, layer: int) -> int:
-        """First position layer `layer` attends to (as KVCache.start)."""
-        return max(0, self.length - self.keep_w) if self.sliding[layer] else 0
-
-    def make_room(self, count: int) -> None:
-        """Make sure positions [length, length + count) fit in the sliding buffers."""
-        if self.length + count > self.capacity:
-            raise RuntimeError(f"StaticCache capacity {self.capacity} exceeded (position {self.length + count})")
-        if self.length + count - self.base <= self.ring:
-            return
-        if count > self.span:
-            raise RuntimeError(f"a block of {count} positions exceeds the sliding span {self.span}")
-        new_base = max(0, self.length - self.keep_w)
-        lo, hi = new_base - self.base, self.length - self.base
-        n = self.n
-        for i, sl in enumerate(self.sliding):
-            if sl and hi > lo:
-                self.keys[i][:n, :, :hi - lo] = self.keys[i][:n, :, lo:hi].clone()
-                self.values[i][:n, :, :hi - lo] = self.values[i][:n, :, lo:hi].clone()
-        self.base = new_base
-
-    def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the block's K/V [n, nkv, T, d] at positions [length, length + T) and return the keys/values the
-        block attends to (kept prefix + block), as views of the buffers."""
-        n, T = k.shape[0], k.shape[2]
-        off = self.base if self.sliding[layer] else 0
-        lo, hi = self.start(layer) - off, self.length + T - off
-        K, V = self.keys[layer], self.values[layer]
-        K[:n, :, hi - T:hi] = k
-        V[:n, :, hi - T:hi] = v
-        return K[:n, :, lo:hi], V[:n, :, lo:hi]
-
-    def view(self, new: int = 0) -> KVCache:
-        """A KVCache-shaped view (valid mask, length, windows; no tensors) for the reference mask builders."""
-        return KVCache(window=self._window, keys=[], values=[], valid=self.valid[:self.n, :self.length + new],
-                       length=self.length)
-
-    def keep(self, idx: torch.Tensor) -> None:
-        """Keep rows `idx` (indices into the live rows, in order), moved to the front."""
-        k = idx.numel()
-        if k == self.n and bool((idx == torch.arange(k, device=idx.device)).all()):
-            return
-        self._take(idx)
-        self.n = k
-
-    def permute(self, order: torch.Tensor) -> None:
-        """Reorder the live rows (a permutation of range(n))."""
-        self._take(order)
-
-    def _take(self, idx: torch.Tensor) -> None:
-        k, n = idx.numel(), self.n
-        for bufs in (self.keys, self.values):
-            for b in bufs:
-                b[:k] = b[:n].index_select(0, idx)
-        self.valid[:k] = self.valid[:n].index_select(0, idx)
-
-
-class Engine:
-    """Encoder and decoder passes over a `StaticCache`, with the model's own modules and weights."""
-
-    def __init__(self, model: DiffusionGemma, compile: bool = False):
-        self.model = model
-        self.cfg = model.config
-        self._pass = self._pass_eager
-        if compile:
-            self._pass = torch.compile(self._pass_eager, dynamic=True)
-
-    def _pass_eager(self, cache: StaticCache, h: torch.Tensor, masks: dict, encoder: bool) -> torch.Tensor:
-        """Run all layers on h [n, T, H] at positions [length, length + T); writes the block's K/V to `cache`."""
-        T = h.shape[1]
-        positions = torch.arange(cache.length, cache.length + T, device=h.device)
-        rope = self.model._rope(positions, h.dtype)
-        for i, layer in enumerate(self.model.layers):
-            t = layer.layer_type
-            attn = layer.self_attn
-            cos, sin = rope[t]
-            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
-            k, v = cache.kv(i, k, v)
-            h = layer.after_attention(h, attn.attend(q, k, v, masks[t]), encoder)
-        return self.model.norm(h)
-
-    def encode(self, cache: StaticCache, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal pass over ids [n, T] after the cache (prompts longer than the span go in chunks).
-        Returns the hidden state of the last position [n, H]."""
-        n, T = ids.shape
-        h = None
-        for s in range(0, T, cache.span):
-            chunk = ids[:, s:s + cache.span]
-            c, L = chunk.shape[1], cache.length
-            cache.make_room(c)
-            cache.valid[:n, L:L + c] = True if valid is None else valid[:, s:s + c]
-            positions = torch.arange(L, L + c, device=ids.device)
-            view = cache.view(c)
-            masks = {t: encoder_mask(view, positions, self.cfg.sliding_window if t == SLIDING else None, i)
-                     for t, i in self.model.type_layer.items()}
-            h = self._pass(cache, self.model.embed(chunk), _fill(masks), True)
-            cache.length += c
-        return h[:, -1]
-
-    def decoder_masks(self, cache: StaticCache, C: int) -> dict:
-        """The decoder's masks for a canvas of C at the cache's end (the same for every step of the canvas)."""
-        cache.make_room(C)
-        view = cache.view()
-        return _fill({t: decoder_mask(view, C, i) for t, i in self.model.type_layer.items()})
-
-    def denoise(self, cache: StaticCache, canvas: torch.Tensor, soft: torch.Tensor | None,
-                masks: dict) -> torch.Tensor:
-        """Bidirectional pass over canvas [n, C] with soft [n, C, H] (scaled soft embedding, None = zero signal),
-        its K/V written as scratch where the canvas will be committed. Returns logits [n, C, V] fp32."""
-        e = self.model.embed(canvas)
-        h = self.model.self_conditioning(e, torch.zeros_like(e) if soft is None else soft)
-        return self.model.logits(self._pass(cache, h, masks, False))
-
-
-def _fill(masks: dict) -> dict:
-    return {SLIDING: masks.get(SLIDING), FULL: masks.get(FULL)}
-
-
-def chunk_rows(vocab_size: int, budget_bytes: int = 1 << 21, at_least: int = 64) -> int:
-    """Canvas positions per sampler chunk: about `budget_bytes` of fp32 logits (2 MiB, a core's L2), but at least
-    `at_least`, since each chunk's soft-embedding product reads the whole [V, H] embedding once."""
-    return max(at_least, budget_bytes // (4 * vocab_size))
-
-
-@dataclass
-class PositionStats:
-    argmax: torch.Tensor  # [N] most likely token of the processed logits
-    entropy: torch.Tensor | None  # [N] fp32 nats (entropy-bound sampler)
-    sampled: torch.Tensor | None  # [N] a draw from softmax(processed) (entropy-bound sampler)
-    confidence: torch.Tensor | None  # [N] probability of argmax (confidence sampler)
-    soft: torch.Tensor | None  # [n, C, H] next step's self-conditioning embedding, embedding scale applied
-
-
-def position_stats(raw: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator | None,
-                   model: DiffusionGemma | None, soft_from: str | None, chunk: int | None = None,
-                   method: str | None = "multinomial", confidence: bool = False) -> PositionStats:
-    """Per-position results of one denoising step's logits raw [n, C, V], computed `chunk` positions at a time so
-    that no [n, C, V] temporary is made: the argmax of raw / temperature, and as asked a sampled token (`method`
-    "multinomial" or "inverse_cdf"; None draws nothing) with the entropy, the top probability (`confidence`), and
-    the self-conditioning soft embedding of the next step (softmax of the "raw" or "proc" logits times the
-    embedding, times the embedding scale). Row-wise the same arithmetic as the reference sampler functions."""
-    n, C, V = raw.shape
-    flat = raw.view(n * C, V)
-    N = n * C
-    chunk = chunk or chunk_rows(V)
-    argmax = torch.empty(N, dtype=torch.long, device=raw.device)
-    sampled = torch.empty(N, dtype=torch.long, device=raw.device) if method else None
-    h = torch.empty(N, dtype=torch.float32, device=raw.device) if method else None
-    conf = torch.empty(N, dtype=torch.float32, device=raw.device) if confidence else None
-    soft = None
-    if soft_from is not None:
-        E = model.embed_tokens.weight
-        soft = torch.empty(N, E.shape[1], dtype=model.dtype, device=raw.device)
-    lowest = torch.finfo(torch.float32).min
-    u = draw_uniforms(N, generator, raw.device) if method == "inverse_cdf" else None
-    for s in range(0, N, chunk):
-        r = flat[s:s + chunk]
-        proc = r / temperature
-        probs = None
-        if method:
-            probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
-            if u is None:
-                sampled[s:s + chunk] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            else:
-                sampled[s:s + chunk] = sample_inverse_cdf(probs, u[s:s + chunk])
-            norm = proc - proc.logsumexp(dim=-1, keepdim=True)
-            h[s:s + chunk] = -(norm.clamp(min=lowest) * F.softmax(norm, dim=-1)).sum(-1)
-        if confidence:
-            conf[s:s + chunk], argmax[s:s + chunk] = top_confidence(proc)
-        else:
-            argmax[s:s + chunk] = proc.argmax(dim=-1)
-        if soft_from is not None:
-            src = r if soft_from == "raw" else proc
-            if src.dtype == model.dtype == torch.float32 and soft_from == "proc" and probs is not None:
-                p = probs  # softmax(proc) in fp32 is exactly what the reference recomputes next step
-            else:
-                p = F.softmax(src.to(model.dtype), dim=-1, dtype=torch.float32).to(model.dtype)
-            soft[s:s + chunk] = p @ E if model.soft_matmul is None else model.soft_matmul(p)
-    if soft is not None:
-        soft = (soft * model.embed_scale.to(model.dtype)).view(n, C, -1)
-    return PositionStats(argmax, h, sampled, conf, soft)
-
-
-def sample_chunked(raw: torch.Tensor, temperature: torch.Tensor, canvas: torch.Tensor, entropy_bound: float,
-                   generator: torch.Generator | None, model: DiffusionGemma | None, soft_from: str | None,
-                   chunk: int | None = None, method: str = "multinomial"):
-    """The reference `sample_step(raw / temperature, ...)` computed `chunk` positions at a time (`position_stats`).
-
-    Also returns the entropy per position (adaptive stopping) and, when `soft_from` is "raw" or "proc", the
-    self-conditioning soft embedding [n, C, H] of the next step, so the logits need not be kept.
-    Returns (canvas, argmax, accepted, entropy, soft)."""
-    n, C, V = raw.shape
-    st = position_stats(raw, temperature, generator, model, soft_from, chunk, method)
-    h = st.entropy.view(n, C)
-    accepted = accept_entropy_bound(h, entropy_bound)
-    kept = torch.where(accepted, st.sampled.view(n, C), canvas)
-    noise = torch.randint(0, V, (n, C), generator=generator, device=canvas.device)
-    new_canvas = torch.where(~accepted, noise, kept)
-    return new_canvas, st.argmax.view(n, C), accepted, h, st.soft
+STEP_API = 1  # the add / step / abort contract the server relies on
+# Batch-invariant mode pads every matmul to at least this many rows. Measured on an AVX2 machine with MKL: fewer than
+# 4 rows take another sgemm kernel whose rounding differs (tests/test_engine.py shows it); 16 leaves a margin.
+BATCH_INVARIANT_ROWS = 16
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Generation loops on the fast path (dispatched from generate.py; same results as the reference loops there)
-PREFILL_SPAN = 256  # prompt tokens per encoder chunk, and the ring's spare room in sliding layers
+# K/V memory
+class KVPool:
+    """Per-slot K/V buffers. Full layers: slot s holds positions [0, length) at [s, :, 0:length]. Sliding layers:
+    the last min(length, W - 1) positions at [s, :, 0:kept], plus `room` slots for the block being computed;
+    `trim` moves the last W - 1 back to the front after an encoder block. Buffers are allocated empty (untouched
+    pages cost no memory) and only written positions are ever read."""
+
+    def __init__(self, model: DiffusionGemma, slots: int, max_len: int, room: int):
+        cfg = model.config
+        self.slots, self.max_len, self.room = slots, max_len, room
+        self.keep_w = cfg.sliding_window - 1
+        self.sliding = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
+        self.keys, self.values = [], []
+        for i, sl in enumerate(self.sliding):
+            size = self.keep_w + room if sl else max_len
+            shape = (slots, cfg.layer_kv_heads(i), size, cfg.layer_head_dim(i))
+            self.keys.append(torch.empty(shape, dtype=model.dtype, device=model.device))
+            self.values.append(torch.empty(shape, dtype=model.dtype, device=model.device))
+        self.length = [0] * slots
+
+    @staticmethod
+    def nbytes(cfg, slots: int, max_len: int, room: int, dtype: torch.dtype) -> int:
+        per = torch.empty((), dtype=dtype).element_size()
+        total = 0
+        for i in range(cfg.num_hidden_layers):
+            size = cfg.sliding_window - 1 + room if cfg.is_sliding(i) else max_len
+            total += 2 * slots * cfg.layer_kv_heads(i) * size * cfg.layer_head_dim(i) * per
+        return total
+
+    def at(self, slot: int, layer: int) -> int:
+        """Buffer index of the slot's next position in layer `layer`."""
+        n = self.length[slot]
+        return min(n, self.keep_w) if self.sliding[layer] else n
+
+    def trim(self, slot: int, count: int) -> None:
+        """After `count` new positions were encoded into `slot`: advance, and keep sliding layers at W - 1."""
+        before = self.length[slot]
+        self.length[slot] = before + count
+        end = min(before, self.keep_w) + count
+        if end > self.keep_w:
+            lo = end - self.keep_w
+            for i, sl in enumerate(self.sliding):
+                if sl:
+                    self.keys[i][slot, :, :self.keep_w] = self.keys[i][slot, :, lo:end].clone()
+                    self.values[i][slot, :, :self.keep_w] = self.values[i][slot, :, lo:end].clone()
+
+    def free(self, slot: int) -> None:
+        self.length[slot] = 0
 
 
-def get_engine(model: DiffusionGemma, compile: bool = False) -> Engine:
-    """One engine per model and compile setting, kept on the model so compiled code is reused across calls."""
-    engines = model.__dict__.setdefault("_dgemma_engines", {})
-    if compile not in engines:
-        engines[compile] = Engine(model, compile=compile)
-    return engines[compile]
+@dataclass
+class Piece:
+    """One row's share of a pass: `count` tokens at positions [start, start + count) of slot `slot`."""
+    slot: int
+    start: int
+    count: int
 
 
-def _new_cache(model: DiffusionGemma, batch: int, prompt_len: int, new_tokens: int) -> StaticCache:
-    span = max(model.config.canvas_length, PREFILL_SPAN)
-    return StaticCache(model, batch, prompt_len + new_tokens, span)
+class Runner:
+    """The two ragged passes over the model's own modules and weights."""
+
+    def __init__(self, model: DiffusionGemma, pool: KVPool, compile: bool = False, min_rows: int = 0):
+        self.model, self.pool = model, pool
+        self.min_rows = min_rows  # pad every matmul to at least this many rows (batch-invariant mode)
+        cfg = model.config
+        self.window = cfg.sliding_window
+        # cos/sin depend on positions only: computed once for every position a slot can hold (the same values as
+        # the reference's per-call rope_cos_sin, which is elementwise).
+        positions = torch.arange(pool.max_len + pool.room, device=model.device)
+        self.rope = {t: rope_cos_sin(getattr(model, f"inv_freq_{t}"), positions, model.dtype)
+                     for t in ("sliding_attention", "full_attention")}
+        self._ffn = self._ffn_eager
+        if compile:
+            self._ffn = torch.compile(self._ffn_eager, dynamic=True)
+
+    def _ffn_eager(self, layer, h: torch.Tensor, a: torch.Tensor, encoder: bool) -> torch.Tensor:
+        return layer.after_attention(h, a, encoder, self.min_rows)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, ...] with zero rows appended up to min_rows (for the LM head of a few AR rows)."""
+        if x.shape[0] >= self.min_rows:
+            return x
+        return torch.cat([x, x.new_zeros(self.min_rows - x.shape[0], *x.shape[1:])])
+
+    def run(self, pieces: list[Piece], h: torch.Tensor, encoder: bool) -> torch.Tensor:
+        """All layers over h [1, N, H] (the pieces' tokens, flattened in order). Writes each piece's K/V at its
+        positions (the encoder's are kept by `KVPool.trim`; the decoder's are scratch). Returns normed [1, N, H]."""
+        pos = torch.cat([torch.arange(p.start, p.start + p.count) for p in pieces]).to(h.device)
+        real = h.shape[1]
+        if real < self.min_rows:  # dummy rows: through every matmul, into no attention and no cache
+            h = torch.cat([h, h.new_zeros(1, self.min_rows - real, h.shape[2])], dim=1)
+            pos = torch.cat([pos, pos.new_zeros(self.min_rows - real)])
+        rope = {t: (cos[pos], sin[pos]) for t, (cos, sin) in self.rope.items()}
+        pool = self.pool
+        for i, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            cos, sin = rope[layer.layer_type]
+            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)  # [1, nh|nkv, N, d]
+            K, V = pool.keys[i], pool.values[i]
+            sliding = pool.sliding[i]
+            outs, off = [], 0
+            for p in pieces:
+                T = p.count
+                at = pool.at(p.slot, i)
+                K[p.slot, :, at:at + T] = k[0, :, off:off + T]
+                V[p.slot, :, at:at + T] = v[0, :, off:off + T]
+                mask = self._encoder_mask(p, at, sliding) if encoder else None
+                outs.append(F.scaled_dot_product_attention(
+                    q[:, :, off:off + T], K[p.slot:p.slot + 1, :, :at + T], V[p.slot:p.slot + 1, :, :at + T],
+                    attn_mask=mask, scale=1.0, enable_gqa=attn.num_kv_heads != attn.num_heads))
+                off += T
+            if h.shape[1] > off:
+                outs.append(q.new_zeros(1, q.shape[1], h.shape[1] - off, q.shape[3]))
+            o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [1, nh, N, d]
+            a = attn.o_proj(o.transpose(1, 2).reshape(1, h.shape[1], -1))
+            h = self._ffn(layer, h, a, encoder)
+        return self.model.norm(h[:, :real])
+
+    def _encoder_mask(self, p: Piece, at: int, sliding: bool) -> torch.Tensor | None:
+        """The reference's causal (+ window) mask for this piece: queries at [start, start + T) over the keys at
+        positions [start - at, start + T). None when nothing is masked (as the reference)."""
+        if p.count == 1:  # one query sees all its keys (the kept W - 1 and itself)
+            return None
+        q = torch.arange(p.start, p.start + p.count)
+        kpos = torch.arange(p.start - at, p.start + p.count)
+        allowed = kpos[None, :] <= q[:, None]
+        if sliding:
+            allowed &= kpos[None, :] > q[:, None] - self.window
+        if bool(allowed.all()):
+            return None
+        return allowed[None, None].to(self.model.device)
 
 
-@torch.inference_mode()
-def diffusion_default(model, input_ids, attention_mask, p, stop_fn, on_step):
-    """The default generation mode (see generate._diffusion_default) on the static cache."""
+# ---------------------------------------------------------------------------------------------------------------
+# Rows
+@dataclass
+class Row:
+    req: Request
+    slot: int
+    gen: torch.Generator
+    order: int  # admission order (prefill is first come, first served)
+    prefilled: int = 0  # prompt tokens encoded
+    out: list[int] = field(default_factory=list)  # committed tokens
+    pending: list[int] | None = None  # tokens the next encoder pass commits (a finished canvas, or an AR token)
+    canvas_open: bool = False
+    canvas_index: int = -1
+    canvas_len: int = 0
+    passes: int = 0  # decoder passes (diffusion) or logit-producing encoder passes (AR) this row took part in
+    steps: list[int] = field(default_factory=list)  # denoising steps per committed canvas
 
-    t0 = time.perf_counter()
-    cfg = model.config
-    B, L0 = input_ids.shape
-    C, V, N = cfg.canvas_length, cfg.vocab_size, p.max_denoising_steps
-    dev = input_ids.device
-    gen = _generator(p.seed, dev)
-    eos = set(p.eos_token_ids or ())
-    eng = get_engine(model, p.compile)
-    cache = _new_cache(model, B, L0, math.ceil(p.max_new_tokens / C) * C)
-    rows = list(range(B))
-    out: list[list[int]] = [[] for _ in range(B)]
-    reasons = ["length"] * B
-    passes = [0] * B
-    steps: list[list[int]] = [[] for _ in range(B)]
-    eng.encode(cache, input_ids, attention_mask)
-    encoder_passes, first, ci = 1, None, 0
-    by_confidence = p.sampler == "confidence"
-    use_stopper = by_confidence or (p.stability_threshold is not None and p.confidence_threshold is not None)
-    while True:
-        n = cache.n
-        c = C
-        if p.right_size:
-            c = min(C, max(p.max_new_tokens - len(out[r]) for r in rows))
-        masks = eng.decoder_masks(cache, c)
-        canvas = torch.randint(0, V, (n, c), generator=gen, device=dev)
-        argmax = canvas.clone()
-        soft = None
-        history = (torch.full((p.stability_threshold, n, c), -1, dtype=torch.long, device=dev)
-                   if use_stopper and not by_confidence and p.stability_threshold > 0 else None)
-        committed = torch.zeros(n, c, dtype=torch.bool, device=dev)
-        order = torch.arange(n, device=dev)  # cache row j holds canvas-state row order[j]
-        m = n  # live (not yet stopped) rows are the first m
-        row_steps = [0] * n
-        for k in range(N, 0, -1):
-            live_masks = {t: None if v is None else v[:m] for t, v in masks.items()}
-            raw = eng.denoise(cache, canvas[:m], None if soft is None else soft[:m], live_masks)
-            for j in range(m):
-                passes[rows[j]] += 1
-                row_steps[j] += 1
-            temp = linear_temperature(k, N, p.t_min, p.t_max, reach_t_min=True)
-            if by_confidence:
-                st = position_stats(raw, temp, gen, model, soft_from="raw", chunk=p.sampler_chunk, method=None,
-                                    confidence=True)
-                new_canvas, accepted, new_argmax = commit_confident(
-                    st.confidence.view(m, c), st.argmax.view(m, c), canvas[:m], committed[:m],
-                    commit_quota(N - k, N, c), p.commit_threshold, V, gen)
-                new_soft = st.soft
-                committed[:m] = accepted
-            else:
-                new_canvas, new_argmax, accepted, h, new_soft = sample_chunked(
-                    raw, temp, canvas[:m], p.entropy_bound, gen, model, soft_from="raw", chunk=p.sampler_chunk,
-                    method="inverse_cdf")
-            del raw
-            canvas[:m], argmax[:m] = new_canvas, new_argmax
-            if soft is None:
-                soft = torch.zeros(n, c, new_soft.shape[-1], dtype=new_soft.dtype, device=dev)
-            soft[:m] = new_soft
-            if on_step is not None:
-                on_step(ci, N - k, rows[:m], new_argmax, accepted)
-            if not use_stopper:
-                continue
-            if by_confidence:
-                stop = accepted.all(dim=-1)  # every position committed: the canvas is done
-            else:
-                stop = h.mean(dim=-1) < p.confidence_threshold
-            if history is not None:
-                stop &= (history[:, :m] == new_argmax[None]).all(dim=-1).all(dim=0)
-                history[:, :m] = torch.roll(history[:, :m], shifts=-1, dims=0)
-                history[-1, :m] = new_argmax
-            if bool(stop.any()):
-                if bool(stop.all()):
-                    break
-                # Stopped rows move behind the live ones; every later step runs on the first m rows only.
-                live_first = torch.cat([(~stop).nonzero().squeeze(-1), stop.nonzero().squeeze(-1),
-                                        torch.arange(m, n, device=dev)])
-                cache.permute(live_first)
-                canvas, argmax, soft = canvas[live_first], argmax[live_first], soft[live_first]
-                committed = committed[live_first]
-                if history is not None:
-                    history = history[:, live_first]
-                masks = {t: None if v is None else v[live_first] for t, v in masks.items()}
-                order = order[live_first]
-                rows = [rows[j] for j in live_first.tolist()]
-                row_steps = [row_steps[j] for j in live_first.tolist()]
-                m -= int(stop.sum())
-        # Back to batch order (the reference's RNG order of the next canvas depends on it).
-        if not bool((order == torch.arange(n, device=dev)).all()):
-            back = torch.argsort(order)
-            cache.permute(back)
-            argmax = argmax[back]
-            rows = [rows[j] for j in back.tolist()]
-            row_steps = [row_steps[j] for j in back.tolist()]
-        keep = []
-        for j, r in enumerate(rows):
-            steps[r].append(row_steps[j])
-            if _commit(r, argmax[j, :p.max_new_tokens - len(out[r])].tolist(), out, reasons, eos, stop_fn,
-                       p.max_new_tokens):
-                keep.append(j)
-        if first is None:
-            first = time.perf_counter() - t0
-        if not keep:
-            break
-        idx = torch.tensor(keep, device=dev)
-        cache.keep(idx)
-        rows = [rows[j] for j in keep]
-        eng.encode(cache, argmax.index_select(0, idx))
-        encoder_passes += 1
-        ci += 1
-    stats = GenerationStats(decoder_passes=passes, encoder_passes=encoder_passes, steps_per_canvas=steps,
-                            new_tokens=[len(t) for t in out], seconds=time.perf_counter() - t0,
-                            first_token_seconds=first)
-    return GenerationOutput(sequences=None, tokens=out, finish_reasons=reasons, stats=stats)
+    @property
+    def p(self) -> SamplingParams:
+        return self.req.params
+
+    @property
+    def diffusion(self) -> bool:
+        return self.req.params.mode == "diffusion"
+
+    @property
+    def prompt_done(self) -> bool:
+        return self.prefilled == len(self.req.prompt_ids)
 
 
-@torch.inference_mode()
-def diffusion_compat(model, input_ids, attention_mask, p, on_step):
-    """transformers-compatible generation (see generate._diffusion_compat) on the static cache: every row is
-    computed every step, as the reference does, so the random stream and the tokens are the same."""
+class Engine:
+    """Continuous batching over one model. Not thread-safe: one thread calls add / abort / step."""
 
-    t0 = time.perf_counter()
-    cfg = model.config
-    B, L0 = input_ids.shape
-    C, V, N = cfg.canvas_length, cfg.vocab_size, p.max_denoising_steps
-    dev = input_ids.device
-    max_length = L0 + p.max_new_tokens
-    gen = _generator(p.seed, dev)
-    eng = get_engine(model, p.compile)
-    canvases = math.ceil(p.max_new_tokens / C)
-    cache = _new_cache(model, B, L0, canvases * C)
-    eos = torch.tensor(list(p.eos_token_ids), device=dev) if p.eos_token_ids else None
-    use_stopper = p.stability_threshold is not None and p.confidence_threshold is not None
-    finished_seq = torch.zeros(B, dtype=torch.bool, device=dev)
-    passes = torch.zeros(B, dtype=torch.long)
-    steps: list[list[int]] = [[] for _ in range(B)]
-    seq, pending, pending_mask = input_ids, input_ids, attention_mask
-    encoder_passes, first = 0, None
-    for ci in range(canvases):
-        eng.encode(cache, pending, pending_mask)
-        encoder_passes += 1
-        masks = eng.decoder_masks(cache, C)
-        canvas = torch.randint(0, V, (B, C), generator=gen, device=dev)
-        soft, history = None, None
-        if use_stopper and p.stability_threshold > 0:
-            history = torch.full((p.stability_threshold, B, C), -1, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        argmax = canvas
-        row_steps = torch.zeros(B, dtype=torch.long)
-        for k in range(N, 0, -1):
-            passes += (~(done | finished_seq)).cpu().long()
-            row_steps += (~done).cpu().long()
-            raw = eng.denoise(cache, canvas, soft, masks)
-            temp = linear_temperature(k, N, p.t_min, p.t_max)
-            new_canvas, new_argmax, accepted, h, new_soft = sample_chunked(
-                raw, temp, canvas, p.entropy_bound, gen, model, soft_from="proc", chunk=p.sampler_chunk)
-            del raw
-            if use_stopper:
-                if bool(done.any()):
-                    new_argmax = torch.where(done[:, None], argmax, new_argmax)
-                    new_canvas = torch.where(done[:, None], canvas, new_canvas)
-                    new_soft = torch.where(done[:, None, None], soft, new_soft)
-                stop = h.mean(dim=-1) < p.confidence_threshold
-                if history is not None:
-                    stop &= (history == new_argmax[None]).all(dim=-1).all(dim=0)
-                    history = torch.roll(history, shifts=-1, dims=0)
-                    history[-1] = new_argmax
-                done |= stop
-            soft = new_soft
-            argmax, canvas = new_argmax, new_canvas
-            if on_step is not None:
-                on_step(ci, N - k, list(range(B)), argmax, accepted)
-            if bool(done.all()):
+    def __init__(self, model: DiffusionGemma, config: EngineConfig | None = None):
+        self.model = model
+        self.config = cfg = (config or EngineConfig()).validate()
+        mc = model.config
+        self.C, self.V = mc.canvas_length, mc.vocab_size
+        self.room = max(cfg.prefill_chunk, self.C)
+        limit = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        per_position = KVPool.nbytes(mc, cfg.max_batch, 1, 0, model.dtype) - KVPool.nbytes(mc, cfg.max_batch, 0, 0,
+                                                                                           model.dtype)
+        fixed = KVPool.nbytes(mc, cfg.max_batch, 0, self.room, model.dtype)
+        budget = cfg.kv_memory_mb * 2**20
+        fits = int((budget - fixed) // per_position) if per_position else limit
+        if cfg.max_model_len is not None and cfg.max_model_len > fits:
+            need = (fixed + per_position * cfg.max_model_len) / 2**20
+            raise RequestError(f"K/V for {cfg.max_batch} rows of {cfg.max_model_len} positions needs {need:.0f} MB, "
+                               f"over kv_memory_mb={cfg.kv_memory_mb:g}; lower max_batch or max_model_len, or raise "
+                               "the budget")
+        self.max_model_len = min(limit, fits)
+        if self.max_model_len < 2:
+            raise RequestError(f"kv_memory_mb={cfg.kv_memory_mb:g} leaves room for {self.max_model_len} positions per "
+                               f"row with max_batch={cfg.max_batch}; raise kv_memory_mb or lower max_batch")
+        self.pool = KVPool(model, cfg.max_batch, self.max_model_len, self.room)
+        self.runner = Runner(model, self.pool, cfg.compile, BATCH_INVARIANT_ROWS if cfg.batch_invariant else 0)
+        S, C, H, dev = cfg.max_batch, self.C, mc.hidden_size, model.device
+        # Per-slot canvas state (rows are slots; a step gathers the rows it works on)
+        self.canvas = torch.zeros(S, C, dtype=torch.long, device=dev)
+        self.draft = torch.zeros(S, C, dtype=torch.long, device=dev)  # argmax / proposal canvas of the last step
+        self.soft = torch.zeros(S, C, H, dtype=model.dtype, device=dev)  # next step's self-conditioning input
+        self.committed = torch.zeros(S, C, dtype=torch.bool, device=dev)  # confidence sampler
+        self.run_len = torch.zeros(S, dtype=torch.long, device=dev)  # steps the argmax has stayed the same
+        self.step_i = torch.zeros(S, dtype=torch.long, device=dev)  # steps done in the open canvas
+        # Per-slot request parameters
+        self.n_steps = torch.ones(S, dtype=torch.long, device=dev)
+        self.t_min = torch.zeros(S, dtype=torch.float32, device=dev)
+        self.t_span = torch.zeros(S, dtype=torch.float32, device=dev)
+        self.bound = torch.zeros(S, dtype=torch.float32, device=dev)
+        self.conf_thr = torch.zeros(S, dtype=torch.float32, device=dev)
+        self.stab = torch.zeros(S, dtype=torch.long, device=dev)
+        self.early = torch.zeros(S, dtype=torch.bool, device=dev)  # adaptive stopping on
+        self.commit_thr = torch.zeros(S, dtype=torch.float32, device=dev)
+        self.sampler_chunk = cfg.sampler_chunk or chunk_rows(self.V)
+        self.waiting: deque[Row | Request] = deque()
+        self.rows: dict[int, Row] = {}  # slot -> running row
+        self.free_slots = list(range(S - 1, -1, -1))
+        self.by_id: dict[str, Row | Request] = {}
+        self._admitted = 0
+        self.counters = {"steps": 0, "decoder_passes": 0, "encoder_passes": 0, "tokens": 0, "requests": 0,
+                         "decoder_rows": 0}
+
+    # ---- the public contract ----------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue a request. RequestError: impossible (bad ids, too long, bad params); QueueFull: retry later."""
+        p = request.params.validate()
+        ids = request.prompt_ids
+        if request.request_id in self.by_id:
+            raise RequestError(f"request id {request.request_id!r} is already in the engine")
+        if not ids:
+            raise RequestError("the prompt is empty: give at least one token")
+        if not all(isinstance(t, int) and 0 <= t < self.V for t in ids):
+            raise RequestError(f"prompt ids must be integers in [0, {self.V}); is the tokenizer the model's own?")
+        need = len(ids) + (math.ceil(p.max_new_tokens / self.C) * self.C if p.mode == "diffusion" else p.max_new_tokens)
+        if need > self.max_model_len:
+            raise RequestError(
+                f"prompt of {len(ids)} tokens + max_new_tokens={p.max_new_tokens} needs {need} positions"
+                f"{' (whole canvases of ' + str(self.C) + ')' if p.mode == 'diffusion' else ''}, over this engine's "
+                f"{self.max_model_len} (model limit {self.model.config.max_position_embeddings}); shorten the prompt "
+                "or lower max_new_tokens")
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.config.max_queue})")
+        self.waiting.append(request)
+        self.by_id[request.request_id] = request
+        self.counters["requests"] += 1
+
+    def abort(self, request_id: str) -> bool:
+        """Remove a waiting or running request now (its slot is free for the next step). False if unknown."""
+        item = self.by_id.pop(request_id, None)
+        if item is None:
+            return False
+        if isinstance(item, Row):
+            self._release(item)
+        else:
+            self.waiting.remove(item)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    def metrics(self) -> dict:
+        return {"waiting": len(self.waiting), "running": len(self.rows), "max_batch": self.config.max_batch,
+                "max_model_len": self.max_model_len, **self.counters}
+
+    def step(self) -> list[Event]:
+        """One engine step: schedule -> encoder pass -> decoder pass -> update. Returns per-request events."""
+        self._admit()
+        if not self.rows:
+            return []
+        self.counters["steps"] += 1
+        events: dict[str, Event] = {}
+        enc = self._schedule_encoder()
+        if enc:
+            self._encoder_pass(enc, events)
+        dec = [r for r in self.rows.values() if r.diffusion and r.prompt_done and r.pending is None]
+        for r in dec:
+            if not r.canvas_open:
+                self._open_canvas(r)
+        if dec:
+            self._decoder_pass(dec, events)
+        return list(events.values())
+
+    # ---- schedule ---------------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            req = self.waiting.popleft()
+            slot = self.free_slots.pop()
+            seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 2
+            gen = torch.Generator(device=self.model.device).manual_seed(seed)
+            self._admitted += 1
+            row = Row(req, slot, gen, self._admitted)
+            self.rows[slot] = row
+            self.by_id[req.request_id] = row
+            self.pool.free(slot)
+            p = req.params
+            if p.mode == "diffusion":
+                self.n_steps[slot] = p.max_denoising_steps
+                self.t_min[slot] = p.t_min
+                self.t_span[slot] = p.t_max - p.t_min  # rounded as the reference's (t_max - t_min) * frac
+                self.bound[slot] = p.entropy_bound
+                self.early[slot] = p.stability_threshold is not None and p.confidence_threshold is not None
+                self.stab[slot] = p.stability_threshold or 0
+                self.conf_thr[slot] = p.confidence_threshold or 0.0
+                self.commit_thr[slot] = p.commit_threshold
+
+    def _schedule_encoder(self) -> list[tuple[Row, list[int], bool]]:
+        """(row, tokens, is_prompt) for this step's encoder pass: every pending commit and AR token, then prompt
+        chunks in admission order within the prefill budget."""
+        work = [(r, r.pending, False) for r in self.rows.values() if r.pending is not None]
+        budget = self.config.prefill_chunk
+        for r in sorted((r for r in self.rows.values() if not r.prompt_done), key=lambda r: r.order):
+            if budget <= 0:
                 break
-        for r in range(B):
-            steps[r].append(int(row_steps[r]))
-        seq, finished_seq = _compat_append(seq, argmax, finished_seq, max_length, eos, p.pad_token_id)
-        if first is None:
-            first = time.perf_counter() - t0
-        if bool(finished_seq.all()):
-            break
-        pending, pending_mask = seq[:, -C:], None
-    return _compat_output(seq, L0, eos, p.pad_token_id, passes, encoder_passes, steps, t0, first)
+            ids = r.req.prompt_ids[r.prefilled:r.prefilled + budget]
+            work.append((r, ids, True))
+            budget -= len(ids)
+        return work
 
+    # ---- forward + update: encoder ----------------------------------------------------------------------------
+    def _encoder_pass(self, work: list[tuple[Row, list[int], bool]], events: dict[str, Event]) -> None:
+        model, dev = self.model, self.model.device
+        pieces = [Piece(r.slot, self.pool.length[r.slot], len(ids)) for r, ids, _ in work]
+        flat = torch.tensor([t for _, ids, _ in work for t in ids], dtype=torch.long, device=dev)[None]
+        with torch.inference_mode():
+            hidden = self.runner.run(pieces, model.embed(flat), encoder=True)[0]
+        self.counters["encoder_passes"] += 1
+        ends, ar_rows = [], []
+        off = 0
+        for (r, _, is_prompt), piece in zip(work, pieces):
+            off += piece.count
+            self.pool.trim(r.slot, piece.count)
+            if is_prompt:
+                r.prefilled += piece.count
+            else:
+                r.pending = None
+            if not r.diffusion and r.prompt_done:  # an AR row's next token comes from this pass
+                ar_rows.append(r)
+                ends.append(off - 1)
+        if ar_rows:
+            with torch.inference_mode():
+                logits = model.logits(self.runner.pad(hidden[torch.tensor(ends, device=dev)]))[:len(ends)]
+            self._update_ar(ar_rows, logits, events)
 
-@torch.inference_mode()
-def autoregressive(model, input_ids, attention_mask, params, stop_fn):
-    """Next-token decoding (see generate.generate_ar) on the static cache."""
+    def _update_ar(self, rows: list[Row], logits: torch.Tensor, events: dict[str, Event]) -> None:
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        greedy = [j for j, r in enumerate(rows) if r.p.temperature <= 0]
+        tokens = [0] * len(rows)
+        if greedy:
+            for j, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+                tokens[j] = t
+        for j, r in enumerate(rows):
+            if r.p.temperature > 0:
+                tokens[j] = int(sample_next_token(logits[j:j + 1], r.p.temperature, r.p.top_k, r.p.top_p, r.gen))
+        for j, r in enumerate(rows):
+            r.passes += 1
+            if not finite[j]:
+                self._fail(r, events)
+                continue
+            self._commit(r, [tokens[j]], events, keep_going=lambda r=r, t=tokens[j]: setattr(r, "pending", [t]))
 
-    t0 = time.perf_counter()
-    B, L0 = input_ids.shape
-    gen = _generator(params.seed, input_ids.device)
-    eos = set(params.eos_token_ids or ())
-    eng = get_engine(model, params.compile)
-    cache = _new_cache(model, B, L0, params.max_new_tokens)
-    h = eng.encode(cache, input_ids, attention_mask)
-    encoder_passes = 1
-    rows = list(range(B))
-    out: list[list[int]] = [[] for _ in range(B)]
-    reasons = ["length"] * B
-    passes = [1] * B
-    first = None
-    while True:
-        nxt = sample_next_token(model.logits(h), params.temperature, params.top_k, params.top_p, gen)
-        if first is None:
-            first = time.perf_counter() - t0
-        keep = [j for j, r in enumerate(rows)
-                if _commit(r, [int(nxt[j])], out, reasons, eos, stop_fn, params.max_new_tokens)]
-        if not keep:
-            break
-        if len(keep) < len(rows):
-            idx = torch.tensor(keep, device=nxt.device)
-            cache.keep(idx)
-            rows, nxt = [rows[j] for j in keep], nxt.index_select(0, idx)
-        h = eng.encode(cache, nxt[:, None])
-        encoder_passes += 1
+    # ---- forward + update: decoder ----------------------------------------------------------------------------
+    def _open_canvas(self, r: Row) -> None:
+        s = r.slot
+        c = self.C
+        r.canvas_index += 1
+        r.canvas_open = True
+        r.canvas_len = c
+        self.canvas[s, :c] = torch.randint(0, self.V, (1, c), generator=r.gen, device=self.model.device)[0]
+        self.draft[s] = -1  # the argmax "before the first step" equals no real one (the reference's history: -1)
+        self.soft[s].zero_()  # first step: no self-conditioning signal
+        self.committed[s] = False
+        self.run_len[s] = 0
+        self.step_i[s] = 0
+
+    def _decoder_pass(self, rows: list[Row], events: dict[str, Event]) -> None:
+        model, dev, c = self.model, self.model.device, self.C
+        slots = torch.tensor([r.slot for r in rows], device=dev)
+        pieces = [Piece(r.slot, self.pool.length[r.slot], c) for r in rows]
+        with torch.inference_mode():
+            canvas = self.canvas[slots]  # [D, C]
+            e = model.embed(canvas.view(1, -1))
+            h = model.self_conditioning(e, self.soft[slots].view(1, -1, e.shape[-1]))
+            hidden = self.runner.run(pieces, h, encoder=False)[0]  # [D*C, H]
+        self.counters["decoder_passes"] += 1
+        self.counters["decoder_rows"] += len(rows)
+        by_conf = [j for j, r in enumerate(rows) if r.p.sampler == "confidence"]
+        by_eb = [j for j, r in enumerate(rows) if r.p.sampler != "confidence"]
+        for group, confidence in ((by_eb, False), (by_conf, True)):
+            if group:
+                self._update_canvases([rows[j] for j in group], hidden.view(len(rows), c, -1)[group], confidence,
+                                      events)
+
+    def _update_canvases(self, rows: list[Row], hidden: torch.Tensor, confidence: bool,
+                         events: dict[str, Event]) -> None:
+        """The sampler over the rows' canvases: hidden [g, C, H] -> accepted tokens, renoised canvas, next soft
+        embedding, stopping; every per-row setting is a tensor gathered by slot."""
+        model, dev, C, V = self.model, self.model.device, self.C, self.V
+        g = len(rows)
+        s = torch.tensor([r.slot for r in rows], device=dev)
+        steps_done = self.step_i[s]
+        n = self.n_steps[s]
+        # Temperature of this step: t_max at the first step, t_min at the last (reference default mode).
+        k = (n - steps_done).tolist()
+        frac = torch.tensor([(ki - 1) / max(ni - 1, 1) for ki, ni in zip(k, n.tolist())], dtype=torch.float32,
+                            device=dev)
+        temp = self.t_min[s] + self.t_span[s] * frac  # [g] fp32
+        # Each row's draws from its own generator, in the reference's order: uniforms, then the renoising tokens.
+        uniforms, noise = [], []
         for r in rows:
-            passes[r] += 1
-    stats = GenerationStats(decoder_passes=passes, encoder_passes=encoder_passes, steps_per_canvas=[],
+            if not confidence:
+                uniforms.append(draw_uniforms(C, r.gen, dev))
+            noise.append(torch.randint(0, V, (1, C), generator=r.gen, device=dev))
+        noise = torch.cat(noise)
+        with torch.inference_mode():
+            raw = model.logits(hidden)  # [g, C, V] fp32
+            st = position_stats(raw, temp.repeat_interleave(C)[:, None], None, model, soft_from="raw",
+                                chunk=self.sampler_chunk, method=None if confidence else "inverse_cdf",
+                                confidence=confidence, uniforms=None if confidence else torch.cat(uniforms))
+            del raw
+        canvas = self.canvas[s]
+        steps_done = steps_done + 1
+        mean_h = None
+        if confidence:
+            conf = st.confidence.view(g, C)
+            finite = torch.isfinite(conf).all(dim=-1)
+            quota = -(-(steps_done * C) // n)  # an even share of the canvas per step, rounded up
+            new_canvas, committed, draft = commit_confident(conf, st.argmax.view(g, C), canvas, self.committed[s],
+                                                            quota[:, None], self.commit_thr[s][:, None], V, None,
+                                                            noise=noise)
+            accepted = committed
+            self.committed[s] = committed
+            done = committed.all(dim=-1)
+        else:
+            h = st.entropy.view(g, C)
+            finite = torch.isfinite(h).all(dim=-1)
+            accepted = accept_entropy_bound(h, self.bound[s][:, None])
+            kept = torch.where(accepted, st.sampled.view(g, C), canvas)
+            new_canvas = torch.where(~accepted, noise, kept)
+            draft = st.argmax.view(g, C)
+            mean_h = h.mean(dim=-1)
+            same = (draft == self.draft[s]).all(dim=-1)
+            run = torch.where(same, self.run_len[s] + 1, torch.zeros_like(self.run_len[s]))
+            self.run_len[s] = run
+            done = self.early[s] & (mean_h < self.conf_thr[s]) & (run >= self.stab[s])
+        done = done | (steps_done >= n)
+        self.canvas[s], self.draft[s], self.soft[s], self.step_i[s] = new_canvas, draft, st.soft, steps_done
+        done_l, finite_l, steps_l = done.tolist(), finite.tolist(), steps_done.tolist()
+        draft_l = draft.tolist() if (any(r.p.drafts for r in rows) or any(done_l)) else None
+        acc_l = accepted.tolist() if any(r.p.drafts for r in rows) else None
+        mh_l = mean_h.tolist() if mean_h is not None else None
+        for j, r in enumerate(rows):
+            r.passes += 1
+            if not finite_l[j]:
+                self._fail(r, events)
+                continue
+            if r.p.drafts:
+                self._event(r, events).draft = Draft(
+                    offset=len(r.out), canvas_index=r.canvas_index, step=steps_l[j], ids=draft_l[j],
+                    accepted=acc_l[j], mean_entropy=None if mh_l is None else mh_l[j])
+            if done_l[j]:
+                r.canvas_open = False
+                r.steps.append(steps_l[j])
+                tokens = draft_l[j]
+                want = r.p.max_new_tokens - len(r.out)
+                self._commit(r, tokens[:want], events,
+                             keep_going=lambda r=r, t=tokens: setattr(r, "pending", t))
+
+    # ---- update: commits, finishes ----------------------------------------------------------------------------
+    def _event(self, r: Row, events: dict[str, Event]) -> Event:
+        ev = events.get(r.req.request_id)
+        if ev is None:
+            ev = events[r.req.request_id] = Event(r.req.request_id, prompt_tokens=len(r.req.prompt_ids))
+        ev.completion_tokens, ev.decoder_passes = len(r.out), r.passes
+        return ev
+
+    def _commit(self, r: Row, new: list[int], events: dict[str, Event], keep_going) -> None:
+        """Append committed tokens (cut at the first EOS); finish the row on EOS or at max_new_tokens, else call
+        `keep_going` (which schedules the commit pass)."""
+        eos = r.p.eos_token_ids or ()
+        cut = next((i for i, t in enumerate(new) if t in eos), None)
+        r.out.extend(new if cut is None else new[:cut])
+        self.counters["tokens"] += len(new) if cut is None else cut
+        ev = self._event(r, events)
+        ev.new_ids.extend(new if cut is None else new[:cut])
+        if cut is not None:
+            self._finish(r, ev, "stop")
+        elif len(r.out) >= r.p.max_new_tokens:
+            self._finish(r, ev, "length")
+        else:
+            keep_going()
+
+    def _fail(self, r: Row, events: dict[str, Event]) -> None:
+        ev = self._event(r, events)
+        self._finish(r, ev, "error")
+        ev.error = (f"the model produced non-finite logits (NaN or inf) for request {r.req.request_id!r} at "
+                    f"{len(r.out)} generated tokens; its weights may be corrupt or the dtype overflowed "
+                    "(try --dtype float32)")
+
+    def _finish(self, r: Row, ev: Event, reason: str) -> None:
+        ev.finished, ev.finish_reason = True, reason
+        ev.completion_tokens, ev.decoder_passes = len(r.out), r.passes
+        ev.steps_per_canvas = list(r.steps)
+        self.by_id.pop(r.req.request_id, None)
+        self._release(r)
+
+    def _release(self, r: Row) -> None:
+        if self.rows.get(r.slot) is r:
+            del self.rows[r.slot]
+            self.pool.free(r.slot)
+            self.free_slots.append(r.slot)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One-shot generation on the engine (generate.generate_diffusion / generate_ar with engine="fast")
+PREFILL_SPAN = 256  # prompt tokens per encoder chunk in one-shot calls
+
+
+def _memory_limit() -> int:
+    """Half the machine's physical memory: a one-shot call whose K/V would need more is refused up front."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34
+
+
+def generate_batch(model: DiffusionGemma, prompts: list[list[int]], params: list[SamplingParams],
+                   stop_fn=None, on_step=None, compile: bool = False, sampler_chunk: int | None = None):
+    """Run every prompt as its own request on a fresh engine sized for exactly these requests; returns a
+    GenerationOutput (rows in prompt order). `stop_fn(row, tokens) -> cut | None` runs after each commit;
+    `on_step(canvas, step, [row], argmax [1, C], accepted [1, C])` after each denoising step."""
+    t0 = time.perf_counter()
+    mc = model.config
+    C = mc.canvas_length
+    need = max(len(ids) + (math.ceil(p.max_new_tokens / C) * C if p.mode == "diffusion" else p.max_new_tokens)
+               for ids, p in zip(prompts, params))
+    if need > mc.max_position_embeddings:
+        raise RequestError(f"the longest prompt plus max_new_tokens needs {need} positions, over the model's "
+                           f"max_position_embeddings={mc.max_position_embeddings}; shorten the prompt or lower "
+                           "max_new_tokens")
+    B = len(prompts)
+    room = max(PREFILL_SPAN, C)
+    nbytes = KVPool.nbytes(mc, B, need, room, model.dtype)
+    if nbytes > _memory_limit():
+        raise RequestError(f"{B} rows of {need} positions need {nbytes / 2**30:.1f} GiB of K/V, more than half this "
+                           "machine's memory; lower max_new_tokens or the batch size")
+    eng = Engine(model, EngineConfig(max_batch=B, max_model_len=need, kv_memory_mb=nbytes / 2**20 + 1,
+                                     prefill_chunk=PREFILL_SPAN, max_queue=B, compile=compile,
+                                     sampler_chunk=sampler_chunk))
+    if on_step is not None:
+        params = [p.with_(drafts=True) for p in params]
+    for i, (ids, p) in enumerate(zip(prompts, params)):
+        eng.add(Request(str(i), list(ids), p))
+    out: list[list[int]] = [[] for _ in range(B)]
+    reasons, passes = ["length"] * B, [0] * B
+    steps: list[list[int]] = [[] for _ in range(B)]
+    first = None
+    while eng.has_work():
+        for ev in eng.step():
+            r = int(ev.request_id)
+            passes[r] = ev.decoder_passes
+            if ev.draft is not None and on_step is not None:
+                d = ev.draft
+                on_step(d.canvas_index, d.step - 1, [r], torch.tensor([d.ids]), torch.tensor([d.accepted]))
+            if ev.new_ids:
+                first = first if first is not None else time.perf_counter() - t0
+                out[r].extend(ev.new_ids)
+                if not ev.finished and stop_fn is not None and (cut := stop_fn(r, out[r])) is not None:
+                    del out[r][cut:]
+                    reasons[r] = "stop"
+                    steps[r] = list(eng.by_id[str(r)].steps)
+                    eng.abort(str(r))
+                    continue
+            if ev.finished:
+                if ev.finish_reason == "error":
+                    raise RequestError(ev.error)
+                reasons[r] = ev.finish_reason
+                steps[r] = ev.steps_per_canvas
+                if ev.finish_reason == "length" and stop_fn is not None and (cut := stop_fn(r, out[r])) is not None:
+                    del out[r][cut:]
+                    reasons[r] = "stop"
+    stats = GenerationStats(decoder_passes=passes, encoder_passes=eng.counters["encoder_passes"],
+                            steps_per_canvas=steps if any(p.mode == "diffusion" for p in params) else [],
                             new_tokens=[len(t) for t in out], seconds=time.perf_counter() - t0,
                             first_token_seconds=first)
     return GenerationOutput(sequences=None, tokens=out, finish_reasons=reasons, stats=stats)

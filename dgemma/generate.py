@@ -18,13 +18,24 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import torch
 
+from . import engine, static
 from .cache import KVCache
 from .model import DiffusionGemma
+from .outputs import (
+    GenerationOutput,
+    GenerationStats,
+    StepFn,
+    StopFn,
+    commit_tokens,
+    compat_append,
+    compat_output,
+    generator_for,
+)
+from .params import RequestError, SamplingParams
 from .sampler import (
     commit_confident,
     commit_quota,
@@ -35,9 +46,9 @@ from .sampler import (
     top_confidence,
 )
 
-
-class GenerationError(ValueError):
-    """Impossible generation parameters; the message names the parameter and the allowed range."""
+# Impossible generation parameters; the message names the parameter and the allowed range (one error type for the
+# one-shot API and the engine).
+GenerationError = RequestError
 
 
 def _check_engine(engine: str, compile: bool) -> None:
@@ -47,148 +58,105 @@ def _check_engine(engine: str, compile: bool) -> None:
         raise GenerationError("compile=True needs engine='fast'")
 
 
-SAMPLERS = ("entropy_bound", "confidence")
+_SP = SamplingParams()  # the one home of the per-request defaults
 
 
 @dataclass
 class DiffusionParams:
-    max_new_tokens: int = 256
-    max_denoising_steps: int = 48
-    entropy_bound: float = 0.1
-    t_min: float = 0.4
-    t_max: float = 0.8
-    stability_threshold: int | None = 1
-    confidence_threshold: float | None = 0.005
+    """One-shot diffusion settings: the per-request ones (defaults from `params.SamplingParams`) and how to run
+    them (compat, engine, compile, sampler_chunk)."""
+    max_new_tokens: int = _SP.max_new_tokens
+    max_denoising_steps: int = _SP.max_denoising_steps
+    entropy_bound: float = _SP.entropy_bound
+    t_min: float = _SP.t_min
+    t_max: float = _SP.t_max
+    stability_threshold: int | None = _SP.stability_threshold
+    confidence_threshold: float | None = _SP.confidence_threshold
     eos_token_ids: tuple[int, ...] | None = None  # None: never stop on EOS (as a fresh reference model)
-    pad_token_id: int | None = None
-    seed: int | None = None
+    pad_token_id: int | None = None  # compat mode: pad finished rows as the reference does
+    seed: int | None = None  # row r of a batch draws from its own generator seeded `seed + r` (fast engine)
     compat: bool = False
-    engine: str = "fast"  # "fast" (engine.py: static cache, chunked sampler) or "reference" (model.py + sampler.py)
+    engine: str = "fast"  # "fast" (engine.py, the stepped engine; compat: static.py) or "reference" (model.py)
     compile: bool = False  # torch.compile the fast engine's layer passes
     sampler_chunk: int | None = None  # fast engine: canvas positions per sampler chunk (None: ~2 MiB of logits)
-    right_size: bool = False  # default mode, fast engine: a last canvas only as long as the tokens still wanted
     # Default mode only. "entropy_bound": the reference's EB sampler (spec A5.2). "confidence": commit-by-confidence;
     # each step commits the most confident greedy proposals (an even share of the canvas per step, plus any above
     # commit_threshold), committed tokens stay, the rest are renoised; a canvas ends when all are committed (the
     # stability/confidence thresholds of adaptive stopping apply to entropy_bound only).
-    sampler: str = "entropy_bound"
-    commit_threshold: float = 0.95
+    sampler: str = _SP.sampler
+    commit_threshold: float = _SP.commit_threshold
+
+    _RUN = ("pad_token_id", "compat", "engine", "compile", "sampler_chunk")
 
     @classmethod
     def from_generation_config(cls, g: dict | None, **overrides) -> DiffusionParams:
-        """The settings of a generation_config.json (field names as in transformers), then `overrides` on top.
+        """The settings of a generation_config.json (read by `SamplingParams.from_generation_config`), then
+        `overrides` on top; an override of None keeps the file's value."""
+        run = {k: overrides.pop(k) for k in cls._RUN if k in overrides}
+        sp = SamplingParams.from_generation_config(g, mode="diffusion", **overrides)
+        if run.get("pad_token_id") is None:
+            run["pad_token_id"] = (g or {}).get("pad_token_id")
+        return cls(**{f.name: getattr(sp, f.name) for f in fields(cls) if f.name not in cls._RUN},
+                   **{k: v for k, v in run.items() if v is not None})
 
-        A key the file lacks keeps the reference default; an override of None also keeps the file's value.
-        """
-        g = g or {}
-        own, sc = g.get("dgemma") or {}, g.get("sampler_config") or {}
-        if not isinstance(own, dict) or not isinstance(sc, dict):
-            raise GenerationError("generation_config.json: 'dgemma' and 'sampler_config' must be JSON objects, e.g. "
-                                  '"dgemma": {"sampler": "confidence"}; fix or remove them')
-        eos = g.get("eos_token_id")
-        fields = {
-            "max_new_tokens": g.get("max_new_tokens"), "max_denoising_steps": g.get("max_denoising_steps"),
-            "entropy_bound": sc.get("entropy_bound"),
-            "t_min": g.get("t_min"), "t_max": g.get("t_max"),
-            "stability_threshold": g.get("stability_threshold"),
-            "confidence_threshold": g.get("confidence_threshold"),
-            "eos_token_ids": tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else None,
-            "pad_token_id": g.get("pad_token_id"),
-            # dgemma's own keys (transformers keeps unknown keys as plain attributes)
-            "sampler": own.get("sampler"), "commit_threshold": own.get("commit_threshold"),
-        }
-        fields.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**{k: v for k, v in fields.items() if v is not None})
+    def sampling(self, row: int = 0) -> SamplingParams:
+        """Row `row`'s SamplingParams (its seed is `seed + row`)."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._RUN}
+        if self.seed is not None:
+            own["seed"] = self.seed + row
+        return SamplingParams(mode="diffusion", **own)
+
+    def sampling_rows(self, batch: int) -> list[SamplingParams]:
+        return [self.sampling(r) for r in range(batch)]
 
     def validate(self) -> None:
         _check_engine(self.engine, self.compile)
         if self.sampler_chunk is not None and self.sampler_chunk < 1:
             raise GenerationError(f"sampler_chunk must be >= 1 (got {self.sampler_chunk})")
-        if self.right_size and (self.compat or self.engine != "fast"):
-            raise GenerationError("right_size needs the default mode on the fast engine (compat=False, engine='fast')")
-        if self.sampler not in SAMPLERS:
-            raise GenerationError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
         if self.sampler != "entropy_bound" and self.compat:
             raise GenerationError(f"sampler={self.sampler!r} needs the default mode; compat mode is the reference's "
                                   "entropy-bound sampler (drop compat, or use sampler='entropy_bound')")
-        checks = [
-            (0 < self.commit_threshold <= 1, f"commit_threshold must be in (0, 1] (got {self.commit_threshold})"),
-            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1 (got {self.max_new_tokens})"),
-            (self.max_denoising_steps >= 1, f"max_denoising_steps must be >= 1 (got {self.max_denoising_steps})"),
-            (self.entropy_bound > 0, f"entropy_bound must be > 0 (got {self.entropy_bound})"),
-            (0 <= self.t_min < self.t_max, f"need 0 <= t_min < t_max (got t_min={self.t_min}, t_max={self.t_max})"),
-            (self.stability_threshold is None or self.stability_threshold >= 0,
-             f"stability_threshold must be >= 0 (got {self.stability_threshold})"),
-            (self.confidence_threshold is None or self.confidence_threshold > 0,
-             f"confidence_threshold must be > 0 (got {self.confidence_threshold})"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise GenerationError(msg)
+        self.sampling().validate()
 
 
 @dataclass
 class ARParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    """One-shot AR settings: the per-request ones (defaults from `params.SamplingParams`) and the engine."""
+    max_new_tokens: int = _SP.max_new_tokens
+    temperature: float = _SP.temperature  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = None
     eos_token_ids: tuple[int, ...] | None = None
-    seed: int | None = None
-    engine: str = "fast"  # "fast" (engine.py: static cache) or "reference" (model.py's KVCache)
+    seed: int | None = None  # row r of a batch draws from its own generator seeded `seed + r` (fast engine)
+    engine: str = "fast"  # "fast" (engine.py) or "reference" (model.py's KVCache)
     compile: bool = False  # torch.compile the fast engine's layer passes
+
+    _RUN = ("engine", "compile")
+
+    @classmethod
+    def from_generation_config(cls, g: dict | None, **overrides) -> ARParams:
+        run = {k: overrides.pop(k) for k in cls._RUN if k in overrides}
+        sp = SamplingParams.from_generation_config(g, mode="ar", **overrides)
+        return cls(**{f.name: getattr(sp, f.name) for f in fields(cls) if f.name not in cls._RUN},
+                   **{k: v for k, v in run.items() if v is not None})
+
+    def sampling(self, row: int = 0) -> SamplingParams:
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._RUN}
+        if self.seed is not None:
+            own["seed"] = self.seed + row
+        return SamplingParams(mode="ar", **own)
+
+    def sampling_rows(self, batch: int) -> list[SamplingParams]:
+        return [self.sampling(r) for r in range(batch)]
 
     def validate(self) -> None:
         _check_engine(self.engine, self.compile)
-        if self.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0 (got {self.temperature})")
-        if self.top_k is not None and self.top_k < 1:
-            raise GenerationError(f"top_k must be >= 1 (got {self.top_k})")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise GenerationError(f"top_p must be in (0, 1] (got {self.top_p})")
+        self.sampling().validate()
 
 
-@dataclass
-class GenerationStats:
-    decoder_passes: list[int]  # per row: denoiser forwards that row took part in
-    encoder_passes: int  # encoder forwards (prompt prefill included)
-    steps_per_canvas: list[list[int]]  # per row, per committed canvas
-    new_tokens: list[int]  # per row (pad excluded)
-    seconds: float = 0.0
-    first_token_seconds: float | None = None  # time until the first canvas (or token) was committed
-
-    @property
-    def tokens_per_forward(self) -> list[float]:
-        return [t / p if p else 0.0 for t, p in zip(self.new_tokens, self.decoder_passes)]
-
-    def as_dict(self) -> dict:
-        return {"decoder_passes": self.decoder_passes, "encoder_passes": self.encoder_passes,
-                "steps_per_canvas": self.steps_per_canvas, "new_tokens": self.new_tokens,
-                "tokens_per_forward": [round(x, 4) for x in self.tokens_per_forward],
-                "seconds": round(self.seconds, 4), "first_token_seconds": self.first_token_seconds}
-
-
-@dataclass
-class GenerationOutput:
-    sequences: torch.Tensor | None  # compat: [B, L + k*C] like transformers; default: None
-    tokens: list[list[int]]  # per row: the new tokens (default mode: cut at EOS/stop, at most max_new_tokens)
-    finish_reasons: list[str]  # "stop" (EOS or stop sequence) or "length"
-    stats: GenerationStats
-    extra: dict = field(default_factory=dict)
-
-
-# A callback seeing (row, tokens so far) after each committed canvas; returns a cut length to stop that row there.
-StopFn = Callable[[int, list[int]], int | None]
-# A callback seeing each denoising step: (canvas index, step index, row ids, argmax canvas [b, C], accepted [b, C]).
-StepFn = Callable[[int, int, list[int], torch.Tensor, torch.Tensor], None]
-
-
-def _generator(seed: int | None, device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
+def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """The prompts of a left-padded batch, padding removed (the engine gives every row its own length)."""
+    return [ids[m].tolist() for ids, m in zip(input_ids, attention_mask)]
 
 
 def _prepare(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, model: DiffusionGemma):
@@ -216,10 +184,10 @@ def generate_diffusion(model: DiffusionGemma, input_ids: torch.Tensor, params: D
     params.validate()
     input_ids, attention_mask = _prepare(input_ids, attention_mask, model)
     if params.engine == "fast":
-        from . import engine
         if params.compat:
-            return engine.diffusion_compat(model, input_ids, attention_mask, params, on_step)
-        return engine.diffusion_default(model, input_ids, attention_mask, params, stop_fn, on_step)
+            return static.diffusion_compat(model, input_ids, attention_mask, params, on_step)
+        return engine.generate_batch(model, _rows(input_ids, attention_mask), params.sampling_rows(len(input_ids)),
+                                     stop_fn, on_step, params.compile, params.sampler_chunk)
     if params.compat:
         return _diffusion_compat(model, input_ids, attention_mask, params, on_step)
     return _diffusion_default(model, input_ids, attention_mask, params, stop_fn, on_step)
@@ -232,7 +200,7 @@ def _diffusion_compat(model, input_ids, attention_mask, p: DiffusionParams, on_s
     B, L0 = input_ids.shape
     C, V, N = cfg.canvas_length, cfg.vocab_size, p.max_denoising_steps
     max_length = L0 + p.max_new_tokens
-    gen = _generator(p.seed, input_ids.device)
+    gen = generator_for(p.seed, input_ids.device)
     cache = KVCache.empty(cfg)
     eos = torch.tensor(list(p.eos_token_ids), device=input_ids.device) if p.eos_token_ids else None
     use_stopper = p.stability_threshold is not None and p.confidence_threshold is not None
@@ -273,65 +241,13 @@ def _diffusion_compat(model, input_ids, attention_mask, p: DiffusionParams, on_s
                 break
         for r in range(B):
             steps[r].append(int(row_steps[r]))
-        seq, finished_seq = _compat_append(seq, argmax, finished_seq, max_length, eos, p.pad_token_id)
+        seq, finished_seq = compat_append(seq, argmax, finished_seq, max_length, eos, p.pad_token_id)
         if first is None:
             first = time.perf_counter() - t0
         if bool(finished_seq.all()):
             break
         pending, pending_mask = seq[:, -C:], None
-    return _compat_output(seq, L0, eos, p.pad_token_id, passes, encoder_passes, steps, t0, first)
-
-
-def _compat_append(seq: torch.Tensor, canvas: torch.Tensor, finished: torch.Tensor, max_length: int,
-                   eos: torch.Tensor | None, pad: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compat mode's commit of a canvas [B, C], as the reference: append it whole; rows finish at max_length or on
-    EOS; with a pad id, rows finished earlier get a pad canvas and a row finishing now is padded after its EOS."""
-    B, C = canvas.shape
-    seq = torch.cat([seq, canvas], dim=-1)
-    finished_now = torch.full((B,), seq.shape[1] >= max_length, dtype=torch.bool, device=seq.device)
-    if eos is not None:
-        finished_now |= torch.isin(seq[:, -C:], eos).any(dim=-1)
-    previously = finished
-    finished = previously | finished_now
-    if pad is not None and bool(finished.any()):
-        seq[previously, -C:] = pad
-        if eos is not None and bool(finished_now.any()):
-            new = seq[:, -C:]
-            is_eos = torch.isin(new, eos)
-            cum = is_eos.cumsum(dim=-1)
-            new[(cum > 0) & ~((cum == 1) & is_eos)] = pad
-    return seq, finished
-
-
-def _compat_output(seq: torch.Tensor, prompt_len: int, eos: torch.Tensor | None, pad: int | None,
-                   passes: torch.Tensor, encoder_passes: int, steps: list[list[int]], t0: float,
-                   first: float | None) -> GenerationOutput:
-    new_tokens = seq[:, prompt_len:]
-    B = seq.shape[0]
-    counts = (new_tokens != pad).sum(-1) if pad is not None else torch.full((B,), new_tokens.shape[1])
-    stats = GenerationStats(decoder_passes=passes.tolist(), encoder_passes=encoder_passes, steps_per_canvas=steps,
-                            new_tokens=counts.tolist(), seconds=time.perf_counter() - t0, first_token_seconds=first)
-    reasons = ["stop" if eos is not None and bool(torch.isin(new_tokens[r], eos).any()) else "length"
-               for r in range(B)]
-    return GenerationOutput(sequences=seq, tokens=[row.tolist() for row in new_tokens], finish_reasons=reasons,
-                            stats=stats)
-
-
-def _commit(row: int, new: list[int], out: list[list[int]], reasons: list[str], eos: set[int],
-            stop_fn: StopFn | None, limit: int) -> bool:
-    """Append a row's newly committed tokens, cutting at the first EOS or where `stop_fn` says.
-    Returns whether the row goes on."""
-    cut = next((i for i, t in enumerate(new) if t in eos), None)
-    if cut is not None:
-        out[row].extend(new[:cut])
-        reasons[row] = "stop"
-        return False
-    out[row].extend(new)
-    if stop_fn is not None and (cut := stop_fn(row, out[row])) is not None:
-        del out[row][cut:]
-        reasons[row] = "stop"
-        return False
-    return len(out[row]) < limit
+    return compat_output(seq, L0, eos, p.pad_token_id, passes, encoder_passes, steps, t0, first)
 
 
 def _keep_rows(keep: list[int], rows: list[int], cache: KVCache, last: torch.Tensor):
@@ -348,7 +264,7 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
     cfg = model.config
     B = input_ids.shape[0]
     C, V, N = cfg.canvas_length, cfg.vocab_size, p.max_denoising_steps
-    gen = _generator(p.seed, input_ids.device)
+    gen = generator_for(p.seed, input_ids.device)
     eos = set(p.eos_token_ids or ())
     cache = KVCache.empty(cfg)
     rows = list(range(B))  # original row index of each active batch row
@@ -411,7 +327,7 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
         for j, r in enumerate(rows):
             steps[r].append(row_steps[j])
             new = argmax[j, :p.max_new_tokens - len(out[r])].tolist()
-            if _commit(r, new, out, reasons, eos, stop_fn, p.max_new_tokens):
+            if commit_tokens(r, new, out, reasons, eos, stop_fn, p.max_new_tokens):
                 keep.append(j)
         if first is None:
             first = time.perf_counter() - t0
@@ -432,13 +348,13 @@ def generate_ar(model: DiffusionGemma, input_ids: torch.Tensor, params: ARParams
     """Next-token decoding through the encoder (spec part C): prefill, then one token per pass with the cache."""
     params.validate()
     if params.engine == "fast":
-        from . import engine
         input_ids, attention_mask = _prepare(input_ids, attention_mask, model)
-        return engine.autoregressive(model, input_ids, attention_mask, params, stop_fn)
+        return engine.generate_batch(model, _rows(input_ids, attention_mask), params.sampling_rows(len(input_ids)),
+                                     stop_fn, compile=params.compile)
     t0 = time.perf_counter()
     input_ids, attention_mask = _prepare(input_ids, attention_mask, model)
     B = input_ids.shape[0]
-    gen = _generator(params.seed, input_ids.device)
+    gen = generator_for(params.seed, input_ids.device)
     eos = set(params.eos_token_ids or ())
     cache = KVCache.empty(model.config)
     h = model.encode(input_ids, cache, attention_mask)
@@ -453,7 +369,7 @@ def generate_ar(model: DiffusionGemma, input_ids: torch.Tensor, params: ARParams
         if first is None:
             first = time.perf_counter() - t0
         keep = [j for j, r in enumerate(rows)
-                if _commit(r, [int(nxt[j])], out, reasons, eos, stop_fn, params.max_new_tokens)]
+                if commit_tokens(r, [int(nxt[j])], out, reasons, eos, stop_fn, params.max_new_tokens)]
         if not keep:
             break
         rows, cache, nxt = _keep_rows(keep, rows, cache, nxt)

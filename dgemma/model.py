@@ -166,8 +166,8 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return mix_experts(x, weights, idx, self.gate_up_proj.shape[0], self.expert)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, min_rows: int = 0) -> torch.Tensor:
+        return mix_experts(x, weights, idx, self.gate_up_proj.shape[0], self.expert, min_rows)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's gated MLP on x [n, H]."""
@@ -175,12 +175,17 @@ class Experts(nn.Module):
         return F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
 
 
-def mix_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_experts: int, expert) -> torch.Tensor:
+def mix_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_experts: int, expert,
+                min_rows: int = 0) -> torch.Tensor:
     """x: [N, H]; each token goes through its k experts (`expert(e, rows) -> [n, H]`), outputs summed with the
     router weights [N, k].
 
     The N*k (token, slot) pairs are grouped by expert, run one matmul per expert, weighted (fp32), put back
-    in (token, slot) order and summed over the slots: the reference's order of operations, so results match."""
+    in (token, slot) order and summed over the slots: the reference's order of operations, so results match.
+
+    `min_rows` pads each expert's block with zero rows to at least that many (the stepped engine's batch-invariant
+    mode): BLAS libraries pick another kernel, with other rounding, for matmuls of very few rows, so without it a
+    token's result can depend on how many other tokens share its expert."""
     N, k = idx.shape
     expert_of, order = torch.sort(idx.reshape(-1))  # [N*k]
     xs = x[order // k]
@@ -188,7 +193,10 @@ def mix_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_e
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            outs.append(expert(e, xs[start:start + n]))
+            block = xs[start:start + n]
+            if n < min_rows:
+                block = torch.cat([block, block.new_zeros(min_rows - n, block.shape[1])])
+            outs.append(expert(e, block)[:n])
             start += n
     y = torch.cat(outs) * weights.reshape(-1)[order, None]  # [N*k, H] fp32
     unsorted = torch.empty_like(y)
@@ -222,14 +230,15 @@ class Layer(nn.Module):
         a, k, v = self.self_attn(self.input_layernorm(h), cos, sin, prefix, mask)
         return self.after_attention(h, a, encoder), k, v
 
-    def after_attention(self, h: torch.Tensor, a: torch.Tensor, encoder: bool) -> torch.Tensor:
-        """Residual + feed-forward (dense MLP and experts in parallel) + layer scalar, given the attention output."""
+    def after_attention(self, h: torch.Tensor, a: torch.Tensor, encoder: bool, min_rows: int = 0) -> torch.Tensor:
+        """Residual + feed-forward (dense MLP and experts in parallel) + layer scalar, given the attention output.
+        `min_rows`: see `mix_experts`."""
         h = h + self.post_attention_layernorm(a)
         r = h
         m1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
         flat = r.reshape(-1, r.shape[-1])
         w, idx = self.router(flat)
-        m2 = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).reshape(r.shape)
+        m2 = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx, min_rows).reshape(r.shape)
         m2 = self.post_feedforward_layernorm_2(m2)
         h = r + self.post_feedforward_layernorm(m1 + m2)
         return h * (self.encoder_layer_scalar if encoder else self.layer_scalar)

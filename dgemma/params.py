@@ -123,6 +123,10 @@ class EngineConfig:
     max_queue: int = 1024  # waiting requests beyond this get QueueFull
     compile: bool = False  # torch.compile the layer passes
     sampler_chunk: int | None = None  # canvas positions per sampler chunk (None: about 2 MiB of logits)
+    # Pad every matmul to a minimum height so that a request's tokens do not depend on how many others share the
+    # step (BLAS kernels for very few rows round differently). Off: a request alone matches the reference path
+    # bit for bit; on: a request matches itself alone in this engine, whoever it shares steps with.
+    batch_invariant: bool = False
 
     def validate(self) -> EngineConfig:
         checks = [("max_batch", self.max_batch >= 1, ">= 1"), ("prefill_chunk", self.prefill_chunk >= 1, ">= 1"),
@@ -160,7 +164,9 @@ class Event:
     new_ids: list[int] = field(default_factory=list)  # committed this step: final, in order
     draft: Draft | None = None  # only for requests with params.drafts
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (EOS or stop), "length" (max_new_tokens), "abort"
+    finish_reason: str | None = None  # "stop" (EOS), "length" (max_new_tokens) or "error" (see `error`)
     prompt_tokens: int = 0
     completion_tokens: int = 0  # committed so far
     decoder_passes: int = 0  # forwards this request took part in (AR: encoder passes)
+    steps_per_canvas: list[int] = field(default_factory=list)  # with finished: denoising steps of each canvas
+    error: str | None = None  # with finish_reason "error": what went wrong (non-finite logits)

@@ -122,22 +122,26 @@ def top_confidence(processed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def commit_confident(confidence: torch.Tensor, proposal: torch.Tensor, canvas: torch.Tensor,
-                     committed: torch.Tensor, quota: int, threshold: float, vocab_size: int,
-                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                     committed: torch.Tensor, quota: int | torch.Tensor, threshold: float | torch.Tensor,
+                     vocab_size: int, generator: torch.Generator | None,
+                     noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One commit-by-confidence update. confidence, proposal, canvas: [B, C]; committed: [B, C] bool.
 
     Among the positions not yet committed, the most confident are committed with their proposal until `quota` are
     committed in the row, and so is any position whose confidence exceeds `threshold`. Committed positions keep
     their token for the rest of the canvas; every other position is renoised with a uniform random token (one
     randint(B, C), the only RNG draw of the step). Returns (next canvas, committed, draft), the draft being the
-    canvas as it stands: committed tokens where committed, this step's proposals elsewhere."""
+    canvas as it stands: committed tokens where committed, this step's proposals elsewhere.
+    `quota` and `threshold` may be per-row tensors [B, 1]; `noise` [B, C], when given, replaces the draw (rows
+    with generators of their own)."""
     open_conf = confidence.masked_fill(committed, -1.0)
     rank = torch.argsort(torch.argsort(open_conf, dim=-1, descending=True, stable=True), dim=-1, stable=True)
     owed = (quota - committed.sum(dim=-1, keepdim=True)).clamp(min=0)
     new = ~committed & ((rank < owed) | (confidence > threshold))
     committed = committed | new
     kept = torch.where(new, proposal, canvas)
-    noise = torch.randint(0, vocab_size, canvas.shape, generator=generator, device=canvas.device)
+    if noise is None:
+        noise = torch.randint(0, vocab_size, canvas.shape, generator=generator, device=canvas.device)
     return torch.where(committed, kept, noise), committed, torch.where(committed, kept, proposal)
 
 
