@@ -4,7 +4,9 @@
     lm = load("models/dgemma-py-small")              # or "random:tiny" for a random-weight model
     print(generate_text(lm, ["def add(a, b):"], max_new_tokens=64)[0].text)
 
-Stop strings, chat templates and decoding live here, above the id-only generation code.
+Defaults come from the model's generation_config.json (`LoadedModel.defaults`, the same place the CLI, eval, bench
+and the server read them); keyword overrides go on top. Stop strings, chat templates and decoding live here,
+above the id-only generation code.
 """
 
 from __future__ import annotations
@@ -34,6 +36,25 @@ class LoadedModel:
     tokenizer: Tokenizer
     name: str
     generation_config: dict = field(default_factory=dict)
+
+    def eos_ids(self) -> tuple[int, ...] | None:
+        """The ids that end generation: generation_config.json's eos_token_id, else the model config's, else the
+        tokenizer's stop tokens."""
+        eos = self.generation_config.get("eos_token_id", self.model.config.eos_token_ids or self.tokenizer.stop_ids())
+        return tuple(eos if isinstance(eos, (list, tuple)) else [eos]) if eos is not None else None
+
+    def defaults(self, mode: str = "diffusion", **overrides) -> DiffusionParams | ARParams:
+        """The one-shot parameters for `mode` from the model's generation_config.json, `overrides` on top (None
+        keeps the file's value)."""
+        overrides.setdefault("eos_token_ids", None)
+        if overrides["eos_token_ids"] is None:
+            overrides["eos_token_ids"] = self.eos_ids()
+        if mode == "ar":
+            return ARParams.from_generation_config(self.generation_config, **overrides)
+        if mode == "diffusion":
+            overrides.setdefault("pad_token_id", self.model.config.pad_token_id)
+            return DiffusionParams.from_generation_config(self.generation_config, **overrides)
+        raise ValueError(f"unknown mode {mode!r}; use 'diffusion' or 'ar'")
 
 
 def load(spec: str | Path | None = None, dtype: torch.dtype | str | None = None) -> LoadedModel:
@@ -154,10 +175,14 @@ def encode_prompts(lm: LoadedModel, prompts: list[str], chat: bool = False) -> t
     tok = lm.tokenizer
     seqs = []
     for p in prompts:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"prompt {p[:40]!r} is not valid UTF-8 text (byte {e.start}); pass UTF-8") from None
         if chat:
             ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
         else:
-            ids = tok.encode(p, add_bos=tok.bos_id is not None)
+            ids = tok.encode(p, add_bos=tok.add_bos_default)
         if not ids:
             raise ValueError("empty prompt: give at least one character of text")
         seqs.append(ids)
@@ -170,19 +195,23 @@ def encode_prompts(lm: LoadedModel, prompts: list[str], chat: bool = False) -> t
 
 def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
                   params: DiffusionParams | ARParams | None = None, stop: list[str] | None = None,
-                  chat: bool = False, on_step: StepFn | None = None) -> list[TextResult]:
+                  chat: bool = False, on_step: StepFn | None = None, **overrides) -> list[TextResult]:
+    """Continue each prompt. `params` None: the model's defaults (`lm.defaults(mode, **overrides)`), e.g.
+    `generate_text(lm, ["def f():"], max_new_tokens=64, seed=0)`."""
+    if params is None:
+        params = lm.defaults(mode, **overrides)
+    elif overrides:
+        raise ValueError(f"give either params or keyword settings ({', '.join(overrides)}), not both")
+    if mode not in ("ar", "diffusion"):
+        raise ValueError(f"unknown mode {mode!r}; use 'diffusion' or 'ar'")
     ids, mask = encode_prompts(lm, prompts, chat)
     stops = [s for s in (stop or []) if s]
     stop_fn = _stop_cut(lm.tokenizer, stops) if stops else None
     if mode == "ar":
-        params = params or ARParams(eos_token_ids=tuple(lm.tokenizer.stop_ids()))
         out = generate_ar(lm.model, ids, params, mask, stop_fn=stop_fn)
-    elif mode == "diffusion":
-        params = params or DiffusionParams(eos_token_ids=tuple(lm.tokenizer.stop_ids()))
+    else:
         out = generate_diffusion(lm.model, ids, params, mask, stop_fn=None if params.compat else stop_fn,
                                  on_step=on_step)
-    else:
-        raise ValueError(f"unknown mode {mode!r}; use 'diffusion' or 'ar'")
     results = []
     for row, toks in enumerate(out.tokens):
         text = _trim(lm.tokenizer.decode(toks), stops)

@@ -1,0 +1,36 @@
+"""The text-level API: one home for defaults (the model's generation_config.json), the docstring example."""
+
+import pytest
+
+from dgemma.api import DEFAULT_MODEL, generate_text, load
+
+
+def test_defaults_come_from_generation_config():
+    lm = load(DEFAULT_MODEL)
+    d = lm.defaults()
+    assert d.max_denoising_steps == lm.generation_config["max_denoising_steps"] == 4
+    assert d.eos_token_ids == (1, 6)
+    assert lm.defaults("ar").max_new_tokens == lm.generation_config["max_new_tokens"]
+    assert lm.defaults(max_denoising_steps=7).max_denoising_steps == 7
+
+
+def test_docstring_example_runs_and_uses_the_models_pace():
+    lm = load(DEFAULT_MODEL)
+    r = generate_text(lm, ["def add(a, b):"], max_new_tokens=64, seed=0)[0]
+    assert len(r.token_ids) <= 64 and r.stats.steps_per_canvas[0] and max(r.stats.steps_per_canvas[0]) <= 4
+    with pytest.raises(ValueError, match="not both"):
+        generate_text(lm, ["x"], params=lm.defaults(), seed=1)
+
+
+def test_invalid_utf8_prompt_is_a_clear_error():
+    lm = load("random:tiny")
+    bad = b"def \xff():".decode("utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        generate_text(lm, [bad], max_new_tokens=4)
+
+
+def test_bos_follows_the_tokenizer():
+    lm = load("random:tiny")
+    from dgemma.api import encode_prompts
+    ids, _ = encode_prompts(lm, ["hi"])
+    assert (ids[0, 0].item() == lm.tokenizer.bos_id) == lm.tokenizer.add_bos_default
