@@ -23,29 +23,16 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-
-@dataclass
-class BenchConfig:
-    model: str | None = None  # default: the bundled model, else random:mini
-    quick: bool = False
-    repeats: int = 3
-    plot: str | None = None
-    out: str | None = None
+from .options import BenchConfig, add_bench
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="speed: dgemma vs transformers, diffusion vs AR, vs the machine")
-    p.add_argument("--model", default=None)
-    p.add_argument("--quick", action="store_true", help="small sizes; finishes in a few minutes")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--plot", default=None, help="write the speed-up plot (PNG) here")
-    p.add_argument("--out", default=None, help="also write the JSON result here")
-    p.set_defaults(func=run_cli)
+    """Register `bench` (flags in options.add_bench, mirroring BenchConfig); dispatch with `run_cli(args)`."""
+    add_bench(subparsers).set_defaults(func=run_cli)
 
 
 def run_cli(args) -> int:
@@ -120,11 +107,11 @@ def _matmul_flops(model, tokens: int, context: int) -> float:
 def step_fractions(model, peak_fp32: float, peak_bf16: float, repeats: int) -> dict:
     """One denoising step (canvas over a 256-token context, self-conditioning on) and one AR step, on the fast
     engine, against the machine's matmul throughput."""
-    from .engine import Engine, StaticCache
+    from .static import StaticCache, StaticPasses
 
     c = model.config
     C = c.canvas_length
-    eng = Engine(model)
+    eng = StaticPasses(model)
     ids = torch.randint(5, c.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
     cache = StaticCache(model, 1, 256 + C, 256)
     eng.encode(cache, ids)
@@ -162,10 +149,10 @@ def sampler_memory(vocab_size: int, canvas: int, batch: int, hidden: int) -> dic
     """Peak bytes allocated by one sampler step plus the next self-conditioning embedding: the reference
     (sample_step + soft_embed over whole [B, C, V] tensors) against the chunked sampler."""
     from .config import preset
-    from .engine import sample_chunked
     from .memtrack import track_memory
     from .model import DiffusionGemma
     from .sampler import sample_step
+    from .static import sample_chunked
 
     cfg = preset("tiny").replace(vocab_size=vocab_size, hidden_size=hidden, head_dim=hidden // 4,
                                  global_head_dim=hidden // 2, num_hidden_layers=1, layer_types=("full_attention",))
@@ -407,10 +394,7 @@ def _print(r: dict) -> None:
               f"{row['first_token_s']:>8.3f}{row['peak_mb']:>9.1f}")
 
 
-if __name__ == "__main__":
-    import argparse
+if __name__ == "__main__":  # python -m dgemma.bench ...: the same as `dgemma bench ...`
+    from .cli import main
 
-    parser = argparse.ArgumentParser(prog="dgemma")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    a = parser.parse_args(["bench", *sys.argv[1:]])
-    sys.exit(a.func(a))
+    sys.exit(main(["bench", *sys.argv[1:]]))

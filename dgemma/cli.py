@@ -1,13 +1,18 @@
-"""The `dgemma` command line.
+"""The `dgemma` command line (also `python -m dgemma`).
 
     dgemma generate [--model PATH|random:PRESET] "prompt"   continuation on stdout, statistics on stderr
+    dgemma generate --format jsonl "p1" "p2"                 several prompts: one JSON object per prompt and line
     dgemma info PATH                                         config summary and parameter counts
     dgemma data prepare --source python-stdlib --out DIR     corpus -> tokenizer + token shards
     dgemma train ...                                         block-diffusion training
-    dgemma eval --model PATH --data DIR                      losses and generation quality, diffusion vs AR
+    dgemma eval [--model PATH] [--data DIR]                  generation quality, diffusion vs AR (+ losses with --data)
     dgemma bench [--quick]                                   speed: vs transformers, diffusion vs AR, roofline
 
-User errors print one line to stderr and exit with status 2; nothing else prints a traceback.
+User errors print one line to stderr and exit with status 2; nothing else prints a traceback. `main` is the one
+place that turns them into that line: argparse's own errors (through `_Parser`), impossible numbers (the `type=`
+helpers of options.py refuse NaN, infinity and out-of-range values while parsing), and the ValueErrors (DataError,
+TrainError, ModelLoadError, ...) and OSErrors the runners raise, and allocation failures. `--help` of every
+subcommand answers without importing torch.
 """
 
 from __future__ import annotations
@@ -16,39 +21,113 @@ import argparse
 import json
 import sys
 
-from .generate import ARParams, DiffusionParams
+# Nothing here imports torch at module level: `dgemma --help` and `dgemma SUB --help` build every parser from
+# torch-free code (this file, options.py, data.py); each runner imports its heavy module when the command runs.
+from .options import (
+    int_in,
+    new_tokens_int,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    probability,
+    seed_int,
+    steps_int,
+)
+from .params import MAX_STEPS
+
+_stability_int = int_in(0, MAX_STEPS)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): the flag, what was wrong, where to read more."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="continue a prompt with diffusion (default) or autoregressive decoding")
-    p.add_argument("prompt", nargs="+", help="prompt text (several prompts run as one left-padded batch)")
+    p = sub.add_parser(
+        "generate", help="continue a prompt with diffusion (default) or autoregressive decoding",
+        description="Continue prompts with block diffusion (default) or autoregressive decoding of the same "
+                    "weights. The continuation goes to stdout, statistics to stderr. Diffusion-only options: "
+                    "--steps, --sampler, --commit-threshold, --entropy-bound, --t-min, --t-max, "
+                    "--stability-threshold, --confidence-threshold, --compat, --live; AR-only options: "
+                    "--temperature, --top-k, --top-p. Giving an option of the other mode is an error.")
+    p.add_argument("prompt", nargs="+",
+                   help="prompt text (several prompts run as one left-padded batch; they need --format jsonl)")
     p.add_argument("--model", default=None, help="checkpoint folder, or random:PRESET (default: bundled model)")
     p.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas")
+    p.add_argument("--max-new-tokens", type=new_tokens_int, default=None,
+                   help="tokens to generate per prompt (default: the model's generation_config, else 256)")
+    p.add_argument("--format", choices=["text", "jsonl"], default="text",
+                   help="stdout: text (the continuation only; one prompt) or jsonl (one JSON object per prompt and "
+                        "line: prompt, text, finish_reason, prompt_tokens, completion_tokens). Several prompts "
+                        "need jsonl: in text their continuations could not be told apart")
+    p.add_argument("--steps", type=steps_int, default=None,
+                   help=f"diffusion: max denoising steps per canvas, 1 to {MAX_STEPS}")
     p.add_argument("--sampler", choices=["entropy_bound", "confidence"], default=None,
-                   help="entropy_bound: the reference's sampler; confidence: commit the most confident tokens "
-                        "(default: the model's generation_config, else entropy_bound)")
-    p.add_argument("--commit-threshold", type=float, default=None,
-                   help="confidence sampler: also commit any token more probable than this")
-    p.add_argument("--entropy-bound", type=float, default=None)
-    p.add_argument("--t-min", type=float, default=None)
-    p.add_argument("--t-max", type=float, default=None)
-    p.add_argument("--stability-threshold", type=int, default=None)
-    p.add_argument("--confidence-threshold", type=float, default=None)
-    p.add_argument("--compat", action="store_true", help="reproduce transformers generate() token for token")
+                   help="diffusion: entropy_bound: the reference's sampler; confidence: commit the most confident "
+                        "tokens (default: the model's generation_config, else entropy_bound)")
+    p.add_argument("--commit-threshold", type=probability, default=None,
+                   help="diffusion, confidence sampler: also commit any token more probable than this, in (0, 1]")
+    p.add_argument("--entropy-bound", type=positive_float, default=None,
+                   help="diffusion: summed entropy (nats) accepted per step, > 0")
+    p.add_argument("--t-min", type=non_negative_float, default=None,
+                   help="diffusion: temperature of a canvas's last step, >= 0")
+    p.add_argument("--t-max", type=non_negative_float, default=None,
+                   help="diffusion: temperature of a canvas's first step, > --t-min")
+    p.add_argument("--stability-threshold", type=_stability_int, default=None,
+                   help="diffusion: adaptive stopping after this many steps with an unchanged argmax")
+    p.add_argument("--confidence-threshold", type=positive_float, default=None,
+                   help="diffusion: adaptive stopping below this mean entropy, > 0")
+    p.add_argument("--compat", action="store_true",
+                   help="diffusion: reproduce transformers generate() token for token")
     p.add_argument("--engine", choices=["fast", "reference"], default="fast",
                    help="fast: static cache and chunked sampler (default); reference: the plain model.py path")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast engine (slow first call)")
-    p.add_argument("--temperature", type=float, default=0.0, help="AR sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--temperature", type=non_negative_float, default=None,
+                   help="ar: sampling temperature (default 0 = greedy)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="ar: sample among the k most probable tokens")
+    p.add_argument("--top-p", type=probability, default=None, help="ar: nucleus sampling mass, in (0, 1]")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--live", action="store_true", help="show the canvas being denoised (on stderr)")
-    p.add_argument("--stats", choices=["text", "json", "none"], default="text", help="statistics format on stderr")
+    p.add_argument("--live", action="store_true", help="diffusion: show the canvas being denoised (on stderr)")
+    p.add_argument("--stats", choices=["text", "json", "none"], default="text",
+                   help="statistics on stderr (text also prints a line on where to look next)")
+
+
+# Options of one mode, with what to use instead in the other. None values and False flags count as not given.
+_AR_ONLY = {"temperature": "for diffusion use --t-min/--t-max", "top_k": "diffusion has no top-k; see --sampler",
+            "top_p": "diffusion has no top-p; see --sampler and --entropy-bound"}
+_DIFFUSION_ONLY = ("steps", "sampler", "commit_threshold", "entropy_bound", "t_min", "t_max", "stability_threshold",
+                   "confidence_threshold", "compat", "live")
+
+
+def _check_generate_args(args) -> None:
+    """Refuse, before the model loads, what cannot work: options of the other mode, prompts that are not text,
+    several prompts in --format text."""
+    given = [name for name in (_DIFFUSION_ONLY if args.mode == "ar" else _AR_ONLY)
+             if getattr(args, name) not in (None, False)]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        if args.mode == "ar":
+            raise ValueError(f"{flag} applies to --mode diffusion only; drop it, or leave out --mode ar")
+        raise ValueError(f"{flag} applies to --mode ar only; {_AR_ONLY[given[0]]}, or pass --mode ar")
+    if args.t_min is not None and args.t_max is not None and not args.t_min < args.t_max:
+        raise ValueError(f"--t-min {args.t_min} must be below --t-max {args.t_max}")
+    for what, texts in (("prompt", args.prompt), ("--stop string", args.stop)):
+        for i, text in enumerate(texts, 1):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as lone surrogates
+                bad = text[e.start:e.end].encode("utf-8", "surrogateescape").hex(" ")
+                raise ValueError(f"{what} {i} is not valid UTF-8 text (byte(s) {bad} at character {e.start}); "
+                                 "pass UTF-8, e.g. convert it with `iconv -t UTF-8`") from None
+    if len(args.prompt) > 1 and args.format == "text":
+        raise ValueError(f"{len(args.prompt)} prompts given: in --format text their continuations cannot be told "
+                         "apart; pass --format jsonl (one JSON object per prompt), or one prompt")
 
 
 def _pick(cli_value, gen_cfg: dict, key: str, default):
@@ -58,18 +137,21 @@ def _pick(cli_value, gen_cfg: dict, key: str, default):
 
 
 def _run_generate(args) -> int:
+    _check_generate_args(args)
     import torch
 
-    from .api import generate_text, load
+    from .api import encode_prompts, generate_text, load
+    from .generate import ARParams, DiffusionParams
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
     lm = load(args.model, dtype=dtype)
     g = lm.generation_config
     eos = g.get("eos_token_id", lm.model.config.eos_token_ids or lm.tokenizer.stop_ids())
-    eos = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else None
+    eos = tuple(eos if isinstance(eos, (list, tuple)) else [eos]) if eos is not None else None
     max_new = _pick(args.max_new_tokens, g, "max_new_tokens", 256)
     if args.mode == "ar":
-        params = ARParams(max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        params = ARParams(max_new_tokens=max_new, temperature=args.temperature or 0.0, top_k=args.top_k,
+                          top_p=args.top_p,
                           eos_token_ids=eos, seed=args.seed, engine=args.engine, compile=args.compile)
     else:
         params = DiffusionParams.from_generation_config(
@@ -87,8 +169,13 @@ def _run_generate(args) -> int:
     finally:
         if live is not None:
             live.stop()
-    for r in results:
-        sys.stdout.write(r.text + ("\n" if len(results) > 1 else ""))
+    if args.format == "jsonl":
+        prompt_tokens = encode_prompts(lm, args.prompt, args.chat)[1].sum(dim=1).tolist()
+        for prompt, r, n in zip(args.prompt, results, prompt_tokens, strict=True):
+            sys.stdout.write(json.dumps({"prompt": prompt, "text": r.text, "finish_reason": r.finish_reason,
+                                         "prompt_tokens": n, "completion_tokens": len(r.token_ids)}) + "\n")
+    else:
+        sys.stdout.write(results[0].text)  # one prompt (checked above)
     sys.stdout.flush()
     if args.stats != "none":
         stats = results[0].stats.as_dict()
@@ -97,11 +184,48 @@ def _run_generate(args) -> int:
         if args.stats == "json":
             print(json.dumps(stats), file=sys.stderr)
         else:
-            tpf = ", ".join(f"{x:.2f}" for x in stats["tokens_per_forward"])
-            print(f"\n[{args.mode}] {sum(stats['new_tokens'])} tokens in {stats['seconds']:.2f}s; "
-                  f"passes {stats['decoder_passes']}; encoder passes {stats['encoder_passes']}; "
-                  f"tokens/forward {tpf}; steps/canvas {stats['steps_per_canvas']}", file=sys.stderr)
+            print("\n" + _stats_line(stats, args.mode), file=sys.stderr)
+            print(_next_hint(lm.name, args), file=sys.stderr)
     return 0
+
+
+def _stats_line(stats: dict, mode: str) -> str:
+    """The statistics in words: mode, tokens, time, forward passes (per prompt when there are several)."""
+    def per_row(values, fmt="{}"):
+        return "/".join(fmt.format(v) for v in values)
+
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
+
+    n, secs = sum(stats["new_tokens"]), stats["seconds"]
+    head = f"[{mode} mode] {n} new tokens in {secs:.2f} s" + (f" ({n / secs:.1f} tokens/s)" if secs > 0 else "")
+    rows = "per prompt: " if len(stats["new_tokens"]) > 1 else ""
+    passes = per_row(stats["decoder_passes"])
+    if mode == "ar":
+        return f"{head}; {rows}{passes} forward passes (one per new token, the first also reads the prompt)"
+    steps = " | ".join(", ".join(map(str, row)) for row in stats["steps_per_canvas"])
+    return (f"{head}; {rows}{passes} denoising passes ({per_row(stats['tokens_per_forward'], '{:.2f}')} tokens per "
+            f"pass) + {plural(stats['encoder_passes'], 'encoder pass')}; denoising steps per canvas: {steps}")
+
+
+def _next_hint(model_name: str, args) -> str:
+    """One line on where to look next: the same prompt in the other decoding mode, the model card, the options."""
+    import shlex
+    from pathlib import Path
+
+    if model_name.startswith("random:"):
+        about = f"{model_name} has random weights, so the text is noise; pass --model PATH for a trained model"
+    elif (Path(model_name) / "MODEL_CARD.md").is_file():
+        about = f"model card: {Path(model_name) / 'MODEL_CARD.md'}"
+    else:
+        about = f"model folder: {model_name}"
+    prompt = shlex.quote(args.prompt[0]) if len(args.prompt) == 1 and len(args.prompt[0]) <= 60 else "PROMPT"
+    model = f" --model {shlex.quote(args.model)}" if args.model else ""
+    if args.mode == "diffusion":
+        other = f"the same weights decoding autoregressively: dgemma generate --mode ar{model} {prompt}"
+    else:
+        other = f"the same weights decoding by block diffusion: dgemma generate{model} {prompt}"
+    return f"next: {other}; {about}; all options: dgemma generate --help"
 
 
 def _live_view(tokenizer, batch: int):
@@ -149,43 +273,74 @@ def _run_info(args) -> int:
     return 0
 
 
+def _run_eval(args) -> int:
+    from .eval import run_cli
+
+    return run_cli(args)
+
+
+def _run_bench(args) -> int:
+    from .bench import run_cli
+
+    return run_cli(args)
+
+
+def _run_train(args) -> int:
+    from .train import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma-style block-diffusion LMs")
+    """Every subcommand's parser, built without importing torch (the runners import what they need)."""
+    from . import data, options
+
+    parser = _Parser(prog="dgemma", description="DiffusionGemma-style block-diffusion LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    sub.choices["generate"].set_defaults(func=_run_generate)
     _add_info(sub)
-    from . import data
-
+    sub.choices["info"].set_defaults(func=_run_info)
     data.add_cli(sub)
-    from . import eval as eval_
-
-    eval_.add_cli(sub)
-    from . import bench
-
-    bench.add_cli(sub)
-    try:
-        from . import train
-    except ImportError:  # training module not present in this build
-        train = None
-    if train is not None and hasattr(train, "add_cli"):
-        train.add_cli(sub)
+    options.add_eval(sub).set_defaults(func=_run_eval)
+    options.add_bench(sub).set_defaults(func=_run_bench)
+    options.add_train(sub).set_defaults(func=_run_train)
     return parser
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's allocation failures (torch.OutOfMemoryError on GPUs, a RuntimeError from the CPU allocator)."""
+    text = str(e)
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+_OOM_FIX = {"generate": "ask for fewer tokens (--max-new-tokens) or fewer prompts, or use --dtype bfloat16",
+            "eval": "lower --batch-size or --max-new-tokens", "train": "lower --batch-size or --seq-len"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `dgemma ARGV`; the exit status: 0, 2 for any user error (one line on stderr), 130 on Ctrl-C."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    runners = {"generate": _run_generate, "info": _run_info}
     try:
-        if args.command in runners:
-            return runners[args.command](args)
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0), or a flag argparse refused (2; _Parser.error printed one line)
+        return e.code if isinstance(e.code, int) else 2
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:  # user errors: bad path, malformed checkpoint, impossible parameter
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"dgemma {args.command}: error: {msg}", file=sys.stderr)
+    except (ValueError, OSError, MemoryError, RuntimeError) as e:
+        # ValueError and its subclasses (DataError, TrainError, ModelLoadError, ...): a bad path, a malformed
+        # checkpoint, an impossible parameter. RuntimeError only when it is an allocation failure; others are bugs.
+        if isinstance(e, RuntimeError) and not _out_of_memory(e):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if _out_of_memory(e):
+            msg = f"out of memory ({msg[:200]}); {_OOM_FIX.get(args.command, 'use a smaller model or batch')}"
+        print(f"dgemma {command}: error: {msg}", file=sys.stderr)
         return 2
 
 

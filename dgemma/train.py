@@ -52,7 +52,8 @@ from torch import nn
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, ModelConfig, preset
 from .model import DiffusionGemma, init_weights
-from .objective import EvalLosses, ObjectiveError, evaluate_losses, sample_noise, training_losses
+from .objective import EvalLosses, evaluate_losses, sample_noise, training_losses
+from .options import TrainConfig, TrainError, add_train
 
 TRAINER_STATE = "trainer_state.pt"
 CHECKPOINTS = "checkpoints"
@@ -61,95 +62,9 @@ LOG = "log.jsonl"
 RUN_CONFIG = "train_config.json"
 
 
-class TrainError(ValueError):
-    """A training setting, run folder or data/model combination that cannot work; the message says how to fix it."""
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Configuration (the CLI flags mirror these fields)
-@dataclass
-class TrainConfig:
-    out: str = "runs/dgemma"  # run folder
-    data: str | None = None  # folder made by `dgemma data prepare`
-    synthetic_data: bool = False  # uniform random tokens instead of --data (speed checks, smoke tests)
-    preset: str | None = None  # model preset for training from scratch (default "small")
-    init_from: str | None = None  # checkpoint folder to fine-tune
-    vocab_size: int | None = None  # override the preset's vocabulary (must equal the tokenizer's)
-    canvas_length: int | None = None  # override the preset's or checkpoint's canvas length (weights do not depend on it)
-    resume: bool = False  # continue from the newest checkpoint in --out (start fresh if there is none)
-    steps: int = 1000  # total optimizer steps
-    batch_size: int = 16  # sequences per micro-step, all processes together
-    grad_accum: int = 1  # micro-steps per optimizer step
-    seq_len: int = 256  # tokens per sequence, a multiple of the model's canvas_length
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 100  # linear warmup from 0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.1  # on matrices only (not norms and scales)
-    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
-    ar_weight: float = 1.0  # total = diffusion + ar_weight * AR
-    sc_prob: float = 0.5  # probability that an example's second pass reads the first pass's logits
-    t_eps: float = 1e-3  # t ~ U(t_eps, 1)
-    ce_chunk: int = 0  # compute the LM-head CE this many positions at a time (0 = all at once)
-    bf16: bool | None = None  # bf16 autocast, weights and optimizer stay fp32 (None: where the hardware has bf16)
-    compile: bool = False  # torch.compile each layer
-    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when running on several processes
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None  # torch CPU threads per process (default: cores / local processes)
-    seed: int = 0  # initialisation, data order and noise
-    init_std: float = 0.02
-    val_every: int = 200  # steps between validations (0 = only at the end; there is always one at the end)
-    val_batches: int = 4  # micro-batches per validation
-    val_t: tuple[float, ...] = (0.25, 0.5, 0.75)  # noise levels of the validation diffusion loss
-    log_every: int = 10  # steps between progress lines
-    ckpt_every: int = 500  # steps between checkpoints (0 = only at the end and on stop)
-    keep_checkpoints: int = 3  # newest checkpoints kept (0 = all)
-    max_minutes: float | None = None  # stop cleanly (with a checkpoint) after this much training time
-    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
-
-    def validate(self) -> None:
-        problems = []
-        positive = ("steps", "batch_size", "grad_accum", "seq_len", "val_batches", "log_every")
-        problems += [f"--{n.replace('_', '-')} must be >= 1 (got {getattr(self, n)})" for n in positive
-                     if getattr(self, n) < 1]
-        non_negative = ("warmup_steps", "weight_decay", "grad_clip", "ar_weight", "ce_chunk", "val_every",
-                        "ckpt_every", "keep_checkpoints")
-        problems += [f"--{n.replace('_', '-')} must be >= 0 (got {getattr(self, n)})" for n in non_negative
-                     if getattr(self, n) < 0]
-        if not self.lr > 0:
-            problems.append(f"--lr must be > 0 (got {self.lr})")
-        if not 0 <= self.min_lr_ratio <= 1:
-            problems.append(f"--min-lr-ratio must be in [0, 1] (got {self.min_lr_ratio})")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            problems.append(f"--beta1/--beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
-        if not 0 <= self.sc_prob <= 1:
-            problems.append(f"--sc-prob must be in [0, 1] (got {self.sc_prob})")
-        if not 0 <= self.t_eps < 1:
-            problems.append(f"--t-eps must be in [0, 1) (got {self.t_eps})")
-        if any(not 0 <= t <= 1 for t in self.val_t):
-            problems.append(f"--val-t values must be in [0, 1] (got {list(self.val_t)})")
-        if self.canvas_length is not None and self.canvas_length < 1:
-            problems.append(f"--canvas-length must be >= 1 (got {self.canvas_length})")
-        if self.preset is not None and self.init_from is not None:
-            problems.append("give either --preset (train from scratch) or --init-from (fine-tune), not both")
-        if self.data is None and not self.synthetic_data:
-            problems.append("no training data: pass --data DIR (made by `dgemma data prepare`) or --synthetic-data")
-        if self.data is not None and self.synthetic_data:
-            problems.append("give either --data or --synthetic-data, not both")
-        if self.device not in ("auto", "cpu", "cuda"):
-            problems.append(f"--device must be auto, cpu or cuda (got {self.device!r})")
-        if self.progress not in ("auto", "bar", "lines", "none"):
-            problems.append(f"--progress must be auto, bar, lines or none (got {self.progress!r})")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            problems.append(f"--max-minutes must be > 0 (got {self.max_minutes})")
-        if problems:
-            raise TrainError("; ".join(problems))
-
-    @property
-    def model_preset(self) -> str:
-        return self.preset or "small"
-
+# Configuration: TrainConfig (the CLI flags mirror its fields) and TrainError live in the torch-free options module,
+# so that `dgemma train --help` answers without importing torch.
 
 # Settings a resumed run must share with the run it continues (the rest, e.g. --steps, may change).
 RESUME_IDENTITY = ("data", "synthetic_data", "preset", "init_from", "vocab_size", "canvas_length", "batch_size", "grad_accum",
@@ -649,8 +564,10 @@ def _prepare_run(cfg: TrainConfig, env: Distributed) -> tuple[Path, Path | None,
         if diffs:
             raise TrainError(f"cannot resume {run} with different settings ({'; '.join(diffs)}); use the same flags "
                              "or start a new --out")
-    elif cfg.resume and run.joinpath(CHECKPOINTS).exists() and env.is_main:
-        print(f"dgemma train: {run} has no complete checkpoint to resume; starting fresh", file=sys.stderr)
+    elif cfg.resume:
+        where = f"{run} has no complete checkpoint" if run.exists() else f"{run} does not exist"
+        raise TrainError(f"--resume: nothing to resume, {where}; drop --resume to start a new run there, or give "
+                         "the --out of the run to continue")
     return run, resume_from, saved
 
 
@@ -693,9 +610,14 @@ def _train(cfg: TrainConfig, data: DataSource | None, on_step, env: Distributed)
                                    else preset(cfg.model_preset).vocab_size)
         data = synthetic_data(vocab, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     if data is None:
-        from .data import read_meta
+        from .data import check_tokenizer, read_meta
 
         meta = read_meta(cfg.data)
+        # The model's tokenizer (a fine-tuned or resumed checkpoint's) must be the one the data was tokenized with.
+        for folder, what in ((resume_from, "the checkpoint to resume"), (cfg.init_from, "the --init-from checkpoint")):
+            if folder is not None and (Path(folder) / "tokenizer.json").is_file():
+                check_tokenizer(cfg.data, meta, Path(folder) / "tokenizer.json", f"{what} {folder}")
+                break
         mc = expected_model_config(cfg, int(meta["vocab_size"]), meta.get("special_ids", {}))
         data = folder_data(cfg.data, cfg.batch_size, cfg.seq_len, mc.canvas_length, seed=cfg.seed)
     else:
@@ -938,57 +860,8 @@ def _train(cfg: TrainConfig, data: DataSource | None, on_step, env: Distributed)
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `train` on a parent parser's subparsers; dispatch with `run_cli(args)`."""
-    p = subparsers.add_parser("train", help="train or fine-tune a block-diffusion model",
-                              description=__doc__.split("\n\n")[0])
-    d = TrainConfig()
-    g = p.add_argument_group("run and data")
-    g.add_argument("--out", default=d.out, help=f"run folder (default {d.out})")
-    g.add_argument("--data", default=None, help="prepared data folder (dgemma data prepare --out ...)")
-    g.add_argument("--synthetic-data", action="store_true", help="uniform random tokens (speed checks)")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    g.add_argument("--steps", type=int, default=d.steps, help=f"total optimizer steps (default {d.steps})")
-    g.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this much training time")
-    g = p.add_argument_group("model")
-    g.add_argument("--preset", default=None, help="model preset to train from scratch (default small)")
-    g.add_argument("--init-from", default=None, help="checkpoint folder to fine-tune")
-    g.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
-    g.add_argument("--canvas-length", type=int, default=None,
-                   help="override the preset's or --init-from checkpoint's canvas length")
-    g.add_argument("--init-std", type=float, default=d.init_std)
-    g = p.add_argument_group("batch and objective")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-step, all processes")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step")
-    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence (multiple of canvas_length)")
-    g.add_argument("--ar-weight", type=float, default=d.ar_weight, help="weight of the encoder's next-token loss")
-    g.add_argument("--sc-prob", type=float, default=d.sc_prob, help="self-conditioning probability per example")
-    g.add_argument("--t-eps", type=float, default=d.t_eps, help="t ~ U(t_eps, 1)")
-    g.add_argument("--ce-chunk", type=int, default=d.ce_chunk, help="LM-head CE chunk (positions; 0 = one shot)")
-    g = p.add_argument_group("optimizer")
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine floor as a fraction of --lr")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--beta1", type=float, default=d.beta1)
-    g.add_argument("--beta2", type=float, default=d.beta2)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
-    g = p.add_argument_group("execution")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=d.bf16,
-                   help="bf16 autocast (default: on where the CPU/GPU has native bf16 matmuls; without them, e.g. on "
-                        "AVX2-only CPUs, bf16 matmuls are many times slower than fp32)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile, help="torch.compile layers")
-    g.add_argument("--fsdp", action="store_true", help="FSDP2 sharding instead of DDP (several processes)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
-    g.add_argument("--threads", type=int, default=None, help="CPU threads per process")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g = p.add_argument_group("validation, logging, checkpoints")
-    g.add_argument("--val-every", type=int, default=d.val_every, help="steps between validations (0 = only at end)")
-    g.add_argument("--val-batches", type=int, default=d.val_batches)
-    g.add_argument("--val-t", type=float, nargs="+", default=list(d.val_t), help="noise levels for validation")
-    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines")
-    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints")
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="newest kept (0 = all)")
-    g.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default=d.progress)
+    """Register `train` on a parent parser's subparsers (flags in options.add_train); dispatch with `run_cli(args)`."""
+    p = add_train(subparsers)
     p.set_defaults(func=run_cli)
     return p
 
@@ -1000,14 +873,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """Run a parsed `train` command; user errors become one line on stderr and exit status 2."""
-    from .data import DataError
-
-    try:
-        result = train(config_from_args(args))
-    except (TrainError, DataError, CheckpointError, ConfigError, ObjectiveError, OSError) as e:
-        print(f"dgemma train: error: {e}", file=sys.stderr)
-        return 2
+    """Run a parsed `train` command. User errors (TrainError, DataError, ... all ValueErrors) propagate to
+    `cli.main`, which prints them as one line and exits with status 2."""
+    result = train(config_from_args(args))
     if result.stopped is None and dist_rank() == 0:
         print(f"dgemma train: done, {result.step} steps; model in {result.checkpoint}", file=sys.stderr)
     return 0
@@ -1018,9 +886,10 @@ def dist_rank() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dgemma.train")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    return run_cli(parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)]))
+    """`python -m dgemma.train ...` (and torchrun -m dgemma.train): the same as `dgemma train ...`."""
+    from .cli import main as cli_main  # the command line's one error handler
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -84,9 +84,13 @@ def test_prepare_twice_is_byte_identical(corpus: Path, tmp_path: Path) -> None:
     assert source["skipped"] == {"binary": 1, "not_utf8": 1, "empty": 1}
     assert source["bytes"] == sum(len(t.encode()) for t in DOCS.values())
     assert meta["dtype"] == "uint16" and meta["special_ids"]["bos"] == 2 and meta["special_ids"]["eos"] == 1
-    # Preparing again into the same folder replaces it with the same bytes.
-    _prepare(corpus, tmp_path / "a")
+    assert meta["tokenizer"]["sha256"] == hashlib.sha256(files["tokenizer.json"]).hexdigest()
+    # Preparing again into the same folder needs --force, and replaces it with the same bytes.
+    with pytest.raises(DataError, match=r"already holds prepared data.*--force"):
+        _prepare(corpus, tmp_path / "a")
+    _prepare(corpus, tmp_path / "a", force=True)
     assert _files(tmp_path / "a") == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "corpus"]  # no temporary sibling folders
     # The corpus hash follows the contents.
     (corpus / "notes" / "d.txt").write_text("y")
     changed = _prepare(corpus, tmp_path / "c")
@@ -96,7 +100,7 @@ def test_prepare_twice_is_byte_identical(corpus: Path, tmp_path: Path) -> None:
 def test_output_folder_inside_the_source_is_not_read_back(corpus: Path) -> None:
     first = _prepare(corpus, corpus / "prepared")
     files = _files(corpus / "prepared")
-    second = _prepare(corpus, corpus / "prepared")
+    second = _prepare(corpus, corpus / "prepared", force=True)
     shards = {n: b for n, b in _files(corpus / "prepared").items() if n != "meta.json"}
     assert shards == {n: b for n, b in files.items() if n != "meta.json"}  # meta.json differs only by the note
     assert second.sources[0].documents == first.sources[0].documents == len(DOCS)
@@ -270,18 +274,51 @@ def test_failed_prepare_keeps_previous_output(corpus: Path, tmp_path: Path, monk
     _prepare(corpus, out)
     good = _files(out)
     with pytest.raises(DataError):
-        prepare([str(tmp_path / "missing")], out)
+        prepare([str(tmp_path / "missing")], out, force=True)
 
     def fail_on_val(tokenizer, kept, dtype, tokens_file, offsets_file):  # the train split is already written
-        if tokens_file.name.startswith(".val"):
+        if tokens_file.name == "val.bin":
             raise KeyboardInterrupt
         return real_encode(tokenizer, kept, dtype, tokens_file, offsets_file)
 
     real_encode = data._encode_split
     monkeypatch.setattr(data, "_encode_split", fail_on_val)
     with pytest.raises(KeyboardInterrupt):
-        _prepare(corpus, out, vocab_size=300)
-    assert _files(out) == good  # same files, same bytes, no temporaries
+        _prepare(corpus, out, vocab_size=300, force=True)
+    assert _files(out) == good  # same files, same bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]  # no half-written sibling folder
+
+
+def test_out_folder_is_refused_unless_it_is_new_empty_or_forced(corpus: Path, tmp_path: Path) -> None:
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    for force in (False, True):  # a folder of someone else's files is never replaced
+        with pytest.raises(DataError, match="holds other files"):
+            _prepare(corpus, other, force=force)
+    assert (other / "mine.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _prepare(corpus, empty)
+    first = _files(empty)
+    report = _prepare(corpus, empty, vocab_size=300, force=True)  # replaced by a different preparation
+    assert report.vocab_size <= 300 and _files(empty) != first
+    assert json.loads((empty / "meta.json").read_text())["tokenizer"]["requested_vocab_size"] == 300
+
+
+def test_tokenizer_hash_is_checked(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _prepare(corpus, out)
+    meta = data.read_meta(out)
+    same = Tokenizer.from_path(out)
+    data.check_tokenizer(out, meta, same, "model same")  # the same tokenizer passes
+    data.check_tokenizer(out, meta, out / "tokenizer.json", "model same")
+    _prepare(corpus, tmp_path / "other", vocab_size=300)
+    with pytest.raises(DataError, match=r"tokenizer mismatch.*data in .*out.*model other.*--tokenizer"):
+        data.check_tokenizer(out, meta, Tokenizer.from_path(tmp_path / "other"), "model other")
+    # a folder prepared before the hash was recorded: its tokenizer file is hashed instead
+    del meta["tokenizer"]["sha256"]
+    assert data.data_tokenizer_sha256(out, meta) == data.tokenizer_sha256(same)
 
 
 def test_given_tokenizer_and_uint32_shards(tmp_path: Path) -> None:
@@ -333,6 +370,8 @@ def test_download_recipes(recipe: str, suffix: str, tmp_path: Path) -> None:
 
 
 def test_cli_prepare_and_errors(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dgemma.cli import main
+
     parser = argparse.ArgumentParser()
     data.add_cli(parser.add_subparsers(dest="command"))
     argv = ["data", "prepare", "--source", str(corpus), "--out", str(tmp_path / "out"), "--vocab-size", "300"]
@@ -340,8 +379,19 @@ def test_cli_prepare_and_errors(corpus: Path, tmp_path: Path, capsys: pytest.Cap
     assert args.func is data.run_cli and args.val_fraction == 0.3 and args.seed == 2
     assert data.run_cli(args) == 0
     assert "bytes/token" in capsys.readouterr().out
-    assert data.run_cli(parser.parse_args(["data", "prepare", "--source", "nope", "--out", str(tmp_path)])) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("dgemma data: error: unknown corpus recipe 'nope'")
-    assert data.run_cli(parser.parse_args(["data", "list"])) == 0
+    # user errors: one line on stderr, exit status 2
+    assert main(["data", "prepare", "--source", "nope", "--out", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err  # progress lines ("listing nope"), then the error as the one last line
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("dgemma data prepare: error: unknown corpus recipe 'nope'")
+    assert main(argv) == 2  # the folder holds prepared data now
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds prepared data" in err and "--force" in err
+    assert main([*argv, "--force"]) == 0
+    capsys.readouterr()
+    for flag, value in (("--val-fraction", "1"), ("--val-fraction", "nan"), ("--max-documents", "0")):
+        assert main([*argv, "--force", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flag in err and "must be" in err
+    assert main(["data", "list"]) == 0
     assert "shakespeare" in capsys.readouterr().out

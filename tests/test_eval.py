@@ -103,3 +103,82 @@ def test_sampler_sweep_runs_the_grid_on_training_prompts(tmp_path, capsys):
     assert all(r["t_min"] == 0.4 and 0 <= r["parse_rate"] <= 1 and r["tokens"] > 0 for r in diff)
     with pytest.raises(SystemExit, match="KEY one of"):
         sweep.main(["--model", str(path), "--data", str(tmp_path / "data"), "--set", "bogus=1"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Out of the box: prompts shipped with the model, losses only with --data, no downloads, one-line errors
+def test_the_bundled_model_ships_its_held_out_prompts():
+    from pathlib import Path
+
+    from dgemma.eval import eval_prompts, read_prompts
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "dgemma-py-small" / "eval_prompts.json"
+    prompts = read_prompts(shipped)
+    assert len(prompts) == 24 and all(p.startswith(("def ", "async def ")) for p in prompts)
+    doc = json.loads(shipped.read_text())
+    assert doc["split"]["seed"] == 0 and doc["split"]["val_fraction"] == 0.02 and doc["made_with"]
+    # without --data, eval takes them from the model folder (the bundled model by default)
+    got, origin = eval_prompts(EvalConfig(prompts=3))
+    assert got == prompts[::8] and "eval_prompts.json" in origin["from"]
+
+
+def test_eval_without_data_uses_the_model_folders_prompts(tmp_path, capsys, monkeypatch):
+    from dgemma.cli import main
+
+    path = _tiny_model_and_data(tmp_path)
+    # the prompts file is written from the data's held-out split, into the model folder
+    assert main(["eval", "--data", str(tmp_path / "data"), "--prompts", "2",
+                 "--write-prompts", str(path / "eval_prompts.json")]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("DGEMMA_CACHE", str(tmp_path / "cache"))  # no judge cached: auto must skip, not download
+
+    def no_downloads(*a, **k):
+        raise AssertionError(f"eval ran a subprocess: {a}")
+
+    monkeypatch.setattr("subprocess.run", no_downloads)
+    assert main(["eval", "--model", str(path), "--max-new-tokens", "4", "--steps", "1", "--batch-size", "2",
+                 "--out", str(tmp_path / "r.json")]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["prompts"] == 2 and "eval_prompts.json" in result["prompts_from"]
+    assert "val_ar_nll" not in result and "validation losses: not measured" in out
+    assert result["judge_ppl_diffusion"] is None and "--judge download" in err
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+
+
+def test_eval_user_errors_are_one_line(tmp_path, capsys):
+    from dgemma.api import BUNDLED_TOKENIZER
+    from dgemma.cli import main
+    from dgemma.data import prepare
+
+    def run(*argv):
+        assert main(["eval", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    assert "--prompts" in run("--model", "random:tiny", "--prompts", "0")
+    assert "--val-sequences" in run("--model", "random:tiny", "--val-sequences", "-1")
+    assert "--max-new-tokens" in run("--model", "random:tiny", "--max-new-tokens", "nan")
+    err = run("--model", "random:tiny")  # no data, no prompts file: say what to pass
+    assert "no prompts" in err and "--data" in err and "--prompts-file" in err
+    assert "does not exist" in run("--model", "random:tiny", "--prompts-file", str(tmp_path / "nope.json"))
+    # a data folder whose validation split is empty
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"m{i}.py").write_text(SRC.replace("add", f"add{i}"))
+    prepare([str(corpus)], tmp_path / "noval", tokenizer_path=BUNDLED_TOKENIZER, val_fraction=0.0)
+    err = run("--model", "random:tiny", "--data", str(tmp_path / "noval"))
+    assert "validation split" in err and "empty" in err and "--val-fraction" in err
+    # data tokenized with another tokenizer than the model's
+    prepare([str(corpus)], tmp_path / "other", vocab_size=300, val_fraction=0.5)
+    err = run("--model", "random:tiny", "--data", str(tmp_path / "other"), "--judge", "none")
+    assert "tokenizer mismatch" in err and "other" in err and "random:tiny" in err
+    # an explicit judge folder without the judge
+    err = run("--model", "random:tiny", "--prompts-file", str(tmp_path / "p.json"), "--judge", str(tmp_path))
+    assert "does not exist" in err  # the prompts are checked first; now give some
+    (tmp_path / "p.json").write_text(json.dumps({"prompts": ["def f(x):\n"]}))
+    err = run("--model", "random:tiny", "--prompts-file", str(tmp_path / "p.json"), "--max-new-tokens", "2",
+              "--steps", "1", "--judge", str(tmp_path))
+    assert "--judge" in err and "SmolLM2" in err

@@ -227,6 +227,53 @@ def test_seq_len_must_hold_whole_canvases(tmp_path):
         train(tiny_cfg(tmp_path, batch_size=0))
 
 
+def test_resume_with_nothing_to_resume_is_an_error(tmp_path, capsys):
+    from dgemma.cli import main
+
+    with pytest.raises(TrainError, match=r"--resume: nothing to resume, .*new does not exist; drop --resume"):
+        train(tiny_cfg(tmp_path / "new", resume=True))
+    (tmp_path / "half" / "checkpoints" / ".step-000002.partial").mkdir(parents=True)  # an interrupted first write
+    with pytest.raises(TrainError, match="half has no complete checkpoint"):
+        train(tiny_cfg(tmp_path / "half", resume=True))
+    argv = ["train", "--synthetic-data", "--preset", "tiny", "--out", str(tmp_path / "new"), "--progress", "none"]
+    assert main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dgemma train: error: --resume: nothing to resume")
+    assert not (tmp_path / "new").exists()
+    assert main([*argv, "--threads", "0"]) == 2
+    assert "argument --threads: must be an integer >= 1 (got 0)" in capsys.readouterr().err
+    with pytest.raises(TrainError, match="--threads must be >= 1"):  # the API checks it too
+        train(tiny_cfg(tmp_path / "new", threads=0))
+    with pytest.raises(TrainError, match="--lr must be a finite number"):
+        train(tiny_cfg(tmp_path / "new", lr=float("inf")))
+
+
+def test_data_of_another_tokenizer_than_the_checkpoint_is_an_error(tmp_path, capsys):
+    """Fine-tuning (or resuming) on data tokenized with another tokenizer than the checkpoint's: the ids would
+    mean other tokens, even at the same vocabulary size."""
+    from dgemma.cli import main
+    from dgemma.data import prepare
+
+    for name, words in (("a", ["alpha", "beta", "gamma", "delta"]), ("b", ["one", "two", "three", "four"])):
+        (tmp_path / f"src-{name}").mkdir()
+        for i in range(12):
+            (tmp_path / f"src-{name}" / f"d{i}.txt").write_text(" ".join(words[(i + j) % 4] for j in range(40)))
+        prepare([str(tmp_path / f"src-{name}")], tmp_path / f"data-{name}", vocab_size=270, val_fraction=0.2)
+    cfg = tiny_cfg(tmp_path / "run-a", synthetic_data=False, data=str(tmp_path / "data-a"), vocab_size=270,
+                   steps=1, seq_len=32, batch_size=2)
+    first = train(cfg)
+    ft = replace(cfg, out=str(tmp_path / "ft"), preset=None, vocab_size=None, init_from=str(first.checkpoint),
+                 data=str(tmp_path / "data-b"))
+    with pytest.raises(Exception, match=r"tokenizer mismatch: the data in .*data-b.*--init-from checkpoint"):
+        train(ft)
+    argv = ["train", "--data", str(tmp_path / "data-b"), "--init-from", str(first.checkpoint), "--out",
+            str(tmp_path / "ft"), "--progress", "none"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer mismatch" in err and "data-b" in err and str(first.checkpoint) in err
+    train(replace(ft, data=str(tmp_path / "data-a")))  # the checkpoint's own data is fine
+
+
 def test_fine_tune_starts_from_the_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path / "a", steps=3)
     base = train(cfg, data=data_for(cfg))
