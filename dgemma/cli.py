@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_eval(sub).set_defaults(func=_run_eval)
     options.add_bench(sub).set_defaults(func=_run_bench)
     options.add_train(sub).set_defaults(func=_run_train)
+    from . import server  # argparse only: fastapi, uvicorn and torch load when the server starts
+
+    server.add_cli(sub)
     return parser
 
 

@@ -70,20 +70,25 @@ def add_cli(sub) -> argparse.ArgumentParser:
 
 
 def _add_flags(p: argparse.ArgumentParser) -> None:
+    from .options import float_in, int_in  # torch-free
+
     p.add_argument("--model", default=None, help="checkpoint folder, or random:PRESET (default: bundled model)")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--port", type=int_in(0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--model-name", default=None, help="the served model id (default: the model folder's name)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     # engine settings: None keeps EngineConfig's default (its one home)
-    p.add_argument("--max-batch", type=int, default=None, help="rows decoded at once")
-    p.add_argument("--kv-memory-mb", type=float, default=None, help="K/V pool budget in MB")
-    p.add_argument("--max-queue", type=int, default=None, help="waiting requests beyond this get 429")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per encoder chunk")
-    p.add_argument("--max-model-len", type=int, default=None, help="positions per request (prompt + new tokens)")
+    p.add_argument("--max-batch", type=int_in(1, 4096), default=None, help="rows decoded at once")
+    p.add_argument("--kv-memory-mb", type=float_in(0, None, lo_open=True), default=None, help="K/V pool budget in MB")
+    p.add_argument("--max-queue", type=int_in(0), default=None, help="waiting requests beyond this get 429")
+    p.add_argument("--prefill-chunk", type=int_in(1), default=None, help="prompt tokens per encoder chunk")
+    p.add_argument("--max-model-len", type=int_in(2), default=None, help="positions per request (prompt + new tokens)")
     p.add_argument("--engine-factory", default=None, metavar="MODULE:CALLABLE",
                    help="build the engine with CALLABLE(model, EngineConfig) instead of dgemma.engine.Engine "
                         "(tests use a scripted fake)")
+    p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                   help="let a request's rounding depend on the rows it shares steps with (a little faster at small "
+                        "batches); by default a seeded request gets the same tokens whoever it is served beside")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -141,6 +146,7 @@ def run(args) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
     settings = {k: getattr(args, k) for k in ("max_batch", "kv_memory_mb", "max_queue", "prefill_chunk",
                                               "max_model_len") if getattr(args, k) is not None}
+    settings["batch_invariant"] = args.batch_invariant
     try:
         factory = _engine_factory(args.engine_factory)
         config = EngineConfig(**settings).validate()

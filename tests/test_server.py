@@ -485,10 +485,7 @@ def test_stop_string_spanning_chunks(live):
 # The real engine's rows are not yet bit-identical to the same request alone for every request (seen: prompt
 # "# task 113\n", seed 113, diffusion, 4 steps, 137 tokens differs from token 64 on when it shares steps with any
 # other row, in-process too, so not a server effect). The fake engine checks the server's side strictly.
-_BATCH_XFAIL = pytest.mark.xfail(REAL_ENGINE, reason="engine batch invariance (dgemma/engine.py)", strict=False)
-
-
-@pytest.mark.parametrize("which", [pytest.param("live", marks=_BATCH_XFAIL), "fake"])
+@pytest.mark.parametrize("which", ["live", "fake"])
 def test_concurrent_clients_get_their_own_answers(request, which):
     if which == "fake" and not REAL_ENGINE:
         pytest.skip("the live server already runs the fake engine")
