@@ -465,7 +465,7 @@ class Engine:
             del raw
         canvas = self.canvas[s]
         steps_done = steps_done + 1
-        mean_h = None
+        h = mean_h = None
         if confidence:
             conf = st.confidence.view(g, C)
             finite = torch.isfinite(conf).all(dim=-1)
@@ -494,6 +494,8 @@ class Engine:
         draft_l = draft.tolist() if (any(r.p.drafts for r in rows) or any(done_l)) else None
         acc_l = accepted.tolist() if any(r.p.drafts for r in rows) else None
         mh_l = mean_h.tolist() if mean_h is not None else None
+        h_l = h.tolist() if h is not None and acc_l is not None else None  # per-position entropy, drafts only
+        temp_l = temp.tolist()
         for j, r in enumerate(rows):
             r.passes += 1
             if not finite_l[j]:
@@ -502,7 +504,8 @@ class Engine:
             if r.p.drafts:
                 self._event(r, events).draft = Draft(
                     offset=len(r.out), canvas_index=r.canvas_index, step=steps_l[j], ids=draft_l[j],
-                    accepted=acc_l[j], mean_entropy=None if mh_l is None else mh_l[j])
+                    accepted=acc_l[j], mean_entropy=None if mh_l is None else mh_l[j],
+                    entropy=None if h_l is None else h_l[j], temperature=temp_l[j])
             if done_l[j]:
                 r.canvas_open = False
                 r.steps.append(steps_l[j])

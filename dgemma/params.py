@@ -156,6 +156,8 @@ class Draft:
     ids: list[int]  # the draft: argmax of every canvas position (accepted or not)
     accepted: list[bool]  # positions the sampler accepted (entropy bound) or committed (confidence) this step
     mean_entropy: float | None  # nats, over the canvas (entropy-bound sampler; None for confidence)
+    entropy: list[float] | None = None  # nats, per canvas position (entropy-bound sampler; None for confidence)
+    temperature: float | None = None  # the temperature this step sampled at
 
 
 @dataclass
