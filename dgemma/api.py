@@ -195,15 +195,21 @@ def encode_prompts(lm: LoadedModel, prompts: list[str], chat: bool = False) -> t
 
 def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
                   params: DiffusionParams | ARParams | None = None, stop: list[str] | None = None,
-                  chat: bool = False, on_step: StepFn | None = None, **overrides) -> list[TextResult]:
+                  chat: bool = False, on_step: StepFn | None = None, record: str | Path | None = None,
+                  **overrides) -> list[TextResult]:
     """Continue each prompt. `params` None: the model's defaults (`lm.defaults(mode, **overrides)`), e.g.
-    `generate_text(lm, ["def f():"], max_new_tokens=64, seed=0)`."""
+    `generate_text(lm, ["def f():"], max_new_tokens=64, seed=0)`. `record`: write every denoising step of the
+    (single) prompt's run to this JSONL file (dgemma/trajectory.py), same tokens as without it."""
     if params is None:
         params = lm.defaults(mode, **overrides)
     elif overrides:
         raise ValueError(f"give either params or keyword settings ({', '.join(overrides)}), not both")
     if mode not in ("ar", "diffusion"):
         raise ValueError(f"unknown mode {mode!r}; use 'diffusion' or 'ar'")
+    if record is not None:
+        from .trajectory import generate_recorded
+
+        return generate_recorded(lm, prompts, mode, params, [s for s in (stop or []) if s], chat, on_step, record)
     ids, mask = encode_prompts(lm, prompts, chat)
     stops = [s for s in (stop or []) if s]
     stop_fn = _stop_cut(lm.tokenizer, stops) if stops else None

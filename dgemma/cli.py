@@ -7,6 +7,8 @@
     dgemma train ...                                         block-diffusion training
     dgemma eval [--model PATH] [--data DIR]                  generation quality, diffusion vs AR (+ losses with --data)
     dgemma bench [--quick]                                   speed: vs transformers, diffusion vs AR, roofline
+    dgemma generate --record run.jsonl "prompt"              record every denoising step (dgemma/trajectory.py)
+    dgemma replay run.jsonl [--speed X] / dgemma plot run.jsonl --out run.png
 
 User errors print one line to stderr and exit with status 2; nothing else prints a traceback. `main` is the one
 place that turns them into that line: argparse's own errors (through `_Parser`), impossible numbers (the `type=`
@@ -94,6 +96,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--live", action="store_true", help="diffusion: show the canvas being denoised (on stderr)")
+    p.add_argument("--record", default=None, metavar="FILE.jsonl",
+                   help="write every denoising step to FILE (one prompt; see `dgemma replay` and `dgemma plot`)")
     p.add_argument("--stats", choices=["text", "json", "none"], default="text",
                    help="statistics on stderr (text also prints a line on where to look next)")
 
@@ -165,7 +169,8 @@ def _run_generate(args) -> int:
     if args.live and args.mode == "diffusion":
         on_step, live = _live_view(lm.tokenizer, len(args.prompt))
     try:
-        results = generate_text(lm, args.prompt, args.mode, params, stop=args.stop, chat=args.chat, on_step=on_step)
+        results = generate_text(lm, args.prompt, args.mode, params, stop=args.stop, chat=args.chat, on_step=on_step,
+                                record=args.record)
     finally:
         if live is not None:
             live.stop()
@@ -308,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import server  # argparse only: fastapi, uvicorn and torch load when the server starts
 
     server.add_cli(sub)
+    from . import trajectory  # torch-free; replay and plot import rich and matplotlib when they run
+
+    trajectory.add_cli(sub)
     return parser
 
 
