@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # `make run` generates with the bundled model (random weights if its folder is missing).
 MODEL ?= $(if $(wildcard models/dgemma-py-small/config.json),--model models/dgemma-py-small,--model random:small)
 
-.PHONY: install test run lint bench clean
+.PHONY: install test run lint bench clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,8 +14,17 @@ install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[test]"
 
+# The playground's browser test (tests/test_playground.py) drives Debian's chromium through chromium-driver: installed
+# here when missing and apt-get can (as root); otherwise that test skips and says why. Quiet, and a no-op once there.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	{ command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+	  >/dev/null 2>&1 || echo "make: no chromium (apt-get install -y chromium chromium-driver needs root and Debian);" \
+	  "the playground browser test will skip"; }
+
 # The tests, then `dgemma bench --quick` as a smoke test of the benchmark (its figures are printed, not asserted).
-test: install
+test: install browser
 	$(BIN)/python -m pytest
 	$(BIN)/dgemma bench --quick
 

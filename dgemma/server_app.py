@@ -629,6 +629,9 @@ def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | 
         return app.openapi_schema
 
     app.openapi = openapi
+    from .playground import add_routes  # GET /: the playground page (dgemma/web/)
+
+    add_routes(app, tokenizer)
     return app
 
 
