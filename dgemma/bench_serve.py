@@ -4,8 +4,9 @@
     python -m dgemma.bench_serve --model models/dgemma-py-small       # the bundled model, concurrency 1,4,16,64
     python -m dgemma.bench_serve --url http://127.0.0.1:8000          # a server that is already running
 
-It starts `python -m dgemma.server` on 127.0.0.1 and a free port (or targets --url), waits for /health, then for
-each mode (diffusion, ar) and each concurrency c runs a closed loop: c clients, each sending its next streaming
+It starts `python -m dgemma.server` on 127.0.0.1 and a free port (or targets --url), waits for /health, sends one
+unmeasured warm-up request per mode, then for each concurrency c, diffusion then AR (the two modes alternate so
+that what is compared is measured close in time), runs a closed loop: c clients, each sending its next streaming
 /v1/completions request as soon as its previous one has ended, until the level's requests (default max(2c, 8))
 are sent or the level's time cap has passed (requests not started by then are skipped and counted as such).
 Prompts are fixed, every request has its own seed (the same seeds in both modes) and asks for exactly
@@ -16,9 +17,10 @@ short answer) is a lost request.
 Per level: aggregate completion tokens/s (all tokens / the level's wall time), time to the first committed token
 (first non-empty text chunk; for diffusion that is the first canvas), request latency p50/p99, latency per
 committed canvas (diffusion: latency / ceil(tokens / canvas length)), and from /metrics before and after the
-level: decoder and encoder passes and committed tokens per forward. The server's peak RSS comes from
-/proc/<pid>/status (VmHWM, and VmRSS sampled during each level); with --url, from /metrics'
-process_resident_memory_bytes if the server exports it, else null.
+level: decoder and encoder passes and committed tokens per forward. Because the machine may be shared, each level
+also records the CPU cores the server process used on average (/proc/<pid>/stat) and the 1-minute load average.
+The server's peak RSS comes from /proc/<pid>/status (VmHWM, and VmRSS sampled during each level); with --url, from
+/metrics' process_resident_memory_bytes if the server exports it, else null.
 
 Prints a table, writes NAME.json and NAME.png (tokens/s and latency against concurrency; needs matplotlib, the
 plot extra: skipped with a note otherwise) to --out, then prints the JSON as one line, last. The client shares
@@ -182,6 +184,7 @@ class LevelResult:
     wall_s: float = 0.0
     metrics: dict = field(default_factory=dict)  # deltas from /metrics
     peak_rss_mb: float | None = None  # highest VmRSS sampled during the level
+    load: dict = field(default_factory=dict)  # server_cores, client_cores (CPU s / wall s), load_avg_1m at the end
 
 
 def _payload(cfg: ServeBenchConfig, model_name: str | None, mode: str, index: int, max_tokens: int) -> dict:
@@ -299,6 +302,7 @@ def summarize(level: LevelResult, canvas_length: int | None) -> dict:
     if level.mode == "ar":  # time per output token after the first (diffusion commits whole canvases: see /canvas)
         out["tpot_p50_s"] = percentile([(r.latency_s - r.ttft_s) / (r.completion_tokens - 1) for r in good
                                         if r.ttft_s is not None and r.completion_tokens > 1], 50)
+    out.update({k: level.load.get(k) for k in ("server_cores", "client_cores", "load_avg_1m")})
     m = level.metrics
     out.update({k: m.get(k) for k in ("decoder_passes", "encoder_passes", "server_tokens")})
     passes = (m.get("decoder_passes") or 0) + (m.get("encoder_passes") or 0)
@@ -314,6 +318,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def read_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) a process has used, from /proc/<pid>/stat; None where it cannot be read."""
+    if pid is None:
+        return None
+    try:
+        fields_ = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def read_rss_mb(pid: int) -> tuple[float | None, float | None]:
@@ -470,6 +485,25 @@ def _device() -> dict:
     return {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
+def _served_dtype(cfg: ServeBenchConfig) -> str:
+    """The weights' dtype the server runs: --dtype, else what the server keeps (the checkpoint's stored dtype,
+    float32 for random weights); "unknown" against --url or where config.json does not say."""
+    if cfg.dtype is not None:
+        return cfg.dtype
+    if cfg.url is not None:
+        return "unknown"
+    if cfg.model is not None and cfg.model.startswith("random:"):
+        return "float32"
+    folder = Path(cfg.model) if cfg.model is not None else Path(__file__).resolve().parent.parent / "models" / \
+        "dgemma-py-small"
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((folder / "config.json").read_text())
+        stored = config.get("dtype") or config.get("torch_dtype")
+        if stored:
+            return f"{stored} (stored)"
+    return "unknown"
+
+
 def _by_mode(rows: list[dict], key: str) -> dict:
     out: dict = {}
     for r in rows:
@@ -504,12 +538,22 @@ async def _bench(cfg: ServeBenchConfig, server: Server | None, log) -> dict:
                 w = await send_request(client, f"{base}/v1/completions", body, cfg.ignore_eos, cfg.request_timeout_s)
                 if not w.ok:
                     raise BenchError(f"the {mode} warm-up request failed: {w.error}")
-            for c in cfg.concurrency:
+        # the modes alternate at each concurrency, so that the two figures compared are measured close in time
+        # (this machine is shared: its load drifts over a run)
+        for c in cfg.concurrency:
+            for mode in cfg.modes:
                 before = await scrape(client, base)
+                cpu0, own0 = read_cpu_s(server.pid if server else None), time.process_time()
                 rss.start_level()
                 level = await run_level(client, base, cfg, model_name, mode, c)
                 level.peak_rss_mb = await rss.end_level()
+                cpu1, own1 = read_cpu_s(server.pid if server else None), time.process_time()
                 after = await scrape(client, base)
+                # the machine is shared: how many cores the server and this client got, and the load around them
+                wall = level.wall_s or None
+                level.load = {"server_cores": (cpu1 - cpu0) / wall if cpu0 is not None and wall else None,
+                              "client_cores": (own1 - own0) / wall if wall else None,
+                              "load_avg_1m": os.getloadavg()[0]}
                 level.metrics = {
                     "decoder_passes": _delta(after, before, "dgemma_decoder_passes_total", "dgemma_decoder_passes"),
                     "encoder_passes": _delta(after, before, "dgemma_encoder_passes_total", "dgemma_encoder_passes"),
@@ -558,7 +602,7 @@ def run(cfg: ServeBenchConfig, log=None) -> dict:
         "diffusion_tokens_per_s_c16_vs_c1": _ratio(d16 and d16["tokens_per_s"], d1 and d1["tokens_per_s"]),
         "requests_per_level": {str(c): cfg.requests_for(c) for c in cfg.concurrency},
         "max_tokens": cfg.max_tokens,
-        "dtype": cfg.dtype or "checkpoint's",
+        "dtype": _served_dtype(cfg),
         "model": cfg.model if cfg.url is None else got["model_name"],
         "served_model": got["model_name"],
         "canvas_length": got["canvas_length"],
@@ -581,7 +625,8 @@ def print_table(r: dict) -> None:
           f"git {g['revision']}{'+dirty' if g['dirty'] else ''}")
     print(f"device: {d['cpu']}, {d['cores']} cores, {d['torch_threads']} torch threads, torch {d['torch']}")
     head = (f"{'mode':9s} {'conc':>4s} {'done':>7s} {'lost':>4s} {'tok/s':>8s} {'ttft50':>7s} {'lat50':>7s} "
-            f"{'lat99':>7s} {'/canvas':>7s} {'tpot50':>7s} {'tok/fwd':>7s} {'dec.pass':>8s} {'rss MB':>7s}")
+            f"{'lat99':>7s} {'/canvas':>7s} {'tpot50':>7s} {'tok/fwd':>7s} {'dec.pass':>8s} {'rss MB':>7s} "
+            f"{'srv.cpu':>7s} {'load':>5s}")
     print(head)
     print("-" * len(head))
     for x in r["levels"]:
@@ -589,9 +634,11 @@ def print_table(r: dict) -> None:
               f"{_fmt(x['tokens_per_s'], '8.1f')} {_fmt(x['ttft_p50_s'], '7.3f')} {_fmt(x['latency_p50_s'], '7.3f')} "
               f"{_fmt(x['latency_p99_s'], '7.3f')} {_fmt(x['canvas_latency_p50_s'], '7.3f'):>7s} "
               f"{_fmt(x['tpot_p50_s'], '7.4f')} {_fmt(x['tokens_per_forward'], '7.2f')} "
-              f"{_fmt(x['decoder_passes'], '8.0f')} {_fmt(x['peak_rss_mb'], '7.0f')}")
+              f"{_fmt(x['decoder_passes'], '8.0f')} {_fmt(x['peak_rss_mb'], '7.0f')} "
+              f"{_fmt(x['server_cores'], '7.2f')} {_fmt(x['load_avg_1m'], '5.1f')}")
     print("(times in s: ttft = first committed token, lat = whole request, /canvas = diffusion latency per committed "
-          "canvas, tpot = per token after the first; tok/fwd = committed tokens per encoder+decoder pass)")
+          "canvas, tpot = per token after the first; tok/fwd = committed tokens per encoder+decoder pass;\n"
+          " srv.cpu = cores the server used on average; load = 1-minute load average at the level's end)")
     print(f"diffusion/AR latency p50 at concurrency 1: {_fmt(r['diffusion_vs_ar_latency_c1'], '.2f', 'x')}   "
           f"diffusion tokens/s at 16 vs 1: {_fmt(r['diffusion_tokens_per_s_c16_vs_c1'], '.2f', 'x')}   "
           f"lost requests: {r['lost_requests']}   skipped (level time cap): {r['skipped_requests']}   "
