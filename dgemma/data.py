@@ -902,6 +902,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, default=None, help="use this tokenizer.json instead of training one")
     p.add_argument("--max-documents", type=positive_int, default=None, help="at most N documents per source")
     p.add_argument("--cache-dir", type=Path, default=None, help="download cache (default $DGEMMA_CACHE or ~/.cache)")
+    g = p.add_argument_group("--source sudoku (generated puzzles; see dgemma/sudoku.py)")
+    g.add_argument("--size", type=int, choices=[6, 9], default=6, help="6 (2x3 boxes) or 9 (3x3 boxes)")
+    g.add_argument("--count", type=positive_int, default=None, help="training puzzles (default 50000)")
+    g.add_argument("--val-count", type=positive_int, default=None, help="validation puzzles (default 500)")
+    g.add_argument("--test-count", type=positive_int, default=None, help="held-out test puzzles (default 1000)")
+    g.add_argument("--givens", type=positive_int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="givens per puzzle, uniform in [MIN, MAX] (default 12 20 for 6x6, 30 45 for 9x9)")
     commands.add_parser("list", help="list the corpus recipes and their licences")
     data.set_defaults(func=run_cli)
     return data
@@ -913,6 +920,19 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.data_command == "list":
         for recipe in RECIPES.values():
             print(f"{recipe.name:<14} {recipe.licence:<14} {recipe.description}")
+        print(f"{'sudoku':<14} {'generated':<14} unique-solution 6x6 / 9x9 puzzles from our own generator (--size)")
+        return 0
+    if "sudoku" in args.source:  # a generated task, not a corpus: its own recipe module
+        from dgemma import sudoku
+
+        if len(args.source) > 1:
+            raise DataError("--source sudoku cannot be combined with other sources; prepare it into its own --out")
+        counts = {k: v for k, v in (("train", args.count), ("val", args.val_count), ("test", args.test_count))
+                  if v is not None}
+        meta = sudoku.prepare(args.out, size=args.size, counts=counts, seed=args.seed,
+                              givens=tuple(args.givens) if args.givens else None, force=args.force,
+                              log=lambda message: print(message, file=sys.stderr, flush=True))
+        print(sudoku.summary(meta, args.out))
         return 0
     report = prepare(
         args.source,

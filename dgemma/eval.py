@@ -51,12 +51,21 @@ def config_from_args(args) -> EvalConfig:
     return EvalConfig(model=args.model, data=args.data, prompts_file=args.prompts_file, prompts=args.prompts,
                       max_new_tokens=args.max_new_tokens, steps=args.steps, val_sequences=args.val_sequences,
                       judge=args.judge, batch_size=args.batch_size, seed=args.seed, out=args.out,
-                      write_prompts=args.write_prompts)
+                      write_prompts=args.write_prompts, task=args.task, control=args.control,
+                      puzzles_file=args.puzzles_file, puzzles=args.puzzles, plot=args.plot, sweep=args.sweep)
 
 
 def run_cli(args) -> int:
     """Run a parsed `eval` command; user errors (ValueErrors) propagate to `cli.main` (one line, exit status 2)."""
     cfg = config_from_args(args)
+    if cfg.task == "sudoku":
+        from .sudoku_eval import SudokuEvalConfig
+        from .sudoku_eval import evaluate as evaluate_sudoku
+
+        evaluate_sudoku(SudokuEvalConfig(model=cfg.model, data=cfg.data, puzzles_file=cfg.puzzles_file,
+                                         control=cfg.control, puzzles=cfg.puzzles, batch_size=cfg.batch_size,
+                                         sweep=cfg.sweep, seed=cfg.seed, plot=cfg.plot, out=cfg.out))
+        return 0
     if cfg.write_prompts:
         prompts, origin = eval_prompts(cfg)
         write_prompts(cfg.write_prompts, prompts, origin, cfg)

@@ -185,16 +185,34 @@ def encode_clean(model: DiffusionGemma, x: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def denoise_all_canvases(model: DiffusionGemma, noisy: torch.Tensor, cache: KVCache, masks: Masks,
-                         sc_logits: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Decoder hidden states [B, T, H] for every canvas of `noisy [B, T]`, one pass, block-diagonal masks."""
-    positions = torch.arange(noisy.shape[1], device=noisy.device)
+                         sc_logits: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None,
+                         positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder hidden states [B, T, H] for every canvas of `noisy [B, T]`, one pass, block-diagonal masks.
+    `positions` [T]: the absolute positions of `noisy`'s columns (default 0..T-1, every canvas)."""
+    if positions is None:
+        positions = torch.arange(noisy.shape[1], device=noisy.device)
     return model.denoise_hidden(noisy, cache, sc_logits=sc_logits, sc_mask=sc_mask, positions=positions, masks=masks)
+
+
+def supervised_canvases(config: ModelConfig, sup: torch.Tensor, masks: Masks) -> tuple[torch.Tensor, Masks] | None:
+    """(positions [T'], masks [1, 1, T', T + T']) of the canvases holding a supervised position of `sup [B, T]`, or
+    None when every canvas does (or none does). A canvas that no target lies in (a task's prompt canvas) then costs
+    no decoder work: its queries are dropped, and its noisy keys too, which no other canvas sees anyway."""
+    B, T = sup.shape
+    C = config.canvas_length
+    live = sup.reshape(B, T // C, C).any(dim=2).any(dim=0)  # [T / C]
+    if bool(live.all()) or not bool(live.any()):
+        return None
+    positions = (torch.nonzero(live).flatten()[:, None] * C + torch.arange(C, device=sup.device)).flatten()
+    sliced = {t: torch.cat([m[:, :, positions, :T], m[:, :, positions][..., T + positions]], dim=-1)
+              for t, m in masks.items()}
+    return positions, sliced
 
 
 def training_losses(model: DiffusionGemma, x: torch.Tensor, noise: Noise, ar_weight: float = 1.0,
                     loss_mask: torch.Tensor | None = None, ce_chunk: int = 0,
                     diffusion_norm: float | None = None, ar_norm: float | None = None,
-                    self_conditioning: bool = True) -> Losses:
+                    self_conditioning: bool = True, diffusion: bool = True) -> Losses:
     """Diffusion + AR losses of one batch.
 
     x: [B, T] clean ids; noise: from `sample_noise(x, ...)`.
@@ -205,7 +223,8 @@ def training_losses(model: DiffusionGemma, x: torch.Tensor, noise: Noise, ar_wei
         Data-parallel training passes global counts so that the gradient equals a single process's.
     self_conditioning: False skips pass 1 (zero signal for every example, whatever noise.sc_mask says). Pass 1
         otherwise always runs, even when no example's switch is on: sharded data-parallel processes must run the
-        same sequence of layer calls."""
+        same sequence of layer calls.
+    diffusion: False skips both decoder passes (the AR-only control: the diffusion loss is 0, without gradients)."""
     _check_batch(model, x)
     T = x.shape[1]
     sup = torch.ones_like(x, dtype=torch.bool) if loss_mask is None else loss_mask.to(x.device, torch.bool)
@@ -214,18 +233,28 @@ def training_losses(model: DiffusionGemma, x: torch.Tensor, noise: Noise, ar_wei
     ar_sup = sup[:, 1:]
     ar_sum = _ce_sum(model, hidden[:, :-1][ar_sup], x[:, 1:][ar_sup], ce_chunk)
 
+    n_diff, n_ar = int(sup.sum()), int(ar_sup.sum())
+    ar = ar_sum / (ar_norm if ar_norm is not None else max(n_ar, 1))
+    if not diffusion:
+        zero = ar_sum.new_zeros(())
+        return Losses(diffusion=zero, ar=ar, total=ar_weight * ar, diffusion_sum=zero, ar_sum=ar_sum.detach(),
+                      diffusion_count=n_diff, ar_count=n_ar)
     masks = training_masks(model.config, T, x.device)
+    noisy, target, dsup, positions = noise.noisy, x, sup, None
+    subset = supervised_canvases(model.config, sup, masks)
+    if subset is not None:  # denoise only the canvases that hold targets (same losses, less work)
+        positions, masks = subset
+        noisy, target, dsup = noisy[:, positions], x[:, positions], sup[:, positions]
     sc_logits = None
     if self_conditioning:  # pass 1
         with torch.no_grad():
-            sc_logits = model.logits(denoise_all_canvases(model, noise.noisy, cache, masks))  # [B, T, V] fp32
-    dec = denoise_all_canvases(model, noise.noisy, cache, masks, sc_logits=sc_logits, sc_mask=noise.sc_mask)
-    diff_sum = _ce_sum(model, dec[sup], x[sup], ce_chunk)
+            sc_logits = model.logits(denoise_all_canvases(model, noisy, cache, masks, positions=positions))  # fp32
+    dec = denoise_all_canvases(model, noisy, cache, masks, sc_logits=sc_logits, sc_mask=noise.sc_mask,
+                               positions=positions)
+    diff_sum = _ce_sum(model, dec[dsup], target[dsup], ce_chunk)
 
-    n_diff, n_ar = int(sup.sum()), int(ar_sup.sum())
-    diffusion = diff_sum / (diffusion_norm if diffusion_norm is not None else max(n_diff, 1))
-    ar = ar_sum / (ar_norm if ar_norm is not None else max(n_ar, 1))
-    return Losses(diffusion=diffusion, ar=ar, total=diffusion + ar_weight * ar, diffusion_sum=diff_sum.detach(),
+    diffusion_loss = diff_sum / (diffusion_norm if diffusion_norm is not None else max(n_diff, 1))
+    return Losses(diffusion=diffusion_loss, ar=ar, total=diffusion_loss + ar_weight * ar, diffusion_sum=diff_sum.detach(),
                   ar_sum=ar_sum.detach(), diffusion_count=n_diff, ar_count=n_ar)
 
 

@@ -125,6 +125,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # on matrices only (not norms and scales)
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
     ar_weight: float = 1.0  # total = diffusion + ar_weight * AR
+    ar_only: bool = False  # AR loss only, no decoder passes (the autoregressive control)
     sc_prob: float = 0.5  # probability that an example's second pass reads the first pass's logits
     t_eps: float = 1e-3  # t ~ U(t_eps, 1)
     ce_chunk: int = 0  # compute the LM-head CE this many positions at a time (0 = all at once)
@@ -227,6 +228,8 @@ def add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="tokens per sequence (multiple of canvas_length)")
     g.add_argument("--ar-weight", type=non_negative_float, default=d.ar_weight,
                    help="weight of the encoder's next-token loss")
+    g.add_argument("--ar-only", action="store_true",
+                   help="train the encoder's next-token loss only (no diffusion passes): an AR control model")
     g.add_argument("--sc-prob", type=unit_interval, default=d.sc_prob,
                    help="self-conditioning probability per example")
     g.add_argument("--t-eps", type=below_one, default=d.t_eps, help="t ~ U(t_eps, 1)")
@@ -285,6 +288,12 @@ class EvalConfig:
     seed: int = 0
     out: str | None = None  # also write the JSON here
     write_prompts: str | None = None  # write the prompts that would be used to this file and stop
+    task: str | None = None  # "sudoku": exact solving on held-out puzzles (sudoku_eval.py) instead of free text
+    control: str | None = None  # --task sudoku: an AR-only control model, decoded greedily
+    puzzles_file: str | None = None  # --task sudoku: lines "PUZZLE [SOLUTION]" (default: --data's test split)
+    puzzles: int = 1000  # --task sudoku: at most this many puzzles
+    plot: str | None = None  # --task sudoku: PNG of solve rate against passes
+    sweep: bool = True  # --task sudoku: also sweep step budgets and entropy bounds
 
 
 def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -315,6 +324,15 @@ def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--write-prompts", default=None, metavar="FILE",
                    help="write the prompts eval would use (e.g. from --data) to FILE as a prompts JSON and stop; "
                         f"this is how a model folder's {EVAL_PROMPTS_FILE} is made")
+    g = p.add_argument_group("--task sudoku (exact solving of held-out puzzles, see dgemma/sudoku_eval.py)")
+    g.add_argument("--task", choices=["sudoku"], default=None, help="evaluate a task model instead of free text")
+    g.add_argument("--control", default=None, help="AR-only control model (dgemma train --ar-only)")
+    g.add_argument("--puzzles-file", default=None, help="lines 'PUZZLE [SOLUTION]' (default: --data's test split, "
+                                                        "else the model folder's test_puzzles.txt)")
+    g.add_argument("--puzzles", type=positive_int, default=d.puzzles, help="at most this many puzzles")
+    g.add_argument("--plot", default=None, help="write a PNG of solve rate against passes here")
+    g.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=d.sweep,
+                   help="also sweep diffusion step budgets and entropy bounds")
     return p
 
 

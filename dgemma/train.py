@@ -69,7 +69,7 @@ RUN_CONFIG = "train_config.json"
 # Settings a resumed run must share with the run it continues (the rest, e.g. --steps, may change).
 RESUME_IDENTITY = ("data", "synthetic_data", "preset", "init_from", "vocab_size", "canvas_length", "batch_size", "grad_accum",
                    "seq_len", "lr", "min_lr_ratio", "warmup_steps", "beta1", "beta2", "weight_decay", "ar_weight",
-                   "sc_prob", "t_eps", "seed", "init_std", "fsdp")
+                   "ar_only", "sc_prob", "t_eps", "seed", "init_std", "fsdp")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,11 +258,12 @@ class TrainStep(nn.Module):
 
     def forward(self, x: torch.Tensor, loss_mask: torch.Tensor | None, noise=None, diffusion_norm: float = 1.0,
                 ar_norm: float = 1.0, ar_weight: float = 1.0, ce_chunk: int = 0, self_conditioning: bool = True,
-                eval_t: tuple[float, ...] | None = None, eval_generators=None):
+                eval_t: tuple[float, ...] | None = None, eval_generators=None, diffusion: bool = True):
         if eval_t is not None:  # validation (no gradients)
             return evaluate_losses(self.model, x, eval_t, eval_generators, loss_mask=loss_mask)
         losses = training_losses(self.model, x, noise, ar_weight=ar_weight, loss_mask=loss_mask, ce_chunk=ce_chunk,
-                                 diffusion_norm=diffusion_norm, ar_norm=ar_norm, self_conditioning=self_conditioning)
+                                 diffusion_norm=diffusion_norm, ar_norm=ar_norm, self_conditioning=self_conditioning,
+                                 diffusion=diffusion)
         return losses.total, losses.diffusion_sum, losses.ar_sum
 
 
@@ -571,6 +572,12 @@ def _prepare_run(cfg: TrainConfig, env: Distributed) -> tuple[Path, Path | None,
     return run, resume_from, saved
 
 
+def _is_task_data(folder: str) -> bool:
+    from .sudoku import is_sudoku_data
+
+    return is_sudoku_data(folder)
+
+
 def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(v))
 
@@ -609,6 +616,12 @@ def _train(cfg: TrainConfig, data: DataSource | None, on_step, env: Distributed)
         vocab = cfg.vocab_size or (ModelConfig.from_hf_config(cfg.init_from).vocab_size if cfg.init_from
                                    else preset(cfg.model_preset).vocab_size)
         data = synthetic_data(vocab, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    if data is None and cfg.data is not None and _is_task_data(cfg.data):  # a generated task (sudoku.py)
+        from .sudoku import sudoku_data_source
+
+        canvas = cfg.canvas_length or (ModelConfig.from_hf_config(cfg.init_from).canvas_length if cfg.init_from
+                                       else preset(cfg.model_preset).canvas_length)
+        data = sudoku_data_source(cfg.data, cfg.batch_size, cfg.seq_len, canvas, seed=cfg.seed)
     if data is None:
         from .data import check_tokenizer, read_meta
 
@@ -806,7 +819,8 @@ def _train(cfg: TrainConfig, data: DataSource | None, on_step, env: Distributed)
                             total, d_sum, a_sum = wrapped(x, mask, noise, diffusion_norm=max(n_diff, 1) / env.world_size,
                                                           ar_norm=max(n_ar, 1) / env.world_size,
                                                           ar_weight=cfg.ar_weight, ce_chunk=cfg.ce_chunk,
-                                                          self_conditioning=cfg.sc_prob > 0)
+                                                          self_conditioning=cfg.sc_prob > 0,
+                                                          diffusion=not cfg.ar_only)
                         total.backward()
                     sums[0] += float(d_sum)
                     sums[1] += float(a_sum)
