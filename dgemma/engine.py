@@ -151,20 +151,35 @@ class Runner:
             q, k, v = attn.project(layer.input_layernorm(h), cos, sin)  # [1, nh|nkv, N, d]
             K, V = pool.keys[i], pool.values[i]
             sliding = pool.sliding[i]
-            outs, off = [], 0
-            for p in pieces:
+            # Pieces with the same key length and block size attend as one batch (each row only to its own slot's
+            # keys, no mask beyond the reference's own): one attention call per group instead of one per row.
+            groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+            off = 0
+            for j, p in enumerate(pieces):
                 T = p.count
                 at = pool.at(p.slot, i)
                 K[p.slot, :, at:at + T] = k[0, :, off:off + T]
                 V[p.slot, :, at:at + T] = v[0, :, off:off + T]
-                mask = self._encoder_mask(p, at, sliding) if encoder else None
-                outs.append(F.scaled_dot_product_attention(
-                    q[:, :, off:off + T], K[p.slot:p.slot + 1, :, :at + T], V[p.slot:p.slot + 1, :, :at + T],
-                    attn_mask=mask, scale=1.0, enable_gqa=attn.num_kv_heads != attn.num_heads))
+                groups.setdefault((at, T), []).append((j, off))
                 off += T
-            if h.shape[1] > off:
-                outs.append(q.new_zeros(1, q.shape[1], h.shape[1] - off, q.shape[3]))
-            o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [1, nh, N, d]
+            o = q.new_zeros(1, q.shape[1], h.shape[1], q.shape[3])  # [1, nh, N, d]; dummy rows stay zero
+            gqa = attn.num_kv_heads != attn.num_heads
+            for (at, T), members in groups.items():
+                mask = self._encoder_mask(pieces[members[0][0]], at, sliding) if encoder else None
+                if len(members) == 1:
+                    (j, s), = members
+                    slot = pieces[j].slot
+                    o[:, :, s:s + T] = F.scaled_dot_product_attention(
+                        q[:, :, s:s + T], K[slot:slot + 1, :, :at + T], V[slot:slot + 1, :, :at + T],
+                        attn_mask=mask, scale=1.0, enable_gqa=gqa)
+                    continue
+                slots = torch.tensor([pieces[j].slot for j, _ in members], device=h.device)
+                qs = torch.cat([q[:, :, s:s + T] for _, s in members])  # [g, nh, T, d]
+                out = F.scaled_dot_product_attention(qs, K[:, :, :at + T].index_select(0, slots),
+                                                     V[:, :, :at + T].index_select(0, slots), attn_mask=mask,
+                                                     scale=1.0, enable_gqa=gqa)
+                for r, (_, s) in enumerate(members):
+                    o[:, :, s:s + T] = out[r:r + 1]
             a = attn.o_proj(o.transpose(1, 2).reshape(1, h.shape[1], -1))
             h = self._ffn(layer, h, a, encoder)
         return self.model.norm(h[:, :real])

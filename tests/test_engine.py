@@ -111,6 +111,21 @@ def test_requests_joining_and_leaving_equal_themselves_alone(name):
     assert reasons["6"] == "stop" and reasons["0"] == "length"
 
 
+def test_rows_in_lockstep_share_attention_calls_and_equal_themselves_alone():
+    """Rows with the same prompt length added together stay in lockstep, so their attention runs as one batched
+    call per layer: each still gets exactly its tokens alone (diffusion and AR)."""
+    model, cfg = _model("gqa4", 3)
+    config = EngineConfig(max_batch=4, max_model_len=512, batch_invariant=True)
+    reqs = [Request(f"d{i}", _ids(cfg, 20, i), SamplingParams(max_new_tokens=3 * cfg.canvas_length, seed=i,
+                                                             max_denoising_steps=3)) for i in range(2)]
+    reqs += [Request(f"a{i}", _ids(cfg, 20, 10 + i), SamplingParams(mode="ar", max_new_tokens=40, seed=i))
+             for i in range(2)]
+    out, _ = run(Engine(model, config), {0: reqs})
+    alone = Engine(model, config)
+    for r in reqs:
+        assert out[r.request_id] == run(alone, {0: [r]})[0][r.request_id], r.request_id
+
+
 def test_without_batch_invariance_shared_passes_agree_to_rounding():
     """The default mode's closest property when rows share a pass: the same logits up to float rounding (BLAS picks
     another kernel for matmuls of very few rows, and in the experts a row shares its expert's matmul with others)."""
