@@ -96,6 +96,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--live", action="store_true", help="diffusion: show the canvas being denoised (on stderr)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="apply a LoRA adapter (PEFT format, e.g. a `dgemma finetune --lora-rank` checkpoint) unmerged")
     p.add_argument("--record", default=None, metavar="FILE.jsonl",
                    help="write every denoising step to FILE (one prompt; see `dgemma replay` and `dgemma plot`)")
     p.add_argument("--stats", choices=["text", "json", "none"], default="text",
@@ -149,6 +151,10 @@ def _run_generate(args) -> int:
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
     lm = load(args.model, dtype=dtype)
+    if args.adapter:
+        from .lora import load_adapter
+
+        load_adapter(lm.model, args.adapter)
     g = lm.generation_config
     eos = g.get("eos_token_id", lm.model.config.eos_token_ids or lm.tokenizer.stop_ids())
     eos = tuple(eos if isinstance(eos, (list, tuple)) else [eos]) if eos is not None else None
@@ -313,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import server  # argparse only: fastapi, uvicorn and torch load when the server starts
 
     server.add_cli(sub)
+    from . import finetune  # torch-free flags; the loop (finetune_loop) loads when the command runs
+
+    finetune.add_cli(sub)
     from . import trajectory  # torch-free; replay and plot import rich and matplotlib when they run
 
     trajectory.add_cli(sub)

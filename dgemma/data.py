@@ -902,6 +902,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, default=None, help="use this tokenizer.json instead of training one")
     p.add_argument("--max-documents", type=positive_int, default=None, help="at most N documents per source")
     p.add_argument("--cache-dir", type=Path, default=None, help="download cache (default $DGEMMA_CACHE or ~/.cache)")
+    p.add_argument("--format", choices=["chat", "prompt-completion"], default=None,
+                   help="SFT data (sft.py): --source is a JSONL file of chats or prompt/completion pairs, tokenized "
+                        "with --tokenizer (the model's); --source python-functions builds the demonstration set")
     g = p.add_argument_group("--source sudoku (generated puzzles; see dgemma/sudoku.py)")
     g.add_argument("--size", type=int, choices=[6, 9], default=6, help="6 (2x3 boxes) or 9 (3x3 boxes)")
     g.add_argument("--count", type=positive_int, default=None, help="training puzzles (default 50000)")
@@ -921,6 +924,17 @@ def run_cli(args: argparse.Namespace) -> int:
         for recipe in RECIPES.values():
             print(f"{recipe.name:<14} {recipe.licence:<14} {recipe.description}")
         print(f"{'sudoku':<14} {'generated':<14} unique-solution 6x6 / 9x9 puzzles from our own generator (--size)")
+        from .sft import RECIPES as SFT_RECIPES
+
+        for name, description in SFT_RECIPES.items():
+            print(f"{name:<14} {'PSF-2.0':<14} SFT: {description}")
+        return 0
+    from .sft import is_sft_request, prepare_sft
+
+    if is_sft_request(args.source, args.format):  # SFT examples (sft.py), not a corpus
+        print(prepare_sft(args.source, args.out, args.format, args.tokenizer, val_fraction=args.val_fraction,
+                          seed=args.seed, max_examples=args.max_documents, cache_dir=args.cache_dir, force=args.force,
+                          log=lambda message: print(message, file=sys.stderr, flush=True)).summary())
         return 0
     if "sudoku" in args.source:  # a generated task, not a corpus: its own recipe module
         from dgemma import sudoku

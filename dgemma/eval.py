@@ -200,7 +200,11 @@ def eval_prompts(cfg: EvalConfig) -> tuple[list[str], dict]:
     """The prompts to generate from and where they came from: --prompts-file, else the validation split of
     --data, else the model folder's eval_prompts.json. Raises ValueError saying what to pass when there are none."""
     if cfg.prompts_file:
-        return _spread(read_prompts(cfg.prompts_file), cfg.prompts), {"from": f"file {cfg.prompts_file}"}
+        prompts, origin = read_prompts(cfg.prompts_file), {"from": f"file {cfg.prompts_file}"}
+        doc = json.loads(Path(cfg.prompts_file).expanduser().read_text(encoding="utf-8"))  # read_prompts checked it
+        if doc.get("parse") == "completion":  # chat prompts (sft.py's eval_prompts.json): parse the answers alone
+            origin["parse"] = "completion"
+        return _spread(prompts, cfg.prompts), origin
     if cfg.data:
         from .data import read_meta
 
@@ -406,8 +410,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     judge = load_judge(judge_folder, cfg.judge)
     summary: dict = {"model": lm.name, "prompts": len(prompts), "prompts_from": origin["from"],
                      "max_new_tokens": cfg.max_new_tokens, **losses}
+    scored = [""] * len(prompts) if origin.get("parse") == "completion" else prompts
     for mode, r in results.items():
-        summary.update({f"{k}_{mode}": v for k, v in score(prompts, r, judge).items()})
+        summary.update({f"{k}_{mode}": v for k, v in score(scored, r, judge).items()})
     summary["diffusion_steps_max"] = diff_params.max_denoising_steps
     summary["diffusion_settings"] = {k: getattr(diff_params, k) for k in (
         "sampler", "max_denoising_steps", "entropy_bound", "commit_threshold", "t_min", "t_max", "stability_threshold",
