@@ -31,6 +31,8 @@ dgemma's own request fields (extra body fields; the openai client sends them wit
     confidence_threshold  ... and the mean entropy below which a canvas may stop early
     top_k                 ar mode: sample among the k most probable tokens
     ignore_eos            keep going past the end-of-sequence token (benchmarks)
+    record                true: write each choice's trajectory to --record-dir as ID-INDEX.jsonl (the response's
+                          id, the choice's index; format in dgemma/trajectory.py); 400 without --record-dir
 
 A missing field keeps the model's generation_config.json default. Canvas-native streaming: a client that sends
 `stream_options: {"include_drafts": true}` also gets, after every denoising step, a chunk whose choice has an empty
@@ -89,6 +91,8 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
                    help="let a request's rounding depend on the rows it shares steps with (a little faster at small "
                         "batches); by default a seeded request gets the same tokens whoever it is served beside")
+    p.add_argument("--record-dir", default=None, metavar="DIR",
+                   help="where requests with \"record\": true write their trajectories (default: recording off)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -152,7 +156,8 @@ def run(args) -> int:
         config = EngineConfig(**settings).validate()
         lm = load(args.model, dtype=dtype)
         engine = factory(lm.model, config)
-        app = build_app(lm, engine, args.model_name or _model_name(args.model, lm.name))
+        app = build_app(lm, engine, args.model_name or _model_name(args.model, lm.name),
+                        record_dir=getattr(args, "record_dir", None))
     except (ModelLoadError, RequestError, RuntimeError, OSError, ValueError) as e:
         print(f"dgemma serve: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -83,6 +84,8 @@ class DgemmaSettings(_Strict):
         None, description="dgemma: adaptive stopping, mean entropy (nats) below which a canvas may stop")
     top_k: int | None = Field(None, description="ar mode: sample from the k most probable tokens")
     ignore_eos: bool | None = Field(None, description="dgemma: do not stop at the end-of-sequence token")
+    record: bool | None = Field(None, description="dgemma: write each choice's trajectory (every denoising step) to "
+                                                  "the server's --record-dir as ID-INDEX.jsonl (dgemma.trajectory)")
 
 
 class _Common(DgemmaSettings):
@@ -223,6 +226,7 @@ class _Choice:
     text: TextStream
     prompt_index: int = 0
     finish_reason: str | None = None
+    recorder: Any = None  # dgemma.trajectory.StreamRecorder when the request asked for `record`
 
     @property
     def completion_tokens(self) -> int:
@@ -275,6 +279,9 @@ class _Generation:
 
     def cancel(self, reason: str = "disconnect") -> None:
         """Abort every choice still running (the client left, or the response failed)."""
+        for c in self.choices:  # unfinished recordings are dropped (a no-op for finished ones)
+            if c.recorder is not None:
+                c.recorder.abandon()
         if self.pending:
             self.state.aborts.labels(reason).inc(len(self.pending))
             self._abort(list(self.pending.values()))
@@ -289,6 +296,8 @@ class _Generation:
             c = self.pending.get(item.request_id)
             if c is None:
                 continue
+            if c.recorder is not None:
+                c.recorder.event(item)
             if item.draft is not None and self.include_drafts:
                 yield "draft", c, item.draft
             if item.new_ids:
@@ -300,6 +309,8 @@ class _Generation:
                     self.state.engine.abort(c.request_id)
                     self.state.aborts.labels("stop_string").inc()
                     c.finish_reason = "stop"
+                    if c.recorder is not None:
+                        c.recorder.finish("stop")
                     yield "finish", c, "stop"
                     continue
             if item.finished:
@@ -419,6 +430,7 @@ class _State:
     registry: CollectorRegistry
     aborts: Counter
     started: int = field(default_factory=lambda: int(time.time()))
+    record_dir: str | None = None  # where requests with `record: true` write their trajectories
 
 
 class _EngineCollector:
@@ -505,7 +517,7 @@ class _Guard:
 
 def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | None = None,
                eos_token_ids: Sequence[int] | None = None, canvas_length: int = 1, vocab_size: int | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, record_dir: str | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine` (the add/step/abort contract of dgemma/engine.py).
 
     The engine thread starts with the app (lifespan startup) and stops with it. `eos_token_ids` defaults to the
@@ -537,6 +549,7 @@ def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | 
     app = FastAPI(title="dgemma", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None,
                   description="OpenAI-compatible completions and chat over a block-diffusion LM. "
                               "See the dgemma.server module docstring for dgemma's extra request fields.")
+    state.record_dir = record_dir
     app.state.dgemma = state
     app.add_middleware(_Guard, max_body=max_body_bytes, requests=requests)
 
@@ -732,8 +745,18 @@ async def _serve(request: HTTPRequest, state: _State, body: _Common, wire, promp
             choices.append(_Choice(index, f"{gen_id}-{index}", ids, params, TextStream(state.tokenizer, stops), p))
     if body.seed is not None and n > 1:
         _sampling(state, body, 1, body.seed + n - 1, include_drafts)  # the last choice's seed is in range too
+    if body.record:
+        from .trajectory import StreamRecorder, record_dir_error
+
+        if (why := record_dir_error(state.record_dir)) is not None:
+            raise ApiError(400, why, param="record")
+        for c in choices:
+            c.params = c.params.with_(drafts=True)
     gen = _Generation(state, gen_id, choices, include_drafts)
     await gen.start()
+    for c in choices if body.record else ():  # events wait in the queue until the response reads them
+        c.recorder = StreamRecorder(Path(state.record_dir) / f"{c.request_id}.jsonl", state.tokenizer,
+                                    state.model_name, c.prompt_ids, state.canvas_length, c.params)
     if body.stream:
         return _SSEResponse(_stream(gen, wire, bool(options.include_usage)), on_close=gen.cancel)
     return await _respond(request, gen, wire)

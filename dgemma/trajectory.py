@@ -305,6 +305,61 @@ def generate_recorded(lm, prompts: list[str], mode: str, params, stops: list[str
     return [TextResult(_trim(tok.decode(out), stops), out, reason, stats)]
 
 
+# ---- the server's `record` request field ---------------------------------------------------------------------------
+
+
+class StreamRecorder:
+    """One server choice's recording, fed the engine's Events as the server receives them (dgemma/server_app.py):
+    `event(ev)` writes its draft, its commit and, once finished, the end record; `finish(reason)` ends it early
+    (a stop string); `abandon()` (a disconnect or an error) removes the unfinished file. Records the engine's
+    tokens: a stop string cuts the text the client sees, not the recorded ids."""
+
+    def __init__(self, path: Path, tokenizer, model: str, prompt_ids: list[int], canvas_length: int, params):
+        self.rec = Recorder(path)
+        self.tokenizer, self.mode = tokenizer, params.mode
+        self.out: list[int] = []
+        self.canvas = 0
+        self.passes, self.steps = 0, []
+        self.done = False
+        self.rec.header(model, params.mode, None, prompt_ids, canvas_length,
+                        {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()})
+
+    def event(self, ev) -> None:
+        if self.done:
+            return
+        self.passes = ev.decoder_passes or self.passes
+        if ev.draft is not None:
+            self.canvas = ev.draft.canvas_index
+            self.rec.step(ev.draft)
+        if ev.new_ids:
+            self.rec.commit(self.canvas if self.mode == "diffusion" else None, len(self.out), list(ev.new_ids))
+            self.out.extend(ev.new_ids)
+        if ev.finished:
+            self.steps = list(ev.steps_per_canvas)
+            self.finish(ev.finish_reason if ev.finish_reason in ("stop", "length") else None)
+
+    def finish(self, reason: str | None) -> None:
+        if self.done:
+            return
+        if reason is None:  # the engine failed the request: no trajectory to keep
+            self.abandon()
+            return
+        self.done = True
+        self.rec.end(self.tokenizer, reason, self.out, decoder_passes=self.passes, steps_per_canvas=self.steps)
+
+    def abandon(self) -> None:
+        if not self.done:
+            self.done = True
+            self.rec.abandon()
+
+
+def record_dir_error(record_dir: str | None) -> str | None:
+    """Why a request's `record: true` cannot be served, or None."""
+    if record_dir is None:
+        return "record needs a server started with --record-dir DIR (trajectories are written there)"
+    return None
+
+
 # ---- terminal replay ----------------------------------------------------------------------------------------------
 
 

@@ -42,14 +42,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def served(tmp_path_factory):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("playground") / "server.log"
+    folder = tmp_path_factory.mktemp("playground")
+    log = folder / "server.log"
     model = str(MODEL) if (MODEL / "config.json").is_file() else "random:tiny"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dgemma.server", "--model", model, "--host", "127.0.0.1",
-                                 "--port", str(port), "--max-model-len", "1024"], cwd=ROOT, stdout=out,
+                                 "--port", str(port), "--max-model-len", "1024", "--record-dir",
+                                 str(folder / "records")], cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + STARTUP_S
@@ -64,7 +66,7 @@ def server(tmp_path_factory):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not healthy after {STARTUP_S} s:\n{log.read_text()}")
             time.sleep(0.2)
-        yield url
+        yield url, folder / "records"
     finally:
         proc.terminate()
         try:
@@ -74,7 +76,8 @@ def server(tmp_path_factory):
             proc.wait()
 
 
-def test_routes(server):
+def test_routes(served):
+    server = served[0]
     page = httpx.get(f"{server}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="pane-diffusion"' in page.text and 'src="/playground/app.js"' in page.text
@@ -91,6 +94,45 @@ def test_routes(server):
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
     assert httpx.get(f"{server}/playground/..%2Fserver.py").status_code == 404
     assert "/" not in httpx.get(f"{server}/openapi.json").json()["paths"]  # the page stays out of the API schema
+
+
+def test_record_field(served):
+    """`record: true` writes each choice's trajectory to --record-dir as ID-INDEX.jsonl; it replays to the text."""
+    from dgemma.trajectory import read
+
+    server, records = served
+    body = {"prompt": "def add(a, b):", "max_tokens": 40, "seed": 1, "n": 2, "record": True, "ignore_eos": True,
+            "denoising_steps": 6}
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=300).json()
+    for choice in r["choices"]:
+        traj = read(records / f"{r['id']}-{choice['index']}.jsonl")
+        assert traj.end["text"] == choice["text"] and traj.end["tokens"] == 40 == len(traj.tokens())
+        assert traj.header["params"]["seed"] == 1 + choice["index"] and traj.header["mode"] == "diffusion"
+        assert [len(g) for g in traj.canvases()] == traj.end["steps_per_canvas"]
+        assert all(len(s["entropy"]) == traj.canvas_length for s in traj.steps)
+    # streamed, AR, and stopped by a stop string: the file still ends cleanly
+    with httpx.stream("POST", f"{server}/v1/completions", timeout=300, json={
+            "prompt": "x = ", "max_tokens": 12, "mode": "ar", "record": True, "stream": True}) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    traj = read(records / f"{chunks[0]['id']}-0.jsonl")
+    assert traj.header["mode"] == "ar" and traj.end["text"] == "".join(c["choices"][0]["text"] for c in chunks)
+    assert not list(records.glob(".*.tmp"))
+
+
+def test_record_needs_a_record_dir():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_engine import FakeEngine
+    from fastapi.testclient import TestClient
+
+    from dgemma.api import load
+    from dgemma.server import build_app
+
+    lm = load("random:tiny")
+    with TestClient(build_app(lm, FakeEngine(lm.model))) as client:
+        r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "record": True})
+        assert client.get("/").status_code == 200
+    assert r.status_code == 400 and r.json()["error"]["param"] == "record"
+    assert "--record-dir" in r.json()["error"]["message"]
 
 
 # ---- the browser ------------------------------------------------------------------------------------------------
@@ -141,7 +183,8 @@ def _figures(driver, kind: str) -> dict[str, str]:
     return {k: driver.find_element("id", f"{kind}-{k}").text for k in ("passes", "tpf", "tps", "elapsed")}
 
 
-def test_race(server, browser, tmp_path):
+def test_race(served, browser, tmp_path):
+    server = served[0]
     from selenium.webdriver.common.keys import Keys
 
     d = browser
@@ -214,7 +257,8 @@ def _write_trajectory(path: Path) -> str:
     return Tok().decode([1, 2, 3, 4, 5, 1, 2])
 
 
-def test_replay_a_trajectory(server, browser, tmp_path):
+def test_replay_a_trajectory(served, browser, tmp_path):
+    server = served[0]
     d = browser
     d.get(server + "/")
     path = tmp_path / "hand.jsonl"
