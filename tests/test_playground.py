@@ -237,6 +237,25 @@ def test_race(served, browser, tmp_path):
     assert _js_errors(d) == []
 
 
+def test_replay_the_readme_trajectory(served, browser):
+    """docs/trajectory.jsonl (a real run of the bundled model) replays to its recorded text."""
+    from dgemma.trajectory import read
+
+    path = ROOT / "docs" / "trajectory.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    d = browser
+    d.get(served[0] + "/")
+    d.find_element("id", "speed").send_keys("20")
+    d.find_element("id", "trajectory").send_keys(str(path))
+    _wait(d, lambda d: _state(d, "diffusion") in ("done", "error"), 60, lambda: d.find_element("id", "message").text)
+    traj = read(path)
+    shown = d.execute_script("return document.getElementById('diffusion-out').textContent")
+    assert _state(d, "diffusion") == "done" and shown == "".join(traj.piece(i) for i in traj.tokens())
+    assert d.find_element("id", "diffusion-passes").text == str(len(traj.steps) + len(traj.canvases()))
+    assert _js_errors(d) == []
+
+
 def _write_trajectory(path: Path) -> str:
     from dgemma.params import Draft
     from dgemma.trajectory import Recorder
