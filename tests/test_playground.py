@@ -7,7 +7,7 @@ passes than AR, a recorded trajectory replays, and the console holds no JavaScri
 the test's tmp folder, and also to $DGEMMA_PLAYGROUND_SCREENSHOT when set (the README's docs/playground.png:
 `DGEMMA_PLAYGROUND_SCREENSHOT=docs/playground.png .venv/bin/pytest tests/test_playground.py`).
 
-`make install` installs chromium and chromium-driver with apt-get where it can; the browser tests skip, saying
+`make test` (its `browser` step) installs chromium and chromium-driver with apt-get where it can; the browser tests skip, saying
 why, only where no Chromium is installed. The route tests need no browser.
 """
 
@@ -141,8 +141,8 @@ def test_record_needs_a_record_dir():
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     if CHROMIUM is None or DRIVER is None:
-        pytest.skip("no Chromium: install Debian's chromium and chromium-driver (`make install` does it with "
-                    "apt-get where it can: apt-get install -y chromium chromium-driver)")
+        pytest.skip("no Chromium: install Debian's chromium and chromium-driver (`make test` does it with "
+                    "apt-get where it can, as root: apt-get install -y chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
