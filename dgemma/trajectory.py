@@ -8,7 +8,8 @@
     generate_text(load(), ["def f():"], max_new_tokens=64, seed=0, record="run.jsonl")
     traj = read("run.jsonl"); traj.tokens()                       # exactly the tokens the run produced
 
-The playground page of `dgemma serve` (dgemma/web/) loads the same files and replays them in the browser.
+The playground page of `dgemma serve` (dgemma/web/) loads the same files and replays them in the browser, and a
+request with `"record": true` to `dgemma serve --record-dir DIR` writes DIR/ID-INDEX.jsonl (`StreamRecorder`).
 
 Format, version 1. UTF-8, one JSON object per line, each with a "type"; ids are token ids, times are seconds since
 the generation started, entropies are nats rounded to 4 decimals:

@@ -119,6 +119,17 @@ def test_record_field(served):
     assert not list(records.glob(".*.tmp"))
 
 
+def test_record_dropped_on_disconnect(served):
+    server, records = served
+    body = {"prompt": "x = ", "max_tokens": 200, "mode": "ar", "record": True, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server}/v1/completions", timeout=300, json=body) as s:
+        first = json.loads(next(line for line in s.iter_lines() if line.startswith("data: {"))[6:])
+    deadline = time.monotonic() + 30
+    while list(records.glob(f".{first['id']}-0.jsonl.*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list(records.glob(f"*{first['id']}*")), "an unfinished recording was left behind"
+
+
 def test_record_needs_a_record_dir():
     sys.path.insert(0, str(ROOT / "tests"))
     from fake_engine import FakeEngine

@@ -178,3 +178,14 @@ def test_cli_replay_and_plot(recorded, tmp_path, capsys):
 def test_record_needs_one_prompt(lm, tmp_path):
     with pytest.raises(ValueError, match="one prompt at a time"):
         generate_text(lm, ["a", "b"], record=tmp_path / "x.jsonl", max_new_tokens=4)
+
+
+def test_record_with_a_stop_string(lm, tmp_path):
+    kw = {"max_new_tokens": 40, "seed": 3, "max_denoising_steps": 6}
+    full = generate_text(lm, ["def add(a, b):"], **kw)[0].text
+    stop = full[20:23]  # a piece of the second canvas's text (canvas 16)
+    plain = generate_text(lm, ["def add(a, b):"], stop=[stop], **kw)[0]
+    res = generate_text(lm, ["def add(a, b):"], stop=[stop], record=tmp_path / "s.jsonl", **kw)[0]
+    assert (res.text, res.token_ids, res.finish_reason) == (plain.text, plain.token_ids, plain.finish_reason)
+    traj = read(tmp_path / "s.jsonl")
+    assert traj.tokens() == res.token_ids and traj.end["finish_reason"] == "stop"
