@@ -140,9 +140,11 @@ class Runner:
         positions (the encoder's are kept by `KVPool.trim`; the decoder's are scratch). Returns normed [1, N, H]."""
         pos = torch.cat([torch.arange(p.start, p.start + p.count) for p in pieces]).to(h.device)
         real = h.shape[1]
-        if real < self.min_rows:  # dummy rows: through every matmul, into no attention and no cache
-            h = torch.cat([h, h.new_zeros(1, self.min_rows - real, h.shape[2])], dim=1)
-            pos = torch.cat([pos, pos.new_zeros(self.min_rows - real)])
+        if real < self.min_rows:
+            # Dummy rows through every matmul, into no cache: copies of the last real row (whose attention output
+            # they copy too), so the router sends them to that row's experts and they cost no extra expert calls.
+            h = torch.cat([h, h[:, -1:].expand(1, self.min_rows - real, h.shape[2])], dim=1)
+            pos = torch.cat([pos, pos[-1:].expand(self.min_rows - real)])
         rope = {t: (cos[pos], sin[pos]) for t, (cos, sin) in self.rope.items()}
         pool = self.pool
         for i, layer in enumerate(self.model.layers):
@@ -162,7 +164,7 @@ class Runner:
                 V[p.slot, :, at:at + T] = v[0, :, off:off + T]
                 groups.setdefault((at, T), []).append((j, off))
                 off += T
-            o = q.new_zeros(1, q.shape[1], h.shape[1], q.shape[3])  # [1, nh, N, d]; dummy rows stay zero
+            o = q.new_empty(1, q.shape[1], h.shape[1], q.shape[3])  # [1, nh, N, d]
             gqa = attn.num_kv_heads != attn.num_heads
             for (at, T), members in groups.items():
                 mask = self._encoder_mask(pieces[members[0][0]], at, sliding) if encoder else None
@@ -180,6 +182,8 @@ class Runner:
                                                      scale=1.0, enable_gqa=gqa)
                 for r, (_, s) in enumerate(members):
                     o[:, :, s:s + T] = out[r:r + 1]
+            if h.shape[1] > off:
+                o[:, :, off:] = o[:, :, off - 1:off]
             a = attn.o_proj(o.transpose(1, 2).reshape(1, h.shape[1], -1))
             h = self._ffn(layer, h, a, encoder)
         return self.model.norm(h[:, :real])
