@@ -217,10 +217,11 @@ def test_race(served, browser, tmp_path):
         states = (_state(d, "diffusion"), _state(d, "ar"))
         assert "error" not in states, d.find_element("id", "message").text + " / " + " / ".join(
             d.find_element("id", f"{k}-status").text for k in ("diffusion", "ar"))
-        # the README's picture: mid-race, a later canvas being denoised beside the AR text
+        # the README's picture: mid-race, a later canvas some steps into its denoising, beside the AR text
         if not shots and states == ("running", "running") and d.execute_script(
-                "return document.querySelectorAll('#diffusion-out .tok.acc').length > 0 && "
-                "document.querySelector('#diffusion-out .committed').textContent.length > 0"):
+                "const m = /canvas (\\d+), step (\\d+)/.exec(document.getElementById('diffusion-status').textContent);"
+                "return m !== null && Number(m[1]) >= 2 && Number(m[2]) >= 4 && "
+                "document.querySelectorAll('#diffusion-out .tok').length > 0"):
             shots.append(tmp_path / "playground-race.png")
             d.save_screenshot(str(shots[0]))
         if states == ("done", "done"):

@@ -30,6 +30,7 @@ class Pane {
     this.canvasIndex = -1;
     this.committed = "";
     this.draft = null; // the last dgemma_draft of the open canvas
+    this.held = []; // per canvas position: accepted at an earlier step of the open canvas
     this.done = false;
     this.replaying = false; // a trajectory replay sets the clock from the file
     this.setState("idle");
@@ -80,7 +81,7 @@ class Pane {
       const d = this.draft;
       for (let i = 0; i < d.ids.length; i++) {
         const span = document.createElement("span");
-        span.className = d.accepted[i] ? "tok acc" : "tok draft";
+        span.className = d.accepted[i] ? "tok acc" : this.held[i] ? "tok held" : "tok draft";
         // line breaks of a draft are drawn as ↵ so that a canvas stays one compact block until it is committed
         span.textContent = piece(d.ids[i], d.pieces, i).replace(/\r?\n/g, "↵");
         if (d.entropy) span.title = `entropy ${d.entropy[i].toFixed(3)} nats`;
@@ -100,12 +101,14 @@ class Pane {
     if (d.canvas_index !== this.canvasIndex) {
       this.canvasIndex = d.canvas_index;
       this.encode += 1; // each canvas follows an encoder pass: the prompt's, or the previous canvas's commit
+      this.held = [];
     }
     this.denoise += 1;
     this.draft = d;
     this.status(`canvas ${d.canvas_index + 1}, step ${d.step}: ${d.accepted.filter(Boolean).length}/` +
       `${d.accepted.length} accepted` + (d.mean_entropy == null ? "" : `, mean entropy ${d.mean_entropy.toFixed(3)}`));
     this.render();
+    d.accepted.forEach((a, i) => { if (a) this.held[i] = true; });
   }
 
   // committed text (a finished canvas, or AR tokens)
