@@ -46,7 +46,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .options import positive_float, positive_int
+from .options import positive_float, positive_int, seed_int
 
 MODES = ("diffusion", "ar")
 DEFAULT_OUT = "benchmarks/results/serve"
@@ -736,7 +736,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"seconds after which a request is lost (default {c.request_timeout_s:g})")
     p.add_argument("--startup-timeout", dest="startup_timeout_s", type=positive_float, default=c.startup_timeout_s,
                    help=f"seconds the server has to answer /health (default {c.startup_timeout_s:g})")
-    p.add_argument("--seed", type=int, default=c.seed, help="request i gets seed SEED + i (default 0)")
+    p.add_argument("--seed", type=seed_int, default=c.seed, help="request i gets seed SEED + i (default 0)")
     p.add_argument("--denoising-steps", type=positive_int, default=c.denoising_steps,
                    help="diffusion requests: most denoising steps per canvas (default: the model's)")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",

@@ -906,7 +906,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="SFT data (sft.py): --source is a JSONL file of chats or prompt/completion pairs, tokenized "
                         "with --tokenizer (the model's); --source python-functions builds the demonstration set")
     g = p.add_argument_group("--source sudoku (generated puzzles; see dgemma/sudoku.py)")
-    g.add_argument("--size", type=int, choices=[6, 9], default=6, help="6 (2x3 boxes) or 9 (3x3 boxes)")
+    g.add_argument("--size", type=positive_int, choices=[6, 9], default=6, help="6 (2x3 boxes) or 9 (3x3 boxes)")
     g.add_argument("--count", type=positive_int, default=None, help="training puzzles (default 50000)")
     g.add_argument("--val-count", type=positive_int, default=None, help="validation puzzles (default 500)")
     g.add_argument("--test-count", type=positive_int, default=None, help="held-out test puzzles (default 1000)")
