@@ -314,7 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["info"].set_defaults(func=_run_info)
     data.add_cli(sub)
     options.add_eval(sub).set_defaults(func=_run_eval)
-    options.add_bench(sub).set_defaults(func=_run_bench)
+    bench = options.add_bench(sub)
+    bench.set_defaults(func=_run_bench)
+    from . import bench_serve  # argparse only; the load generator imports httpx when it runs
+
+    serve_bench = bench.add_subparsers(dest="bench_command", metavar="serve").add_parser(
+        "serve", help="load-test an OpenAI-compatible dgemma server: diffusion vs AR at several concurrencies",
+        description=bench_serve.__doc__.split("\n", 1)[0])
+    bench_serve.add_arguments(serve_bench)
+    serve_bench.set_defaults(func=bench_serve.run_cli)
     options.add_train(sub).set_defaults(func=_run_train)
     from . import server  # argparse only: fastapi, uvicorn and torch load when the server starts
 
