@@ -15,9 +15,11 @@ Computed (26B-A4B, `preset("26b-a4b")`; parameter counts from the model built on
 frozen weights, adapter, gradients, AdamW state (two fp32 moments per trainable parameter), and activations for
 `--seq-tokens` tokens per optimizer step, with and without checkpointing. The activation model counts the tensors
 each layer keeps for backward per token and per pass with gradients (the encoder pass and the second decoder pass);
-it is checked against the measured bundled model (the `activation_model_check` ratio in the JSON). It assumes a
-fused attention kernel (no [T, 2T] score matrix is kept) and a chunked LM-head loss (--ce-chunk), whose fp32 logits
-are counted for one chunk of 1024 positions. Which single GPU fits is read off the total with 10% headroom.
+it is checked against the measured bundled model (`activation_model_check` in the JSON: measured / modelled, with
+the LM head's logits and the CPU attention path's [T, 2T] scores added to the model for that check). For 26B-A4B it
+assumes a fused attention kernel (no [T, 2T] score matrix is kept) and a chunked LM-head loss (--ce-chunk 1024): the
+"head" column is one chunk's fp32 logits, soft-capped logits and gradient plus the self-conditioning pass's fp32
+logits and softmax over every position. Which single GPU fits is read off the total with 10% headroom.
 """
 
 from __future__ import annotations
@@ -129,10 +131,23 @@ def activation_elements_per_token(cfg: ModelConfig, ckpt: bool) -> float:
     return 2 * per_pass + 2 * H  # encoder + decoder pass 2; the K/V cache rows are inside the encoder's count
 
 
+def head_bytes(cfg: ModelConfig, positions: int, ce_positions: int) -> int:
+    """LM-head tensors: fp32 logits, soft-capped logits and their gradient for `ce_positions` positions at once, plus
+    the self-conditioning pass 1's fp32 logits and their bf16/fp32 softmax over all `positions`."""
+    return ce_positions * cfg.vocab_size * 4 * 3 + positions * cfg.vocab_size * (4 + 4)
+
+
+def attention_score_bytes(cfg: ModelConfig, batch: int, row_tokens: int, ckpt: bool) -> int:
+    """The CPU's math SDPA path keeps fp32 scores and probabilities [B, nh, T, 2T] per layer and pass with gradients
+    (a fused GPU kernel keeps none); with checkpointing only the recomputed layer's."""
+    per_layer = 2 * batch * cfg.num_attention_heads * row_tokens * 2 * row_tokens * 4
+    return per_layer * (1 if ckpt else 2 * len(cfg.layer_types))
+
+
 def computed_table(cfg: ModelConfig, seq_tokens: int, rank: int = 8, ce_chunk: int = 1024) -> list[dict]:
     counts = parameter_counts(cfg, rank=rank)
     rows = []
-    head = ce_chunk * cfg.vocab_size * 4 * 3  # fp32 logits, their softmax and gradient for one chunk
+    head = head_bytes(cfg, seq_tokens, ce_chunk)  # the loss chunked (--ce-chunk 1024)
     for mode in ("lora", "full"):
         for ckpt in (False, True):
             act = activation_elements_per_token(cfg, ckpt) * 2 * seq_tokens  # bf16 activations
@@ -186,8 +201,11 @@ def main() -> int:
     check = None
     if measured:  # the activation model against the bundled model's measured activations (fp32 there)
         cfg = measured[0]["config"]
-        row_tokens = measured[0]["tokens"] / args.steps
-        predicted = {ck: activation_elements_per_token(cfg, ck) * 4 * row_tokens for ck in (False, True)}
+        b = max(batches[:2], key=lambda b: b["input_ids"].numel())  # the larger of the two tracked steps
+        tokens, T = b["input_ids"].numel(), b["input_ids"].shape[1]
+        supervised = int((b["roles"] >= 2).sum()) * 2  # diffusion + AR positions (about)
+        predicted = {ck: activation_elements_per_token(cfg, ck) * 4 * tokens + head_bytes(cfg, tokens, supervised)
+                     + attention_score_bytes(cfg, args.batch_size, T, ck) for ck in (False, True)}
         check = {("ckpt" if r["gradient_checkpointing"] else "no_ckpt") + "_" + r["mode"]:
                  r["activation_bytes_est"] / predicted[r["gradient_checkpointing"]] for r in measured}
 
