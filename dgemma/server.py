@@ -79,6 +79,8 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int_in(0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--model-name", default=None, help="the served model id (default: the model folder's name)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="serve with a LoRA adapter applied unmerged (PEFT format, e.g. `dgemma finetune --lora-rank`)")
     # engine settings: None keeps EngineConfig's default (its one home)
     p.add_argument("--max-batch", type=int_in(1, 4096), default=None, help="rows decoded at once")
     p.add_argument("--kv-memory-mb", type=float_in(0, None, lo_open=True), default=None, help="K/V pool budget in MB")
@@ -155,6 +157,10 @@ def run(args) -> int:
         factory = _engine_factory(args.engine_factory)
         config = EngineConfig(**settings).validate()
         lm = load(args.model, dtype=dtype)
+        if getattr(args, "adapter", None):
+            from .lora import load_adapter
+
+            load_adapter(lm.model, args.adapter)
         engine = factory(lm.model, config)
         app = build_app(lm, engine, args.model_name or _model_name(args.model, lm.name),
                         record_dir=getattr(args, "record_dir", None))

@@ -206,3 +206,20 @@ def test_batches_are_length_grouped_deterministic_resumable_and_split_across_ran
         assert torch.equal(got, full["input_ids"])
     with pytest.raises(SFTError, match="cannot resume"):
         SFTBatches(split, 4, seed=3).load_state_dict(state)
+
+
+def test_data_prepare_command_line_reports_the_line_and_exits_2(tmp_path, capsys):
+    from dgemma.cli import main
+
+    f = tmp_path / "d.jsonl"
+    f.write_text(GOOD + "\n" + '{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}\n')
+    out = tmp_path / "out"
+    assert main(["data", "prepare", "--source", str(f), "--format", "chat", "--tokenizer", str(TOKENIZER),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "d.jsonl:2:" in err and "role 'bot'" in err and not out.exists()
+    f.write_text(GOOD + "\n" + GOOD.replace("Hi", "Hey") + "\n")
+    assert main(["data", "prepare", "--source", str(f), "--format", "chat", "--tokenizer", str(TOKENIZER),
+                 "--out", str(out), "--val-fraction", "0"]) == 0
+    assert json.loads((out / "meta.json").read_text())["splits"]["train"]["examples"] == 2
+    assert main(["data", "list"]) == 0 and "python-functions" in capsys.readouterr().out
