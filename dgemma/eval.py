@@ -52,7 +52,8 @@ def config_from_args(args) -> EvalConfig:
                       max_new_tokens=args.max_new_tokens, steps=args.steps, val_sequences=args.val_sequences,
                       judge=args.judge, batch_size=args.batch_size, seed=args.seed, out=args.out,
                       write_prompts=args.write_prompts, task=args.task, control=args.control,
-                      puzzles_file=args.puzzles_file, puzzles=args.puzzles, plot=args.plot, sweep=args.sweep)
+                      puzzles_file=args.puzzles_file, puzzles=args.puzzles, plot=args.plot, sweep=args.sweep,
+                      sweep_puzzles=args.sweep_puzzles)
 
 
 def run_cli(args) -> int:
@@ -64,7 +65,8 @@ def run_cli(args) -> int:
 
         evaluate_sudoku(SudokuEvalConfig(model=cfg.model, data=cfg.data, puzzles_file=cfg.puzzles_file,
                                          control=cfg.control, puzzles=cfg.puzzles, batch_size=cfg.batch_size,
-                                         sweep=cfg.sweep, seed=cfg.seed, plot=cfg.plot, out=cfg.out))
+                                         sweep=cfg.sweep, sweep_puzzles=cfg.sweep_puzzles, seed=cfg.seed,
+                                         plot=cfg.plot, out=cfg.out))
         return 0
     if cfg.write_prompts:
         prompts, origin = eval_prompts(cfg)

@@ -294,6 +294,7 @@ class EvalConfig:
     puzzles: int = 1000  # --task sudoku: at most this many puzzles
     plot: str | None = None  # --task sudoku: PNG of solve rate against passes
     sweep: bool = True  # --task sudoku: also sweep step budgets and entropy bounds
+    sweep_puzzles: int | None = None  # --task sudoku: the sweep uses the first N puzzles (None: all)
 
 
 def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -333,6 +334,7 @@ def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--plot", default=None, help="write a PNG of solve rate against passes here")
     g.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=d.sweep,
                    help="also sweep diffusion step budgets and entropy bounds")
+    g.add_argument("--sweep-puzzles", type=positive_int, default=None, help="the sweep uses the first N puzzles")
     return p
 
 

@@ -64,6 +64,7 @@ class SudokuEvalConfig:
     batch_size: int = 100
     latency_puzzles: int = 50
     sweep: bool = True
+    sweep_puzzles: int | None = None  # the sweep's rows use the first N puzzles (None: all)
     seed: int = 0
     plot: str | None = None
     out: str | None = None
@@ -227,11 +228,12 @@ def evaluate(cfg: SudokuEvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     rows: list[dict] = []
 
-    def run(name: str, model, mode: str, params, timed: bool = False) -> dict:
-        res = decode(model, puzzles, mode, params, cfg.batch_size)
-        row = {"setting": name, "mode": mode, **score(pairs, res)}
+    def run(name: str, model, mode: str, params, timed: bool = False, limit: int | None = None) -> dict:
+        res = decode(model, puzzles[:limit], mode, params, cfg.batch_size)
+        row = {"setting": name, "mode": mode, "puzzles": len(res.outputs), **score(pairs[:limit], res)}
         if mode == "diffusion":
-            row.update(steps=params.max_denoising_steps, entropy_bound=params.entropy_bound, sampler=params.sampler)
+            row.update(steps=params.max_denoising_steps, entropy_bound=params.entropy_bound, sampler=params.sampler,
+                       t_min=params.t_min, t_max=params.t_max)
         row["seconds_per_puzzle"] = latency(model, lat, mode, params) if timed else None
         rows.append(row)
         print(f"  {name}: solve {row['solve_rate']:.3f}", file=sys.stderr, flush=True)
@@ -242,14 +244,21 @@ def evaluate(cfg: SudokuEvalConfig) -> dict:
     a = run("AR, same weights (greedy)", lm, "ar", ar_params(lm, cells), timed=True)
     c = run("AR-only control (greedy)", control, "ar", ar_params(control, cells), timed=True) if control else None
     if cfg.sweep:
+        k = cfg.sweep_puzzles
         for steps in STEP_SWEEP:
             if steps != default.max_denoising_steps:
                 run(f"diffusion steps={steps}", lm, "diffusion", diffusion_params(lm, cells, seed=cfg.seed,
-                                                                                  max_denoising_steps=steps))
+                                                                                  max_denoising_steps=steps), limit=k)
         for bound in BOUND_SWEEP:
             if bound != default.entropy_bound:
                 run(f"diffusion entropy_bound={bound:g}", lm, "diffusion",
-                    diffusion_params(lm, cells, seed=cfg.seed, entropy_bound=bound))
+                    diffusion_params(lm, cells, seed=cfg.seed, entropy_bound=bound), limit=k)
+        if default.t_max > 0.1:
+            run("diffusion near-greedy (t 0-0.1)", lm, "diffusion",
+                diffusion_params(lm, cells, seed=cfg.seed, t_min=0.0, t_max=0.1), limit=k)
+        if default.sampler != "confidence":
+            run("diffusion confidence sampler", lm, "diffusion",
+                diffusion_params(lm, cells, seed=cfg.seed, sampler="confidence"), limit=k)
     result = {
         "task": "sudoku", "size": geo.size, "model": lm.name, "control": control.name if control else None,
         "puzzles": len(pairs), "puzzles_from": origin, "rows": rows,
@@ -290,11 +299,11 @@ def _git_rev() -> str | None:
 def _print(r: dict) -> None:
     print(f"Sudoku {r['size']}x{r['size']}: {r['puzzles']} held-out puzzles ({r['puzzles_from']}), model {r['model']}"
           + (f", control {r['control']}" if r["control"] else ""))
-    print(f"{'setting':<34} {'solved':>7} {'blank acc':>9} {'givens':>7} {'passes':>7} {'s/puzzle b=1':>12} "
+    print(f"{'setting':<34} {'n':>5} {'solved':>7} {'blank acc':>9} {'givens':>7} {'passes':>7} {'s/puzzle b=1':>12} "
           f"{'s/puzzle batched':>16}")
     for row in r["rows"]:
         lat = f"{row['seconds_per_puzzle']:.4f}" if row["seconds_per_puzzle"] is not None else "-"
-        print(f"{row['setting']:<34} {row['solve_rate']:>7.3f} {row['blank_accuracy']:>9.3f} "
+        print(f"{row['setting']:<34} {row['puzzles']:>5} {row['solve_rate']:>7.3f} {row['blank_accuracy']:>9.3f} "
               f"{row['givens_kept']:>7.3f} {row['passes_per_puzzle']:>7.2f} {lat:>12} "
               f"{row['batched_seconds_per_puzzle']:>16.5f}")
 
@@ -306,14 +315,16 @@ def plot(r: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    steps = sorted((row for row in r["rows"] if row["mode"] == "diffusion" and row["entropy_bound"]
-                    == r["defaults"]["entropy_bound"]), key=lambda row: row["passes_per_puzzle"])
+    d = r["defaults"]
+    steps = sorted((row for row in r["rows"] if row["mode"] == "diffusion" and row["entropy_bound"] == d["entropy_bound"]
+                    and row["sampler"] == d["sampler"] and "greedy" not in row["setting"]),
+                   key=lambda row: row["passes_per_puzzle"])
     ax.plot([s["passes_per_puzzle"] for s in steps], [s["solve_rate"] for s in steps], "o-",
             label="diffusion (step budgets)")
     bounds = [row for row in r["rows"] if row["mode"] == "diffusion" and row not in steps]
     if bounds:
         ax.plot([s["passes_per_puzzle"] for s in bounds], [s["solve_rate"] for s in bounds], "s",
-                label="diffusion (entropy bounds)")
+                label="diffusion (other settings)")
     for row, marker in zip([row for row in r["rows"] if row["mode"] == "ar"], ("^", "v")):
         ax.plot([row["passes_per_puzzle"]], [row["solve_rate"]], marker, markersize=9, label=row["setting"])
     ax.set_xscale("log")

@@ -693,7 +693,8 @@ def _train(cfg: TrainConfig, data: DataSource | None, on_step, env: Distributed)
 
         sharded = cfg.fsdp and env.enabled
         set_optimizer_state_dict(step_module, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True) if sharded else None)
+                                 # --ar-only never updates the decoder-only weights: they have no optimizer state
+                                 options=StateDictOptions(full_state_dict=sharded, strict=not cfg.ar_only))
         scheduler.load_state_dict(state["scheduler"])
         step, tokens_done, train_seconds = state["step"], state["tokens"], state["train_seconds"]
         same_world = len(state["data"]) == env.world_size

@@ -160,6 +160,12 @@ def test_tiny_model_trains_and_eval_runs(prepared, tmp_path, capsys):
         assert key in last
     assert last["passes_per_puzzle_ar"] == 36  # the prefill gives the first digit, then one pass per digit
     assert (tmp_path / "p.png").stat().st_size > 0
+    from dgemma.sudoku_eval import main as sudoku_eval_main
+
+    (result.checkpoint / "test_puzzles.txt").write_text((prepared / "a" / "test.txt").read_text())
+    assert sudoku_eval_main(["demo", str(result.checkpoint)]) == 0  # what `make run` prints
+    shown = capsys.readouterr().out
+    assert "diffusion:" in shown and "ar:" in shown and "forward passes" in shown
 
 
 def test_eval_refuses_malformed_puzzles_with_one_line(prepared, tmp_path, capsys):
