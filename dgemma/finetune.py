@@ -61,6 +61,7 @@ class FinetuneConfig:
     lora_targets: str = DEFAULT_TARGETS
     train_router: bool = False  # full fine-tuning: also train the router (frozen by default, as NeMo does)
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # FSDP2 (fully_shard per layer) instead of DDP on several processes
     bf16: bool | None = None
     device: str = "auto"
     threads: int | None = None
@@ -90,7 +91,7 @@ class FinetuneConfig:
 # Settings a resumed run must share with the run it continues.
 RESUME_IDENTITY = ("model", "data", "batch_size", "grad_accum", "seq_len", "overflow", "lr", "min_lr_ratio",
                    "warmup_steps", "beta1", "beta2", "weight_decay", "ar_weight", "ar_on_prompt", "sc_prob", "t_eps",
-                   "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_router", "seed")
+                   "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_router", "seed", "fsdp")
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -138,6 +139,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--ce-chunk", type=non_negative_int, default=d.ce_chunk)
     g = p.add_argument_group("execution")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
+    g.add_argument("--fsdp", action="store_true", help="FSDP2 sharding instead of DDP (several processes, torchrun)")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     g.add_argument("--threads", type=positive_int, default=None)

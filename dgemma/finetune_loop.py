@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -124,7 +125,9 @@ class FinetuneStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, roles, noise, **kw):
+    def forward(self, x, roles, noise=None, eval_t=None, eval_generators=None, **kw):
+        if eval_t is not None:  # validation, through the wrapper so that FSDP2 gathers the weights
+            return sft_eval_losses(self.model, x, roles, eval_t, eval_generators)
         return sft_losses(self.model, x, roles, noise, **kw)
 
 
@@ -310,10 +313,25 @@ def _finetune(cfg: FinetuneConfig, env, on_step) -> dict[str, Any]:
 
     step_module = FinetuneStep(model)
     wrapped = step_module
-    if env.enabled:
+    sharded = env.enabled and cfg.fsdp
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        # Layers return their keys/values as transposed views for the cache; nothing modifies them in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(step_module)
+    elif env.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(step_module, forward_sync_buffers=False)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
     params = [p for p in step_module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -324,7 +342,9 @@ def _finetune(cfg: FinetuneConfig, env, on_step) -> dict[str, Any]:
     step, tokens_done, train_seconds = 0, 0, 0.0
     if resume_from is not None:
         state = torch.load(resume_from / TRAINER_STATE, map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        # Keyed by parameter name: loads into one process, DDP or FSDP2 alike.
+        set_optimizer_state_dict(step_module, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True) if sharded else None)
         scheduler.load_state_dict(state["scheduler"])
         step, tokens_done, train_seconds = state["step"], state["tokens"], state["train_seconds"]
         loader.load_state_dict(state["data"])
@@ -351,22 +371,36 @@ def _finetune(cfg: FinetuneConfig, env, on_step) -> dict[str, Any]:
     tokenizer_path = Path(cfg.data) / "tokenizer.json"
     generation = load_generation_config(cfg.model) if (Path(cfg.model) / "generation_config.json").is_file() else None
 
-    def save_model(folder: Path) -> None:
+    def save_model(to_save: DiffusionGemma, folder: Path) -> None:
         if cfg.lora:
-            save_adapter(model, folder, base_model=str(Path(cfg.model).resolve()))
+            save_adapter(to_save, folder, base_model=str(Path(cfg.model).resolve()))
             shutil.copyfile(tokenizer_path, folder / "tokenizer.json")
         else:
-            save_checkpoint(model, folder, generation_config=generation, tokenizer_path=tokenizer_path)
+            save_checkpoint(to_save, folder, generation_config=generation, tokenizer_path=tokenizer_path)
 
     last_ckpt = resume_from
 
     def save(at_step: int) -> None:
         nonlocal last_ckpt
         state = {"step": at_step, "tokens": tokens_done, "train_seconds": train_seconds,
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scheduler": scheduler.state_dict(),
                  "data": loader.state_dict(), "rng": _gather(env, _rng_state()), "finetune_config": asdict(cfg)}
+        to_save = model
+        if sharded:  # gather the shards (collective); full copies on the main process
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full = get_model_state_dict(step_module, options=opts)
+            state["optimizer"] = get_optimizer_state_dict(step_module, optimizer, options=opts)
+            if env.is_main:
+                with torch.random.fork_rng(devices=[]):  # apply_lora's init must not move the training RNG
+                    to_save = load_base(cfg.model)
+                    if cfg.lora:
+                        apply_lora(to_save, model.lora_config)
+                to_save.load_state_dict({k.removeprefix("model."): v for k, v in full.items()})
+        else:
+            state["optimizer"] = get_optimizer_state_dict(step_module, optimizer)
         if env.is_main:
-            last_ckpt = write_checkpoint(run, at_step, save_model, state, cfg.keep_checkpoints)
+            last_ckpt = write_checkpoint(run, at_step, lambda folder: save_model(to_save, folder), state,
+                                         cfg.keep_checkpoints)
             log.write({"kind": "checkpoint", "step": at_step, "path": str(last_ckpt)})
         env.barrier()
 
@@ -384,7 +418,8 @@ def _finetune(cfg: FinetuneConfig, env, on_step) -> dict[str, Any]:
                 batch = next(vb)
                 x, roles = batch["input_ids"].to(env.device), batch["roles"].to(env.device)
                 gens = example_generators(cfg.seed, "val", b * cfg.batch_size + env.rank * rows, x.shape[0])
-                part = sft_eval_losses(model, x, roles, cfg.val_t, gens)
+                with torch.no_grad():
+                    part = wrapped(x, roles, eval_t=tuple(cfg.val_t), eval_generators=gens)
                 sums = part if sums is None else [a + c for a, c in zip(sums, part)]
         model.train()
         if sums is None:
@@ -420,7 +455,9 @@ def _finetune(cfg: FinetuneConfig, env, on_step) -> dict[str, Any]:
                     noise = sample_noise(x, mc.vocab_size, example_generators(cfg.seed, "train", first, rows),
                                          eps=cfg.t_eps, sc_prob=cfg.sc_prob)
                     last = i == len(micro) - 1
-                    sync = wrapped.no_sync() if env.enabled and not last else nullcontext()
+                    sync = wrapped.no_sync() if env.enabled and not sharded and not last else nullcontext()
+                    if sharded:  # FSDP2: reduce-scatter once per optimizer step
+                        wrapped.set_requires_gradient_sync(last)
                     with sync:
                         with autocast:
                             loss, d_sum, a_sum = wrapped(
@@ -431,6 +468,8 @@ def _finetune(cfg: FinetuneConfig, env, on_step) -> dict[str, Any]:
                     sums[0] += float(d_sum)
                     sums[1] += float(a_sum)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()

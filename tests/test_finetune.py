@@ -129,13 +129,14 @@ def _worker(rank: int, world: int, port: int, cfg: FinetuneConfig) -> None:
     finetune(cfg)
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 @pytest.mark.parametrize("lora_rank", [0, 4])
-def test_two_processes_match_one(setup, tmp_path, lora_rank):
+def test_two_processes_match_one(setup, tmp_path, lora_rank, fsdp):
     import torch.multiprocessing as mp
 
-    one = _cfg(setup, tmp_path / "one", lora_rank=lora_rank, steps=2, val_every=0)
+    one = _cfg(setup, tmp_path / "one", lora_rank=lora_rank, steps=2, val_every=0, grad_accum=2)
     finetune(one)
-    two = replace(one, out=str(tmp_path / "two"))
+    two = replace(one, out=str(tmp_path / "two"), fsdp=fsdp)
     mp.spawn(_worker, args=(2, _free_port(), two), nprocs=2, join=True)
     a, b = _trained(tmp_path / "one" / "latest"), _trained(tmp_path / "two" / "latest")
     assert all(torch.allclose(a[k], b[k], atol=2e-6, rtol=1e-5) for k in a)
