@@ -60,7 +60,8 @@ class LoadedModel:
 def load(spec: str | Path | None = None, dtype: torch.dtype | str | None = None) -> LoadedModel:
     """`spec` is a checkpoint folder, or `random:PRESET` for random weights (pipeline demos and tests).
     None means the bundled default model. `dtype`: float32/bfloat16/float16 (a torch dtype or a name such as
-    "bf16"); None keeps a checkpoint's stored dtype, float32 for random weights.
+    "bf16"); None keeps a checkpoint's stored dtype where it computes fast (`fast_half`), else float32, and
+    float32 for random weights.
 
     Everything a user can get wrong fails here with a ModelLoadError (or the CheckpointError, ConfigError or
     TokenizerError of the file at fault), naming the path and the fix: a missing path, a training run folder
@@ -97,7 +98,21 @@ def load(spec: str | Path | None = None, dtype: torch.dtype | str | None = None)
     tok = Tokenizer.from_path(path)
     _check_tokenizer_fits(tok, cfg.vocab_size, str(path))  # before reading any weights
     _, model = load_checkpoint(path, dtype=dtype)
+    if dtype is None and model.dtype in (torch.bfloat16, torch.float16) and not fast_half(model.device):
+        model = model.float()  # a half-precision checkpoint on a CPU without fast half matmuls: compute in fp32
     return LoadedModel(model.eval(), tok, str(path), load_generation_config(path))
+
+
+def fast_half(device: torch.device) -> bool:
+    """Whether bf16/fp16 matmuls run at least as fast as fp32 on `device`: CUDA, or a CPU whose oneDNN has native
+    bf16 (AVX512-BF16 or AMX), detected at run time. Elsewhere (an AVX2-only CPU) they run many times slower, so
+    `load(dtype=None)` computes a half-precision checkpoint in fp32 there (`dgemma bench` measures both)."""
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 CHECKPOINT_FILES = "config.json, model.safetensors, tokenizer.json"

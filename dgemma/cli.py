@@ -94,7 +94,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights dtype (default: the checkpoint's where this CPU computes it fast, else float32)")
     p.add_argument("--live", action="store_true", help="diffusion: show the canvas being denoised (on stderr)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="apply a LoRA adapter (PEFT format, e.g. a `dgemma finetune --lora-rank` checkpoint) unmerged")

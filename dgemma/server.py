@@ -78,7 +78,8 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int_in(0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--model-name", default=None, help="the served model id (default: the model folder's name)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights dtype (default: the checkpoint's where this CPU computes it fast, else float32)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="serve with a LoRA adapter applied unmerged (PEFT format, e.g. `dgemma finetune --lora-rank`)")
     # engine settings: None keeps EngineConfig's default (its one home)

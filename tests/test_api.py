@@ -34,3 +34,15 @@ def test_bos_follows_the_tokenizer():
     from dgemma.api import encode_prompts
     ids, _ = encode_prompts(lm, ["hi"])
     assert (ids[0, 0].item() == lm.tokenizer.bos_id) == lm.tokenizer.add_bos_default
+
+
+def test_half_checkpoints_compute_in_fp32_where_half_is_slow():
+    """The bundled model is stored in bf16; load() keeps bf16 only where the CPU has native bf16 (detected)."""
+    import torch
+
+    from dgemma.api import fast_half
+
+    stored = load(DEFAULT_MODEL, dtype="bfloat16").model.dtype
+    auto = load(DEFAULT_MODEL).model.dtype
+    assert stored == torch.bfloat16
+    assert auto == (torch.bfloat16 if fast_half(torch.device("cpu")) else torch.float32)
