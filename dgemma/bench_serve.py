@@ -83,6 +83,7 @@ class ServeBenchConfig:
     max_batch: int | None = None  # server flags; None: EngineConfig's default
     kv_memory_mb: float | None = None
     dtype: str | None = None
+    batch_invariant: bool = True  # the server's default; False passes --no-batch-invariant
     out: str = DEFAULT_OUT
     name: str | None = None  # output files NAME.json / NAME.png; None: "quick", or the model folder's name
     quick: bool = False
@@ -358,6 +359,8 @@ class Server:
                             ("--dtype", cfg.dtype)):
             if value is not None:
                 cmd += [flag, str(value)]
+        if not cfg.batch_invariant:
+            cmd.append("--no-batch-invariant")
         self.cmd = cmd
         # lives as long as the child (closed, and so deleted, in stop())
         self.log = tempfile.NamedTemporaryFile("w+b", prefix="dgemma-bench-serve-", suffix=".log")  # noqa: SIM115
@@ -499,6 +502,12 @@ def _served_dtype(cfg: ServeBenchConfig) -> str:
     with contextlib.suppress(OSError, ValueError):
         config = json.loads((folder / "config.json").read_text())
         stored = config.get("dtype") or config.get("torch_dtype")
+        if stored in ("bfloat16", "float16"):
+            import torch
+
+            from .api import fast_half  # the server's own rule (api.load with dtype None)
+
+            return f"{stored} (stored)" if fast_half(torch.device("cpu")) else f"float32 (stored {stored})"
         if stored:
             return f"{stored} (stored)"
     return "unknown"
@@ -603,6 +612,7 @@ def run(cfg: ServeBenchConfig, log=None) -> dict:
         "requests_per_level": {str(c): cfg.requests_for(c) for c in cfg.concurrency},
         "max_tokens": cfg.max_tokens,
         "dtype": _served_dtype(cfg),
+        "batch_invariant": cfg.batch_invariant,
         "model": cfg.model if cfg.url is None else got["model_name"],
         "served_model": got["model_name"],
         "canvas_length": got["canvas_length"],
@@ -745,6 +755,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=positive_int, default=c.max_batch, help="server: rows decoded at once")
     p.add_argument("--kv-memory-mb", type=positive_float, default=c.kv_memory_mb, help="server: K/V pool budget, MB")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=c.dtype, help="server: weights dtype")
+    p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                   help="server: --no-batch-invariant (no padding of small matmuls; AR at low concurrency is faster)")
     p.add_argument("--out", default=c.out, help=f"folder for NAME.json and NAME.png (default {c.out})")
     p.add_argument("--name", default=c.name, help="output file stem (default: 'quick' or the model folder's name)")
     p.add_argument("--quick", action="store_true",
