@@ -143,7 +143,7 @@ def main() -> None:
         "",
         f"**Stage**: this is the checkpoint `{ckpt.name}` of a short CPU run (see Training); it does not reach the "
         "issue's 95% goal. Training continues from it with `dgemma train --init-from "
-        f"models/dgemma-sudoku-{n}x{n} ...` (same data and flags as below, a new --out).",
+        f"models/dgemma-sudoku-{n}x{n} ...` (the flags below without --preset/--vocab-size/--resume, a new --out).",
         "",
         "## Architecture",
         f"Preset `mini` with vocabulary {c.vocab_size} and canvas {c.canvas_length}: {c.num_hidden_layers} layers "
