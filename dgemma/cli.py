@@ -74,7 +74,7 @@ def _add_generate(sub) -> None:
                    help="diffusion, confidence sampler: also commit any token more probable than this, in (0, 1]")
     p.add_argument("--entropy-bound", type=positive_float, default=None,
                    help="diffusion: summed entropy (nats) accepted per step, > 0")
-    p.add_argument("--t-min", type=non_negative_float, default=None,
+    p.add_argument("--t-min", type=positive_float, default=None,
                    help="diffusion: temperature of a canvas's last step, >= 0")
     p.add_argument("--t-max", type=non_negative_float, default=None,
                    help="diffusion: temperature of a canvas's first step, > --t-min")

@@ -100,7 +100,7 @@ class SamplingParams:
         num("max_new_tokens", lambda v: v >= 1, ">= 1", integer=True)
         num("max_denoising_steps", lambda v: 1 <= v <= MAX_STEPS, f"in [1, {MAX_STEPS}]", integer=True)
         num("entropy_bound", lambda v: v > 0, "> 0")
-        num("t_min", lambda v: v >= 0, ">= 0")
+        num("t_min", lambda v: v > 0, "> 0 (a canvas's last step divides the logits by it)")
         num("t_max", lambda v: v > self.t_min, f"> t_min ({self.t_min})")
         num("stability_threshold", lambda v: 0 <= v <= MAX_STEPS, f"in [0, {MAX_STEPS}]", integer=True)
         num("confidence_threshold", lambda v: v > 0, "> 0")

@@ -401,3 +401,8 @@ def test_mock_tokens_and_reasons():
     assert got["len"] == [7] * 6 and why["len"] == "length"  # exact length: 6 of the second 4-token canvas' 8
     assert got["eos"] == [] and why["eos"] == "stop"
     assert got["ar"] == [7] * 5 and why["ar"] == "length"
+
+
+def test_t_min_zero_is_refused_before_it_divides_by_zero():
+    with pytest.raises(RequestError, match="t_min must be > 0"):
+        SamplingParams(t_min=0.0).validate()
