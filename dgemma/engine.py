@@ -46,7 +46,7 @@ from .static import chunk_rows, position_stats
 
 STEP_API = 1  # the add / step / abort contract the server relies on
 # Batch-invariant mode pads every matmul to at least this many rows. Measured on an AVX2 machine with MKL: fewer than
-# 4 rows take another sgemm kernel whose rounding differs (tests/test_engine.py shows it); 16 leaves a margin.
+# 4 rows take another sgemm kernel whose rounding differs (a 64x128 fp32 linear, README); 16 leaves a margin.
 BATCH_INVARIANT_ROWS = 16
 
 
