@@ -448,6 +448,24 @@ def _new_sibling_dir(target: Path, tag: str) -> Path:
             continue
 
 
+def install_folder(staging: Path, out: Path) -> None:
+    """Rename the complete folder `staging` to `out`. A previous `out` is moved aside first and deleted only once
+    the new folder is in place; if the rename fails, the previous one is put back. OSError propagates."""
+    old = None
+    if out.exists():
+        old = _new_sibling_dir(out, "old")
+        os.replace(out, old / out.name)
+    try:
+        os.replace(staging, out)
+    except OSError:
+        if old is not None:
+            os.replace(old / out.name, out)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def tokenizer_sha256(tokenizer: Tokenizer) -> str:
     """SHA-256 of the tokenizer as dgemma writes tokenizer.json (tokenizers' pretty JSON): equal to the hash of the
     bytes of any tokenizer.json dgemma wrote, and the same for two files that hold the same tokenizer."""
@@ -651,21 +669,9 @@ def prepare(
             "notes": notes,
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        # Everything is complete: put the folder in place. A previous output (checked above: prepared data, and
-        # --force) is moved aside first and deleted only once the new folder is in place.
-        old = None
-        if out.exists():
-            old = _new_sibling_dir(out, "old")
-            os.replace(out, old / out.name)
-        try:
-            os.replace(staging, out)
-        except OSError:
-            if old is not None:
-                os.replace(old / out.name, out)
-                old.rmdir()
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # Everything is complete: put the folder in place (a previous output was checked above: prepared data, and
+        # --force).
+        install_folder(staging, out)
     except OSError as e:  # disk full, permissions: the previous output (if any) is still in place
         raise DataError(f"cannot write the output folder {out} ({e}); free space or choose another --out") from e
     finally:

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .data import DataError, _new_sibling_dir, _sha256_file, resolve_source, split_of, tokenizer_sha256
+from .data import DataError, _new_sibling_dir, _sha256_file, install_folder, resolve_source, split_of, tokenizer_sha256
 from .tokenizer import Tokenizer, TokenizerError
 
 if TYPE_CHECKING:
@@ -363,19 +363,7 @@ def prepare_sft(sources: Sequence[str], out_dir: str | os.PathLike[str], fmt: st
         }
         meta["sha256"] = {p.name: _sha256_file(p) for p in sorted(staging.iterdir())}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        old = None
-        if out.exists():  # checked above: prepared data and --force; deleted only once the new folder is in place
-            old = _new_sibling_dir(out, "old")
-            os.replace(out, old / out.name)
-        try:
-            os.replace(staging, out)
-        except OSError:
-            if old is not None:
-                os.replace(old / out.name, out)
-                old.rmdir()
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        install_folder(staging, out)  # a previous output: checked above (prepared data and --force)
     except OSError as e:
         raise SFTError(f"cannot write the output folder {out} ({e}); free space or choose another --out") from e
     finally:
