@@ -45,6 +45,9 @@ from .sampler import accept_entropy_bound, commit_confident, draw_uniforms, samp
 from .static import chunk_rows, position_stats
 
 STEP_API = 1  # the add / step / abort contract the server relies on
+# Engine.timing's parts: the layer passes, the LM head (+ soft-cap), the sampler (everything else over [., V]
+# logits, the self-conditioning product included), and the whole step.
+TIMING_KEYS = ("encoder_layers", "decoder_layers", "head", "sampler", "step")
 # Batch-invariant mode pads every matmul to at least this many rows. Measured on an AVX2 machine with MKL: fewer than
 # 4 rows take another sgemm kernel whose rounding differs (a 64x128 fp32 linear, README); 16 leaves a margin.
 BATCH_INVARIANT_ROWS = 16
@@ -284,6 +287,9 @@ class Engine:
         self._admitted = 0
         self.counters = {"steps": 0, "decoder_passes": 0, "encoder_passes": 0, "tokens": 0, "requests": 0,
                          "decoder_rows": 0}
+        # Cumulative host seconds per part of `step()` (on CUDA, kernels run asynchronously: only "step" is then
+        # meaningful unless the caller synchronises). overhead = step - the others: scheduling, bookkeeping, Python.
+        self.timing = dict.fromkeys(TIMING_KEYS, 0.0)
 
     # ---- the public contract ----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -329,6 +335,13 @@ class Engine:
 
     def step(self) -> list[Event]:
         """One engine step: schedule -> encoder pass -> decoder pass -> update. Returns per-request events."""
+        t0 = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.timing["step"] += time.perf_counter() - t0
+
+    def _step(self) -> list[Event]:
         self._admit()
         if not self.rows:
             return []
@@ -386,8 +399,10 @@ class Engine:
         model, dev = self.model, self.model.device
         pieces = [Piece(r.slot, self.pool.length[r.slot], len(ids)) for r, ids, _ in work]
         flat = torch.tensor([t for _, ids, _ in work for t in ids], dtype=torch.long, device=dev)[None]
+        t0 = time.perf_counter()
         with torch.inference_mode():
             hidden = self.runner.run(pieces, model.embed(flat), encoder=True)[0]
+        self.timing["encoder_layers"] += time.perf_counter() - t0
         self.counters["encoder_passes"] += 1
         ends, ar_rows = [], []
         off = 0
@@ -402,9 +417,13 @@ class Engine:
                 ar_rows.append(r)
                 ends.append(off - 1)
         if ar_rows:
+            t0 = time.perf_counter()
             with torch.inference_mode():
                 logits = model.logits(self.runner.pad(hidden[torch.tensor(ends, device=dev)]))[:len(ends)]
+            t1 = time.perf_counter()
+            self.timing["head"] += t1 - t0
             self._update_ar(ar_rows, logits, events)
+            self.timing["sampler"] += time.perf_counter() - t1
 
     def _update_ar(self, rows: list[Row], logits: torch.Tensor, events: dict[str, Event]) -> None:
         finite = torch.isfinite(logits).all(dim=-1).tolist()
@@ -441,11 +460,13 @@ class Engine:
         model, dev, c = self.model, self.model.device, self.C
         slots = torch.tensor([r.slot for r in rows], device=dev)
         pieces = [Piece(r.slot, self.pool.length[r.slot], c) for r in rows]
+        t0 = time.perf_counter()
         with torch.inference_mode():
             canvas = self.canvas[slots]  # [D, C]
             e = model.embed(canvas.view(1, -1))
             h = model.self_conditioning(e, self.soft[slots].view(1, -1, e.shape[-1]))
             hidden = self.runner.run(pieces, h, encoder=False)[0]  # [D*C, H]
+        self.timing["decoder_layers"] += time.perf_counter() - t0
         self.counters["decoder_passes"] += 1
         self.counters["decoder_rows"] += len(rows)
         by_conf = [j for j, r in enumerate(rows) if r.p.sampler == "confidence"]
@@ -477,12 +498,16 @@ class Engine:
             noise.append(torch.randint(0, V, (1, C), generator=r.gen, device=dev))
         noise = torch.cat(noise)
         with torch.inference_mode():
+            t0 = time.perf_counter()
             raw = model.logits(hidden)  # [g, C, V] fp32
+            t1 = time.perf_counter()
+            self.timing["head"] += t1 - t0
             st = position_stats(raw, temp.repeat_interleave(C)[:, None], None, model, soft_from="raw",
                                 chunk=self.sampler_chunk, method=None if confidence else "inverse_cdf",
                                 confidence=confidence, uniforms=None if confidence else torch.cat(uniforms))
             del raw
         canvas = self.canvas[s]
+        self.timing["sampler"] += time.perf_counter() - t1  # (the rest of the update is counted as overhead)
         steps_done = steps_done + 1
         h = mean_h = None
         if confidence:
