@@ -498,16 +498,14 @@ class Engine:
             noise.append(torch.randint(0, V, (1, C), generator=r.gen, device=dev))
         noise = torch.cat(noise)
         with torch.inference_mode():
-            t0 = time.perf_counter()
-            raw = model.logits(hidden)  # [g, C, V] fp32
-            t1 = time.perf_counter()
-            self.timing["head"] += t1 - t0
-            st = position_stats(raw, temp.repeat_interleave(C)[:, None], None, model, soft_from="raw",
+            t0, head = time.perf_counter(), self.timing["head"]
+            st = position_stats(None, temp.repeat_interleave(C)[:, None], None, model, soft_from="raw",
                                 chunk=self.sampler_chunk, method=None if confidence else "inverse_cdf",
-                                confidence=confidence, uniforms=None if confidence else torch.cat(uniforms))
-            del raw
+                                confidence=confidence, uniforms=None if confidence else torch.cat(uniforms),
+                                hidden=hidden, timing=self.timing)
         canvas = self.canvas[s]
-        self.timing["sampler"] += time.perf_counter() - t1  # (the rest of the update is counted as overhead)
+        # the sampler's own time (the head's chunks are in timing["head"]; the update below counts as overhead)
+        self.timing["sampler"] += time.perf_counter() - t0 - (self.timing["head"] - head)
         steps_done = steps_done + 1
         h = mean_h = None
         if confidence:

@@ -36,6 +36,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the same arithmetic without the no-op casts (each is an operator call)
+            y = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+            return y if self.weight is None else y * self.weight
         xf = x.float()
         y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.weight is not None:
@@ -306,7 +309,12 @@ class DiffusionGemma(nn.Module):
         out = (F.linear(hidden, self.embed_tokens.weight) if self.head_matmul is None
                else self.head_matmul(hidden)).float()
         cap = self.config.final_logit_softcapping
-        return out if cap is None else torch.tanh(out / cap) * cap
+        if cap is None:
+            return out
+        if out.requires_grad:
+            return torch.tanh(out / cap) * cap
+        # Inference: the same three operations in place (no [., V] temporaries; bit-identical).
+        return out.div_(cap).tanh_().mul_(cap)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {t: rope_cos_sin(getattr(self, f"inv_freq_{t}"), positions, dtype) for t in (SLIDING, FULL)}

@@ -199,7 +199,8 @@ class PositionStats:
 def position_stats(raw: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator | None,
                    model: DiffusionGemma | None, soft_from: str | None, chunk: int | None = None,
                    method: str | None = "multinomial", confidence: bool = False,
-                   uniforms: torch.Tensor | None = None) -> PositionStats:
+                   uniforms: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                   timing: dict | None = None) -> PositionStats:
     """Per-position results of one denoising step's logits raw [n, C, V], computed `chunk` positions at a time so
     that no [n, C, V] temporary is made: the argmax of raw / temperature, and as asked a sampled token (`method`
     "multinomial" or "inverse_cdf"; None draws nothing) with the entropy, the top probability (`confidence`), and
@@ -207,26 +208,45 @@ def position_stats(raw: torch.Tensor, temperature: torch.Tensor, generator: torc
     embedding, times the embedding scale). Row-wise the same arithmetic as the reference sampler functions.
 
     `temperature` is a scalar tensor, or one per position [n * C, 1] (rows at different steps); `uniforms` [n * C]
-    are the inverse-CDF draws when the caller drew them (one generator per row); otherwise they are drawn here."""
-    n, C, V = raw.shape
-    flat = raw.view(n * C, V)
+    are the inverse-CDF draws when the caller drew them (one generator per row); otherwise they are drawn here.
+
+    `raw=None, hidden=[n, C, H]`: the logits are computed here, a chunk of whole canvases at a time (`model.logits`;
+    one canvas alone is the reference's own matmul), so they never exist as one [n, C, V] tensor and each chunk is
+    still in cache for the passes over it; `timing["head"]` then accumulates the seconds spent in the head."""
+    if raw is None:
+        n, C, _ = hidden.shape
+        V = model.config.vocab_size
+        flat, hflat = None, hidden.reshape(n * C, -1)
+        dev = hidden.device
+    else:
+        n, C, V = raw.shape
+        flat, hflat = raw.view(n * C, V), None
+        dev = raw.device
     N = n * C
     chunk = chunk or chunk_rows(V)
-    argmax = torch.empty(N, dtype=torch.long, device=raw.device)
-    sampled = torch.empty(N, dtype=torch.long, device=raw.device) if method else None
-    h = torch.empty(N, dtype=torch.float32, device=raw.device) if method else None
-    conf = torch.empty(N, dtype=torch.float32, device=raw.device) if confidence else None
+    argmax = torch.empty(N, dtype=torch.long, device=dev)
+    sampled = torch.empty(N, dtype=torch.long, device=dev) if method else None
+    h = torch.empty(N, dtype=torch.float32, device=dev) if method else None
+    conf = torch.empty(N, dtype=torch.float32, device=dev) if confidence else None
     soft = None
     if soft_from is not None:
         E = model.embed_tokens.weight
-        soft = torch.empty(N, E.shape[1], dtype=model.dtype, device=raw.device)
+        soft = torch.empty(N, E.shape[1], dtype=model.dtype, device=dev)
     lowest = torch.finfo(torch.float32).min
     u = None
     if method == "inverse_cdf":
-        u = uniforms if uniforms is not None else draw_uniforms(N, generator, raw.device)
+        u = uniforms if uniforms is not None else draw_uniforms(N, generator, dev)
     per_position = temperature.dim() > 0
+    if flat is None:  # whole canvases per chunk (so each matmul holds the reference's rows)
+        chunk = max(C, chunk // C * C)
     for s in range(0, N, chunk):
-        r = flat[s:s + chunk]
+        if flat is None:
+            t0 = time.perf_counter()
+            r = model.logits(hflat[s:s + chunk])
+            if timing is not None:
+                timing["head"] += time.perf_counter() - t0
+        else:
+            r = flat[s:s + chunk]
         proc = r / (temperature[s:s + chunk] if per_position else temperature)
         probs = None
         if method:
