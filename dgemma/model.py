@@ -34,10 +34,19 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+        # fp32 CPU scalars for the fast path (not buffers: a dtype cast of the module must not round them)
+        self._eps = torch.tensor(eps, dtype=torch.float32)
+        self._count = torch.tensor(float(dim), dtype=torch.float32)
+        self._dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the same arithmetic without the no-op casts (each is an operator call)
-            y = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if (x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1] == self._dim
+                and not torch.is_grad_enabled()):
+            # Inference: the same arithmetic in fewer operator calls (no no-op casts; CPU `mean` is `sum` then `div_`
+            # by the count, here with tensor scalars, since a Python scalar costs a conversion per call; in place).
+            # tests/test_model.py checks it bit for bit against the general path below.
+            v = x.pow(2).sum(-1, keepdim=True).div_(self._count).add_(self._eps)
+            y = x * v.pow_(-0.5)
             return y if self.weight is None else y * self.weight
         xf = x.float()
         y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
