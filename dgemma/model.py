@@ -34,9 +34,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
-        # fp32 CPU scalars for the fast path (not buffers: a dtype cast of the module must not round them)
-        self._eps = torch.tensor(eps, dtype=torch.float32)
-        self._count = torch.tensor(float(dim), dtype=torch.float32)
+        # fp32 CPU scalars for the fast path (not buffers: a dtype cast of the module must not round them; on the
+        # CPU even when the model is built on the meta device, as checkpoint loading does)
+        self._eps = torch.tensor(eps, dtype=torch.float32, device="cpu")
+        self._count = torch.tensor(float(dim), dtype=torch.float32, device="cpu")
         self._dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

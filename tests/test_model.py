@@ -154,3 +154,7 @@ def test_rmsnorm_inference_path_is_bit_identical_to_the_general_one(with_scale):
                 fast = norm(x)
             general = norm(x).detach()  # gradients enabled: the general path
             assert torch.equal(fast, general), (dim, rows)
+    with torch.device("meta"):  # how checkpoint loading builds the model: the fast path's scalars stay real
+        built = RMSNorm(96, 1e-6, with_scale)
+    assert built._eps.device.type == "cpu" and built._eps.item() == torch.tensor(1e-6).item()
+    assert built._count.item() == 96.0
