@@ -1,28 +1,41 @@
 """`dgemma bench`: generation speed, measured side by side in one run. Prints a table, then one JSON line last.
 
-    dgemma bench --quick                     # about 2-3 minutes on a 2-core CPU (run in CI as a smoke test)
+    dgemma bench --quick                     # a few minutes on a 2-core CPU (run in CI as a smoke test)
     dgemma bench --model PATH --plot bench.png
+    dgemma bench --threads 1,2,4 --compile   # other thread counts; the engine step split under torch.compile
 
+Sections 1, 2 and 4 run once per thread count (`--threads`, default 1,2: torch.set_num_threads), side by side:
 1. Against the reference: the same weights through transformers 5.23.0 `generate()` and through dgemma's compat
    mode (identical tokens asserted), warm, alternating runs; the ratio of median wall times. Needs transformers
    (the test extra); skipped with a note otherwise.
 2. Diffusion against AR decoding of the same weights: several lengths, default settings and fixed step counts
    (adaptive stopping off), against greedy AR: tokens/s, forward passes, tokens per forward, time to the first
-   committed token.
-3. Against the machine: measured matmul throughput (fp32, bf16) and copy bandwidth, and the fraction of the
-   fp32 matmul throughput one denoising step and one AR step reach (from their matmul FLOPs).
+   committed token (peak memory at the largest thread count only: it does not depend on threads).
+3. Against the machine: measured matmul throughput (fp32, bf16) and copy bandwidth at each thread count; at the
+   largest, the fraction of the fp32 matmul throughput one static-path denoising step and one AR step reach.
+4. The engine step split (dgemma.engine.Engine, diffusion and AR, 1 and 16 identical rows, 4 steps per canvas,
+   adaptive stopping off, no row finishing): ms per step split into layers, LM head, sampler and overhead (from
+   Engine.timing), tokens/s, the step's matmul FLOP/s as a fraction of the fp32 and bf16 matmul peaks of 3, and the
+   torch.compile graphs compiled during the timed steps (`--compile`; 0 expected once warm, 0 without compile).
+Engine options (reference / fast / int8 ...) and sampler memory run once, at the largest thread count.
+
+JSON: the top-level keys hold the largest thread count's figures, except the headline ratios
+`speedup_vs_transformers` and `diffusion_over_ar_256`, which are the minimum over thread counts; every per-thread
+figure is under `by_threads: {"1": {...}, "2": {...}}`. `section_s` gives each section's wall seconds.
 Ratios are taken inside one run because this machine is shared and noisy.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,7 +49,8 @@ def add_cli(subparsers) -> None:
 
 
 def run_cli(args) -> int:
-    run(BenchConfig(model=args.model, quick=args.quick, repeats=args.repeats, plot=args.plot, out=args.out))
+    run(BenchConfig(model=args.model, quick=args.quick, repeats=args.repeats, plot=args.plot, out=args.out,
+                    threads=tuple(args.threads), compile=args.compile))
     return 0
 
 
@@ -57,7 +71,7 @@ def _device() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def _timed(fn, repeats: int) -> tuple[float, object]:
@@ -72,13 +86,16 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
 # ---------------------------------------------------------------------------------------------------------------
 # 3. the machine
 def machine_limits(quick: bool) -> dict:
+    """Matmul GFLOP/s (square fp32 and bf16 products) and copy GB/s at the current thread count."""
     n = 1024 if quick else 2048
     res = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        # Quick: bf16 at half the size. CPUs without native bf16 run it at ~1 GFLOP/s, seconds per 1024^3 product.
+        m = n // 2 if quick and dt == torch.bfloat16 else n
+        a, b = torch.randn(m, m, dtype=dt), torch.randn(m, m, dtype=dt)
         a @ b
         sec, _ = _timed(lambda a=a, b=b: a @ b, 3)
-        res[f"matmul_gflops_{name}"] = 2 * n**3 / sec / 1e9
+        res[f"matmul_gflops_{name}"] = 2 * m**3 / sec / 1e9
     x = torch.empty(64 * 2**20 // 4)  # 64 MiB
     y = torch.empty_like(x)
     y.copy_(x)
@@ -87,19 +104,26 @@ def machine_limits(quick: bool) -> dict:
     return res
 
 
-def _matmul_flops(model, tokens: int, context: int) -> float:
-    """Matmul FLOPs of one pass over `tokens` new positions attending to `context` keys (dense, experts top-k,
-    attention scores/values, LM head; self-conditioning soft embedding excluded)."""
+def _matmul_flops(model, tokens: int, context: float, head: bool = True, self_conditioning: bool = False) -> float:
+    """Matmul FLOPs of one pass over `tokens` new positions (all rows together), each attending to `context` keys
+    of its own row (a sliding layer's to at most its window): q/k/v/o projections, attention scores and values,
+    dense MLP, router and the top-k experts; with `head` the LM head over every position; with `self_conditioning`
+    a denoising step's self-conditioning too: the soft embedding (probabilities [tokens, V] @ E [V, H]) and its
+    gated MLP. Norms, softmax, RoPE and the sampler's elementwise work are not matmuls and are not counted."""
     c = model.config
-    H, f = c.hidden_size, 0.0
+    H, V, f = c.hidden_size, c.vocab_size, 0.0
     for i in range(c.num_hidden_layers):
         d, kv = c.layer_head_dim(i), c.layer_kv_heads(i)
         nh = c.num_attention_heads
+        keys = min(context, c.sliding_window) if c.is_sliding(i) else context
         f += 2 * tokens * H * (2 * nh * d + kv * d * (2 if c.is_sliding(i) else 1))
-        f += 2 * 2 * tokens * nh * d * context
+        f += 2 * 2 * tokens * nh * d * keys
         f += 2 * tokens * 3 * H * c.intermediate_size
         f += 2 * tokens * (c.num_experts * H + c.top_k_experts * 3 * H * c.moe_intermediate_size)
-    f += 2 * tokens * H * c.vocab_size
+    if head:
+        f += 2 * tokens * H * V
+    if self_conditioning:
+        f += 2 * tokens * V * H + 2 * tokens * 3 * H * c.intermediate_size
     return f
 
 
@@ -134,7 +158,7 @@ def step_fractions(model, peak_fp32: float, peak_bf16: float, repeats: int) -> d
 
     ar_step()
     t_ar, _ = _timed(ar_step, repeats * 3)
-    f_dn = _matmul_flops(model, C, 256 + C) + 2 * C * c.vocab_size * c.hidden_size
+    f_dn = _matmul_flops(model, C, 256 + C, self_conditioning=True)
     f_ar = _matmul_flops(model, 1, 257)
     return {"denoise_step_ms": t_dn * 1e3, "ar_step_ms": t_ar * 1e3,
             "denoise_step_gflops": f_dn / t_dn / 1e9, "ar_step_gflops": f_ar / t_ar / 1e9,
@@ -225,11 +249,15 @@ def vs_transformers(model, repeats: int, new_tokens: int, steps: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # 2. diffusion vs AR
 def diffusion_vs_ar(model, lengths: list[int], fixed_steps: list[int], repeats: int,
-                    generation_config: dict | None = None) -> list[dict]:
+                    generation_config: dict | None = None, memory: bool = True) -> list[dict]:
+    """Rows of tokens/s, passes and time to the first token; `memory`: also each run's peak MB (one more untimed run
+    each, so that the tracking does not slow the timed one; None without)."""
     from .generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
     from .memtrack import track_memory
 
-    def peak_mb(fn) -> float:  # a separate, untimed run: tracking every allocation slows it down
+    def peak_mb(fn) -> float | None:  # a separate, untimed run: tracking every allocation slows it down
+        if not memory:
+            return None
         with track_memory() as mem:
             fn()
         return mem.peak_bytes / 2**20
@@ -297,6 +325,87 @@ def engine_options(model, new_tokens: int, steps: int, repeats: int, full: bool)
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 4. the engine step split
+def _graphs_compiled() -> int | None:
+    """torch.compile graphs compiled so far in this process (None: the counter cannot be read in this torch)."""
+    if "torch._dynamo" not in sys.modules:  # nothing was ever compiled
+        return 0
+    try:  # a private counter: read defensively, a benchmark must not fail on a torch upgrade
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def engine_split(model, mode: str, batch: int, steps: int, peak_fp32: float, peak_bf16: float,
+                 compile: bool = False, steps_per_canvas: int = 4, prompt_tokens: int = 32) -> dict:
+    """Time `steps` engine steps of `batch` identical rows (same prompt, fixed steps per canvas, adaptive stopping
+    off, max_new_tokens long enough that no row finishes) after a warm-up; split each step from Engine.timing
+    deltas, and set its matmul FLOP/s against the fp32 and bf16 matmul peaks (GFLOP/s) of this thread count."""
+    from .engine import TIMING_KEYS, Engine
+    from .params import EngineConfig, Request, SamplingParams
+
+    c = model.config
+    C, diffusion = c.canvas_length, mode == "diffusion"
+    if diffusion:
+        # Whole canvases: every window of k * steps_per_canvas steps holds exactly k commit encoder passes.
+        steps = -(-steps // steps_per_canvas) * steps_per_canvas
+        # Prefill, two canvases and the first step of a third: every shape the steady state sees (a second
+        # context length too, on which torch.compile may recompile once with dynamic shapes).
+        warmup = 2 * steps_per_canvas + 1
+        new_tokens = C * (-(-(warmup + steps) // steps_per_canvas) + 2)
+    else:
+        warmup = 4
+        new_tokens = warmup + steps + 4
+    prompt = torch.randint(5, c.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(3)).tolist()
+    eng = Engine(model, EngineConfig(max_batch=batch, max_model_len=prompt_tokens + new_tokens + C, compile=compile))
+    for i in range(batch):
+        eng.add(Request(str(i), prompt, SamplingParams(
+            mode=mode, max_new_tokens=new_tokens, max_denoising_steps=steps_per_canvas, stability_threshold=None,
+            confidence_threshold=None, seed=i)))
+    for _ in range(warmup):
+        eng.step()
+
+    def context() -> float:  # mean committed positions per row
+        return statistics.fmean(eng.pool.length[s] for s in eng.rows)
+
+    ctx0, t0, enc0, graphs0 = context(), dict(eng.timing), eng.counters["encoder_passes"], _graphs_compiled()
+    tokens, wall = 0, time.perf_counter()
+    for _ in range(steps):
+        tokens += sum(len(ev.new_ids) for ev in eng.step())
+    wall = time.perf_counter() - wall
+    graphs1 = _graphs_compiled()
+    if len(eng.rows) != batch:
+        raise AssertionError(f"{batch - len(eng.rows)} of {batch} rows finished during the timed steps")
+    ctx = (ctx0 + context()) / 2  # it grows about linearly over the window
+    dt = {k: (eng.timing[k] - t0[k]) / steps for k in TIMING_KEYS}  # seconds per step
+    enc_per_step = (eng.counters["encoder_passes"] - enc0) / steps
+    if diffusion:
+        # One decoder pass over B*C canvas positions (keys: the committed context + the canvas) with its LM head and
+        # self-conditioning, plus each step's share of the commit encoder passes: one pass of B*C positions (rows run
+        # in lockstep, so a commit pass carries every row) per steps_per_canvas steps, no LM head, keys growing
+        # over the canvas from ctx to ctx + C (mean ctx + C/2).
+        flops = _matmul_flops(model, batch * C, ctx + C, self_conditioning=True)
+        flops += enc_per_step * _matmul_flops(model, batch * C, ctx + C / 2, head=False)
+    else:  # one encoder pass of one token per row, and the LM head on those tokens
+        flops = _matmul_flops(model, batch, ctx + 1)
+    step_s = dt["step"]
+    layers = dt["encoder_layers"] + dt["decoder_layers"]
+    gflops = flops / step_s / 1e9
+    return {"mode": mode, "batch": batch, "threads": torch.get_num_threads(), "compile": compile,
+            "steps_per_canvas": steps_per_canvas if diffusion else None, "warmup_steps": warmup, "timed_steps": steps,
+            "context": ctx, "step_ms": step_s * 1e3, "layers_ms": layers * 1e3,
+            "encoder_layers_ms": dt["encoder_layers"] * 1e3, "decoder_layers_ms": dt["decoder_layers"] * 1e3,
+            "head_ms": dt["head"] * 1e3, "sampler_ms": dt["sampler"] * 1e3,
+            "overhead_ms": (step_s - layers - dt["head"] - dt["sampler"]) * 1e3,
+            "encoder_passes_per_step": enc_per_step, "tokens_per_s": tokens / wall,
+            "matmul_gflop_per_step": flops / 1e9, "gflops": gflops, "fp32_matmul_fraction": gflops / peak_fp32,
+            "bf16_matmul_fraction": gflops / peak_bf16,
+            "recompiles": None if graphs0 is None or graphs1 is None else graphs1 - graphs0}
+
+
 def _plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -317,6 +426,33 @@ def _plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _at_threads(model, tiny, lm, cfg: BenchConfig, memory: bool, clock) -> dict:
+    """Sections 1, 2, 3 (the machine) and 4 at the current torch thread count."""
+    quick, C = cfg.quick, model.config.canvas_length
+    res: dict = {"threads": torch.get_num_threads()}
+    with clock("machine"):
+        res.update(machine_limits(quick))
+    with clock("vs_transformers"):  # quick: at most 2 timed runs a side (CI runs this once per thread count)
+        reps = min(cfg.repeats, 2) if quick else cfg.repeats
+        res["vs_transformers_tiny"] = vs_transformers(tiny, reps, 2 * tiny.config.canvas_length, 8)
+        res["vs_transformers_model"] = vs_transformers(model, reps, 2 * C, 8)
+    speedups = [res[k]["speedup"] for k in ("vs_transformers_tiny", "vs_transformers_model") if "speedup" in res[k]]
+    res["speedup_vs_transformers"] = min(speedups) if speedups else None
+    lengths = [64, 256] if quick else [64, 128, 256, 512, 1024]
+    fixed = [4, 16] if quick else [4, 8, 16, 32]
+    with clock("diffusion_vs_ar"):
+        rows = diffusion_vs_ar(model, lengths, fixed, 1 if quick else cfg.repeats, lm.generation_config, memory)
+    res["diffusion_vs_ar"] = rows
+    d256 = [r for r in rows if r["mode"] == "diffusion" and r["new_tokens"] == 256 and r["steps"] == "default"]
+    res["diffusion_over_ar_256"] = d256[0]["speedup_vs_ar"] if d256 else None
+    with clock("engine_split"):
+        res["engine_split"] = [
+            engine_split(model, mode, batch, (8 if batch > 1 else 16) if quick else 16, res["matmul_gflops_fp32"],
+                         res["matmul_gflops_bf16"], compile=cfg.compile)
+            for mode in ("diffusion", "ar") for batch in (1, 16)]
+    return res
+
+
 def run(cfg: BenchConfig) -> dict:
     from .api import DEFAULT_MODEL, load
 
@@ -325,47 +461,80 @@ def run(cfg: BenchConfig) -> dict:
     lm = load(spec, dtype=torch.float32)
     model = lm.model
     tiny = load("random:tiny").model
-    result: dict = {"model": spec, "device": _device(), "git": _git(), "quick": cfg.quick}
-    limits = machine_limits(cfg.quick)
-    result.update(limits)
-    result.update(step_fractions(model, limits["matmul_gflops_fp32"], limits["matmul_gflops_bf16"], cfg.repeats))
-    c = model.config
-    result["sampler_memory"] = [sampler_memory(c.vocab_size, c.canvas_length, 8, c.hidden_size)]
-    if not cfg.quick:  # the released shape's vocabulary and canvas, one request
-        result["sampler_memory"].append(sampler_memory(262144, 256, 1, 256))
-    result["engine_options"] = engine_options(model, 64 if cfg.quick else 128, 8, cfg.repeats, not cfg.quick)
-    C = model.config.canvas_length
-    ref_tiny = vs_transformers(tiny, cfg.repeats, 2 * tiny.config.canvas_length, 8)
-    ref_model = vs_transformers(model, cfg.repeats, 2 * C, 8)
-    result["vs_transformers_tiny"] = ref_tiny
-    result["vs_transformers_model"] = ref_model
-    speedups = [r["speedup"] for r in (ref_tiny, ref_model) if "speedup" in r]
-    result["speedup_vs_transformers"] = min(speedups) if speedups else None
-    lengths = [64, 256] if cfg.quick else [64, 128, 256, 512, 1024]
-    fixed = [4, 16] if cfg.quick else [4, 8, 16, 32]
-    rows = diffusion_vs_ar(model, lengths, fixed, 1 if cfg.quick else cfg.repeats, lm.generation_config)
+    threads = list(cfg.threads)
+    top = max(threads)  # the top-level figures; the old single-column bench ran at torch's default, all cores
+    result: dict = {"model": spec, "device": _device(), "git": _git(), "quick": cfg.quick, "threads": threads,
+                    "top_level_threads": top, "compile": cfg.compile}
+    sections: dict[str, float] = {}
+
+    @contextmanager
+    def clock(name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            sections[name] = sections.get(name, 0.0) + time.perf_counter() - t0
+
+    before = torch.get_num_threads()
+    by: dict[str, dict] = {}
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            by[str(n)] = _at_threads(model, tiny, lm, cfg, memory=n == top, clock=clock)
+        torch.set_num_threads(top)
+        at_top = by[str(top)]
+        for k in ("matmul_gflops_fp32", "matmul_gflops_bf16", "copy_gbytes_per_s"):
+            result[k] = at_top[k]
+        with clock("step_fractions"):
+            result.update(step_fractions(model, at_top["matmul_gflops_fp32"], at_top["matmul_gflops_bf16"],
+                                         cfg.repeats))
+        c = model.config
+        with clock("sampler_memory"):
+            result["sampler_memory"] = [sampler_memory(c.vocab_size, c.canvas_length, 8, c.hidden_size)]
+            if not cfg.quick:  # the released shape's vocabulary and canvas, one request
+                result["sampler_memory"].append(sampler_memory(262144, 256, 1, 256))
+        with clock("engine_options"):
+            result["engine_options"] = engine_options(model, 64 if cfg.quick else 128, 8, 1 if cfg.quick else
+                                                      cfg.repeats, not cfg.quick)
+    finally:
+        torch.set_num_threads(before)
+    for k in ("vs_transformers_tiny", "vs_transformers_model", "diffusion_vs_ar", "engine_split"):
+        result[k] = at_top[k]
+    # Headline ratios: the least favourable thread count.
+    for k in ("speedup_vs_transformers", "diffusion_over_ar_256"):
+        vals = [v[k] for v in by.values() if v[k] is not None]
+        result[k] = min(vals) if vals else None
+    counts = [e["recompiles"] for v in by.values() for e in v["engine_split"]]
+    result["recompiles"] = None if None in counts else sum(counts)
     result["default_steps"] = (lm.generation_config or {}).get("max_denoising_steps", 48)
-    result["diffusion_vs_ar"] = rows
-    d256 = [r for r in rows if r["mode"] == "diffusion" and r["new_tokens"] == 256 and r["steps"] == "default"]
-    result["diffusion_over_ar_256"] = d256[0]["speedup_vs_ar"] if d256 else None
     # What the step costs allow: a canvas of C tokens costs (steps + 1 encoder pass) passes of the denoise-step
     # cost, against C AR steps.
+    C = model.config.canvas_length
     ratio = result["denoise_over_ar_step_cost"]
     result["diffusion_over_ar_bound"] = {str(n): C / ((n + 1) * ratio) for n in (4, 8, 16, 32)}
+    result["by_threads"] = by
     result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["section_s"] = sections
     if cfg.plot:
-        _plot(rows, cfg.plot)
+        _plot(result["diffusion_vs_ar"], cfg.plot)
     _print(result)
     if cfg.out:
-        Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
+        tmp = Path(cfg.out).with_name(Path(cfg.out).name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(cfg.out)
     print(json.dumps(result))
     return result
 
 
 def _print(r: dict) -> None:
+    by, threads = r["by_threads"], r["threads"]
     print(f"device: {r['device']}  git {r['git']}  model {r['model']}")
-    print(f"machine: matmul fp32 {r['matmul_gflops_fp32']:.1f} GFLOP/s, bf16 {r['matmul_gflops_bf16']:.1f} GFLOP/s, "
-          f"copy {r['copy_gbytes_per_s']:.1f} GB/s")
+    print(f"threads measured side by side: {', '.join(map(str, threads))} (single-column figures: "
+          f"{r['top_level_threads']} threads; headline ratios: the minimum over thread counts)")
+    for n in threads:
+        m = by[str(n)]
+        print(f"machine @{n} threads: matmul fp32 {m['matmul_gflops_fp32']:.1f} GFLOP/s, bf16 "
+              f"{m['matmul_gflops_bf16']:.1f} GFLOP/s, copy {m['copy_gbytes_per_s']:.1f} GB/s")
     print(f"one denoising step {r['denoise_step_ms']:.1f} ms ({r['denoise_step_gflops']:.1f} GFLOP/s, "
           f"{100 * r['denoise_step_matmul_fraction']:.0f}% of fp32 matmul); one AR step {r['ar_step_ms']:.1f} ms "
           f"({100 * r['ar_step_matmul_fraction']:.0f}%); a denoising step costs {r['denoise_over_ar_step_cost']:.1f} AR steps")
@@ -380,18 +549,40 @@ def _print(r: dict) -> None:
         print(f"{e['engine']:<14}{e['diffusion_tokens_per_s']:>16.1f}{e['diffusion_vs_reference']:>8.2f}"
               f"{e['ar_tokens_per_s']:>10.1f}{e['ar_vs_reference']:>8.2f}")
     for name in ("vs_transformers_tiny", "vs_transformers_model"):
-        v = r[name]
-        if "speedup" in v:
-            print(f"{name}: transformers {v['transformers_s']:.3f}s, dgemma {v['dgemma_s']:.3f}s -> {v['speedup']:.2f}x "
-                  f"(reference engine {v['speedup_reference_engine']:.2f}x; identical tokens, {v['new_tokens']} new)")
-        else:
-            print(f"{name}: {v}")
-    print(f"{'mode':<10}{'steps':>8}{'new':>6}{'tok/s':>9}{'passes':>8}{'tok/fwd':>9}{'vs AR':>7}{'TTFT s':>8}"
-          f"{'peak MB':>9}")
-    for row in r["diffusion_vs_ar"]:
-        print(f"{row['mode']:<10}{row['steps']!s:>8}{row['new_tokens']:>6}{row['tokens_per_s']:>9.1f}"
-              f"{row['passes']:>8}{row['tokens_per_forward']:>9.2f}{row.get('speedup_vs_ar', 1.0):>7.2f}"
-              f"{row['first_token_s']:>8.3f}{row['peak_mb']:>9.1f}")
+        for n in threads:
+            v = by[str(n)][name]
+            if "speedup" in v:
+                print(f"{name} @{n} threads: transformers {v['transformers_s']:.3f}s, dgemma {v['dgemma_s']:.3f}s -> "
+                      f"{v['speedup']:.2f}x (reference engine {v['speedup_reference_engine']:.2f}x; identical tokens, "
+                      f"{v['new_tokens']} new)")
+            else:
+                print(f"{name} @{n} threads: {v}")
+    # Diffusion vs AR: tok/s and vs AR per thread count side by side; passes, TTFT and peak memory at the top count.
+    top = by[str(r["top_level_threads"])]["diffusion_vs_ar"]
+    print(f"{'mode':<10}{'steps':>8}{'new':>6}" + "".join(f"{f'tok/s@{n}':>10}{f'vsAR@{n}':>8}" for n in threads)
+          + f"{'passes':>8}{'tok/fwd':>9}{'TTFT s':>8}{'peak MB':>9}")
+    for i, row in enumerate(top):
+        cols = "".join(f"{by[str(n)]['diffusion_vs_ar'][i]['tokens_per_s']:>10.1f}"
+                       f"{by[str(n)]['diffusion_vs_ar'][i].get('speedup_vs_ar', 1.0):>8.2f}" for n in threads)
+        print(f"{row['mode']:<10}{row['steps']!s:>8}{row['new_tokens']:>6}{cols}{row['passes']:>8}"
+              f"{row['tokens_per_forward']:>9.2f}{row['first_token_s']:>8.3f}{row['peak_mb'] or 0:>9.1f}")
+    top_split = by[str(r["top_level_threads"])]["engine_split"]
+    print(f"engine step split: the same prompt on every row, {top_split[0]['steps_per_canvas']} steps per canvas, adaptive "
+          f"stopping off, no row finishing; ms per step{', torch.compile' if r['compile'] else ''} (layers = encoder + "
+          "decoder; overhead = step - layers - head - sampler)")
+    print(f"{'mode':<10}{'rows':>5}{'thr':>4}{'step':>8}{'layers':>8}{'head':>7}{'sampler':>8}{'overhd':>8}"
+          f"{'tok/s':>9}{'GFLOP/s':>9}{'%fp32':>7}{'%bf16':>7}{'recomp':>7}")
+    for i in range(len(top_split)):
+        for n in threads:
+            e = by[str(n)]["engine_split"][i]
+            rc = "n/a" if e["recompiles"] is None else str(e["recompiles"])
+            print(f"{e['mode']:<10}{e['batch']:>5}{n:>4}{e['step_ms']:>8.1f}{e['layers_ms']:>8.1f}{e['head_ms']:>7.1f}"
+                  f"{e['sampler_ms']:>8.1f}{e['overhead_ms']:>8.1f}{e['tokens_per_s']:>9.1f}{e['gflops']:>9.1f}"
+                  f"{100 * e['fp32_matmul_fraction']:>7.1f}{100 * e['bf16_matmul_fraction']:>7.0f}{rc:>7}")
+    if any(by[str(n)]["matmul_gflops_bf16"] < by[str(n)]["matmul_gflops_fp32"] for n in threads):
+        print("note: this machine's bf16 matmul is slower than its fp32 one (no fast bf16), so an fp32 step can run "
+              "above 100% of the bf16 peak: that is a fact about the machine, not an error")
+    print("seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in r["section_s"].items()))
 
 
 if __name__ == "__main__":  # python -m dgemma.bench ...: the same as `dgemma bench ...`

@@ -347,6 +347,26 @@ class BenchConfig:
     repeats: int = 3
     plot: str | None = None
     out: str | None = None
+    threads: tuple[int, ...] = (1, 2)  # torch.set_num_threads for each side-by-side column, in this order
+    compile: bool = False  # the engine step split with EngineConfig(compile=True)
+
+
+MAX_BENCH_THREADS = 1024
+
+
+def thread_counts(text: str) -> tuple[int, ...]:
+    """`--threads 1,2`: distinct thread counts in [1, MAX_BENCH_THREADS], comma-separated."""
+    rule = f"a comma-separated list of distinct thread counts in [1, {MAX_BENCH_THREADS}], e.g. 1,2"
+    try:
+        values = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {rule} (got {text!r})") from None
+    if len(set(values)) != len(values) or not all(1 <= v <= MAX_BENCH_THREADS for v in values):
+        raise argparse.ArgumentTypeError(f"must be {rule} (got {text!r})")
+    return values
+
+
+thread_counts.__name__ = "thread counts"
 
 
 def add_bench(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -358,4 +378,9 @@ def add_bench(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--repeats", type=int_in(1, 100), default=d.repeats, help="timed runs per measurement")
     p.add_argument("--plot", default=None, help="write the speed-up plot (PNG) here")
     p.add_argument("--out", default=None, help="also write the JSON result here")
+    p.add_argument("--threads", type=thread_counts, default=d.threads,
+                   help="torch thread counts measured side by side, comma-separated "
+                        f"(default {','.join(map(str, d.threads))})")
+    p.add_argument("--compile", action="store_true", default=d.compile,
+                   help="run the engine step split with torch.compile (recompiles during timed steps are counted)")
     return p
