@@ -112,6 +112,17 @@ class Piece:
     count: int
 
 
+def compiled_layers(model: DiffusionGemma, min_rows: int):
+    """The model's compiled layer pieces (compiled.py), kept on the model so that every engine over it (one per
+    one-shot call) reuses the graphs compiled so far."""
+    from .compiled import CompiledLayers
+
+    cache = model.__dict__.setdefault("_dgemma_compiled", {})
+    if min_rows not in cache:
+        cache[min_rows] = CompiledLayers(model, smallest=max(1, min_rows), min_rows=min_rows)
+    return cache[min_rows]
+
+
 class Runner:
     """The two ragged passes over the model's own modules and weights."""
 
@@ -125,12 +136,9 @@ class Runner:
         positions = torch.arange(pool.max_len + pool.room, device=model.device)
         self.rope = {t: rope_cos_sin(getattr(model, f"inv_freq_{t}"), positions, model.dtype)
                      for t in ("sliding_attention", "full_attention")}
-        self._ffn = self._ffn_eager
-        if compile:
-            self._ffn = torch.compile(self._ffn_eager, dynamic=True)
-
-    def _ffn_eager(self, layer, h: torch.Tensor, a: torch.Tensor, encoder: bool) -> torch.Tensor:
-        return layer.after_attention(h, a, encoder, self.min_rows)
+        # compile=True: the pieces between attention calls run as compiled graphs at bucketed row counts
+        # (compiled.py; the eager modules below are their slow twin, tests/test_compiled.py).
+        self.compiled = compiled_layers(model, min_rows) if compile else None
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, ...] with zero rows appended up to min_rows (for the LM head of a few AR rows)."""
@@ -143,17 +151,22 @@ class Runner:
         positions (the encoder's are kept by `KVPool.trim`; the decoder's are scratch). Returns normed [1, N, H]."""
         pos = torch.cat([torch.arange(p.start, p.start + p.count) for p in pieces]).to(h.device)
         real = h.shape[1]
-        if real < self.min_rows:
+        comp = self.compiled
+        rows = max(self.min_rows, comp.bucket(real) if comp is not None else 0)
+        if real < rows:
             # Dummy rows through every matmul, into no cache: copies of the last real row (whose attention output
             # they copy too), so the router sends them to that row's experts and they cost no extra expert calls.
-            h = torch.cat([h, h[:, -1:].expand(1, self.min_rows - real, h.shape[2])], dim=1)
-            pos = torch.cat([pos, pos[-1:].expand(self.min_rows - real)])
+            h = torch.cat([h, h[:, -1:].expand(1, rows - real, h.shape[2])], dim=1)
+            pos = torch.cat([pos, pos[-1:].expand(rows - real)])
         rope = {t: (cos[pos], sin[pos]) for t, (cos, sin) in self.rope.items()}
         pool = self.pool
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             cos, sin = rope[layer.layer_type]
-            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)  # [1, nh|nkv, N, d]
+            if comp is not None:
+                q, k, v = comp.pre_attention(i, h, cos, sin)
+            else:
+                q, k, v = attn.project(layer.input_layernorm(h), cos, sin)  # [1, nh|nkv, N, d]
             K, V = pool.keys[i], pool.values[i]
             sliding = pool.sliding[i]
             # Pieces with the same key length and block size attend as one batch (each row only to its own slot's
@@ -187,8 +200,13 @@ class Runner:
                     o[:, :, s:s + T] = out[r:r + 1]
             if h.shape[1] > off:
                 o[:, :, off:] = o[:, :, off - 1:off]
-            a = attn.o_proj(o.transpose(1, 2).reshape(1, h.shape[1], -1))
-            h = self._ffn(layer, h, a, encoder)
+            if comp is not None:
+                h = comp.post_attention(i, h, o, encoder)
+            else:
+                a = attn.o_proj(o.transpose(1, 2).reshape(1, h.shape[1], -1))
+                h = layer.after_attention(h, a, encoder, self.min_rows)
+        if comp is not None:
+            return comp.final_norm(h)[:, :real]
         return self.model.norm(h[:, :real])
 
     def _encoder_mask(self, p: Piece, at: int, sliding: bool) -> torch.Tensor | None:

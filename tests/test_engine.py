@@ -406,3 +406,39 @@ def test_mock_tokens_and_reasons():
 def test_t_min_zero_is_refused_before_it_divides_by_zero():
     with pytest.raises(RequestError, match="t_min must be > 0"):
         SamplingParams(t_min=0.0).validate()
+
+
+def test_compiled_layers_agree_with_eager_and_stop_compiling():
+    """EngineConfig(compile=True): the layer pieces run as compiled graphs (compiled.py) at bucketed row counts. The
+    hidden states of the same ragged pass agree with the eager modules to float rounding, and once the buckets in use
+    are compiled, further steps compile nothing."""
+    from dgemma.compiled import compiler_available
+    from dgemma.engine import Piece, Runner
+
+    if compiler_available() is not None:
+        pytest.skip(compiler_available())
+    model, _ = _model("tiny")
+    eng = Engine(model, EngineConfig(max_batch=3, max_model_len=256))
+    eager = eng.runner
+    comp = Runner(model, eng.pool, compile=True)
+    torch.manual_seed(0)
+    H = model.config.hidden_size
+    for slot, n in enumerate((5, 9, 3)):  # prompts of different lengths in three slots, one ragged encoder pass
+        eng.pool.free(slot)
+    pieces = [Piece(0, 0, 5), Piece(1, 0, 9), Piece(2, 0, 3)]
+    h = torch.randn(1, 17, H)
+    with torch.inference_mode():
+        a = eager.run(pieces, h, encoder=True)
+        b = comp.run(pieces, h, encoder=True)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+    eng2 = Engine(model, EngineConfig(max_batch=2, max_model_len=256, compile=True))
+    for i, mode in enumerate(("diffusion", "ar")):
+        eng2.add(Request(str(i), [2, 5, 7, 9], SamplingParams(mode=mode, max_new_tokens=200, seed=i, max_denoising_steps=4,
+                                                              stability_threshold=None, confidence_threshold=None)))
+    for _ in range(12):
+        eng2.step()
+    before = eng2.runner.compiled.compilations
+    for _ in range(8):
+        eng2.step()
+    assert eng2.runner.compiled.compilations == before > 0
