@@ -168,13 +168,18 @@ class StaticPasses:
         view = cache.view()
         return _fill({t: decoder_mask(view, C, i) for t, i in self.model.type_layer.items()})
 
-    def denoise(self, cache: StaticCache, canvas: torch.Tensor, soft: torch.Tensor | None,
-                masks: dict) -> torch.Tensor:
+    def denoise_hidden(self, cache: StaticCache, canvas: torch.Tensor, soft: torch.Tensor | None,
+                       masks: dict) -> torch.Tensor:
         """Bidirectional pass over canvas [n, C] with soft [n, C, H] (scaled soft embedding, None = zero signal),
-        its K/V written as scratch where the canvas will be committed. Returns logits [n, C, V] fp32."""
+        its K/V written as scratch where the canvas will be committed. Returns the final-normed hidden [n, C, H]."""
         e = self.model.embed(canvas)
         h = self.model.self_conditioning(e, torch.zeros_like(e) if soft is None else soft)
-        return self.model.logits(self._pass(cache, h, masks, False))
+        return self._pass(cache, h, masks, False)
+
+    def denoise(self, cache: StaticCache, canvas: torch.Tensor, soft: torch.Tensor | None,
+                masks: dict) -> torch.Tensor:
+        """`denoise_hidden`, then the LM head: logits [n, C, V] fp32."""
+        return self.model.logits(self.denoise_hidden(cache, canvas, soft, masks))
 
 
 def _fill(masks: dict) -> dict:
@@ -273,16 +278,18 @@ def position_stats(raw: torch.Tensor, temperature: torch.Tensor, generator: torc
     return PositionStats(argmax, h, sampled, conf, soft)
 
 
-def sample_chunked(raw: torch.Tensor, temperature: torch.Tensor, canvas: torch.Tensor, entropy_bound: float,
+def sample_chunked(raw: torch.Tensor | None, temperature: torch.Tensor, canvas: torch.Tensor, entropy_bound: float,
                    generator: torch.Generator | None, model: DiffusionGemma | None, soft_from: str | None,
-                   chunk: int | None = None, method: str = "multinomial"):
-    """The reference `sample_step(raw / temperature, ...)` computed `chunk` positions at a time (`position_stats`).
+                   chunk: int | None = None, method: str = "multinomial", hidden: torch.Tensor | None = None):
+    """The reference `sample_step(raw / temperature, ...)` computed `chunk` positions at a time (`position_stats`;
+    `raw=None, hidden=[n, C, H]` computes the logits there, chunk by chunk).
 
     Also returns the entropy per position (adaptive stopping) and, when `soft_from` is "raw" or "proc", the
     self-conditioning soft embedding [n, C, H] of the next step, so the logits need not be kept.
     Returns (canvas, argmax, accepted, entropy, soft)."""
-    n, C, V = raw.shape
-    st = position_stats(raw, temperature, generator, model, soft_from, chunk, method)
+    n, C = canvas.shape
+    V = model.config.vocab_size if raw is None else raw.shape[-1]
+    st = position_stats(raw, temperature, generator, model, soft_from, chunk, method, hidden=hidden)
     h = st.entropy.view(n, C)
     accepted = accept_entropy_bound(h, entropy_bound)
     kept = torch.where(accepted, st.sampled.view(n, C), canvas)
@@ -345,11 +352,12 @@ def diffusion_compat(model, input_ids, attention_mask, p, on_step):
         for k in range(N, 0, -1):
             passes += (~(done | finished_seq)).cpu().long()
             row_steps += (~done).cpu().long()
-            raw = eng.denoise(cache, canvas, soft, masks)
+            hidden = eng.denoise_hidden(cache, canvas, soft, masks)  # the head runs chunk by chunk in the sampler
             temp = linear_temperature(k, N, p.t_min, p.t_max)
             new_canvas, new_argmax, accepted, h, new_soft = sample_chunked(
-                raw, temp, canvas, p.entropy_bound, gen, model, soft_from="proc", chunk=p.sampler_chunk)
-            del raw
+                None, temp, canvas, p.entropy_bound, gen, model, soft_from="proc", chunk=p.sampler_chunk,
+                hidden=hidden)
+            del hidden
             if use_stopper:
                 if bool(done.any()):
                     new_argmax = torch.where(done[:, None], argmax, new_argmax)

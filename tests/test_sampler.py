@@ -162,3 +162,16 @@ def test_commit_confident_rows_are_independent():
     committed = torch.zeros(2, 3, dtype=torch.bool)
     _, now, _ = commit_confident(conf, proposal, proposal.clone(), committed, 1, 1.0, 10, torch.Generator())
     assert now.tolist() == [[True, False, False], [False, False, True]]
+
+
+def test_cpu_multinomial_is_argmax_over_exponential_noise():
+    """Why compat mode cannot draw faster: transformers' `torch.multinomial(probs, 1)` on the CPU is
+    argmax(probs / E) with E one Exp(1) draw per vocabulary entry, so reproducing its random stream means drawing
+    V exponentials per position (the draw is most of the sampler's cost at batch 1). If torch changes this, the
+    test says so."""
+    probs = torch.softmax(torch.randn(6, 1000) * 3, dim=-1)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    drawn = torch.multinomial(probs, 1, generator=g1).squeeze(-1)
+    noise = torch.empty_like(probs).exponential_(generator=g2)
+    assert torch.equal(drawn, (probs / noise).argmax(dim=-1))
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))  # the same amount was consumed
