@@ -114,7 +114,7 @@ def machine_limits(quick: bool) -> dict:
     return res
 
 
-def _matmul_flops(model, tokens: int, context: float, head: bool = True, self_conditioning: bool = False) -> float:
+def _matmul_flops(model, tokens: float, context: float, head: bool = True, self_conditioning: bool = False) -> float:
     """Matmul FLOPs of one pass over `tokens` new positions (all rows together), each attending to `context` keys
     of its own row (a sliding layer's to at most its window): q/k/v/o projections, attention scores and values,
     dense MLP, router and the top-k experts; with `head` the LM head over every position; with `self_conditioning`
@@ -394,11 +394,12 @@ def engine_split(model, mode: str, batch: int, steps: int, peak_fp32: float, pea
     enc_per_step = (eng.counters["encoder_passes"] - enc0) / steps
     if diffusion:
         # One decoder pass over B*C canvas positions (keys: the committed context + the canvas) with its LM head and
-        # self-conditioning, plus each step's share of the commit encoder passes: one pass of B*C positions (rows run
-        # in lockstep, so a commit pass carries every row) per steps_per_canvas steps, no LM head, keys growing
-        # over the canvas from ctx to ctx + C (mean ctx + C/2).
+        # self-conditioning, plus each step's share of the commit encoder passes, no LM head, keys growing over the
+        # canvas from ctx to ctx + C (mean ctx + C/2). A commit pass encodes the tokens its row just committed, so
+        # over whole canvases the encoded positions per step are the committed tokens per step. (Counting passes
+        # would not do: at 16 rows the prompts take two prefill steps, so two half-batch commit passes per canvas.)
         flops = _matmul_flops(model, batch * C, ctx + C, self_conditioning=True)
-        flops += enc_per_step * _matmul_flops(model, batch * C, ctx + C / 2, head=False)
+        flops += _matmul_flops(model, tokens / steps, ctx + C / 2, head=False)
     else:  # one encoder pass of one token per row, and the LM head on those tokens
         flops = _matmul_flops(model, batch, ctx + 1)
     step_s = dt["step"]
@@ -410,7 +411,7 @@ def engine_split(model, mode: str, batch: int, steps: int, peak_fp32: float, pea
             "encoder_layers_ms": dt["encoder_layers"] * 1e3, "decoder_layers_ms": dt["decoder_layers"] * 1e3,
             "head_ms": dt["head"] * 1e3, "sampler_ms": dt["sampler"] * 1e3,
             "overhead_ms": (step_s - layers - dt["head"] - dt["sampler"]) * 1e3,
-            "encoder_passes_per_step": enc_per_step, "tokens_per_s": tokens / wall,
+            "encoder_passes_per_step": enc_per_step, "tokens_per_step": tokens / steps, "tokens_per_s": tokens / wall,
             "matmul_gflop_per_step": flops / 1e9, "gflops": gflops, "fp32_matmul_fraction": gflops / peak_fp32,
             "bf16_matmul_fraction": gflops / peak_bf16,
             "recompiles": None if graphs0 is None or graphs1 is None else graphs1 - graphs0}
@@ -579,8 +580,8 @@ def _print(r: dict) -> None:
         print(f"{row['mode']:<10}{row['steps']!s:>8}{row['new_tokens']:>6}{cols}{row['passes']:>8}"
               f"{row['tokens_per_forward']:>9.2f}{row['first_token_s']:>8.3f}{row['peak_mb'] or 0:>9.1f}")
     top_split = by[str(r["top_level_threads"])]["engine_split"]
-    print(f"engine step split: the same prompt on every row, {top_split[0]['steps_per_canvas']} steps per canvas, adaptive "
-          f"stopping off, no row finishing; ms per step{', torch.compile' if r['compile'] else ''} (layers = encoder + "
+    print(f"engine step split: the same prompt on every row, {top_split[0]['steps_per_canvas']} steps per canvas, "
+          f"adaptive stopping off, no row finishing; ms per step{', torch.compile' if r['compile'] else ''} (layers = encoder + "
           "decoder; overhead = step - layers - head - sampler)")
     print(f"{'mode':<10}{'rows':>5}{'thr':>4}{'step':>8}{'layers':>8}{'head':>7}{'sampler':>8}{'overhd':>8}"
           f"{'tok/s':>9}{'GFLOP/s':>9}{'%fp32':>7}{'%bf16':>7}{'recomp':>7}")

@@ -31,6 +31,8 @@ def test_engine_split_parts_add_up(tiny, mode, batch):
     assert r["tokens_per_s"] > 0 and r["gflops"] > 0 and r["matmul_gflop_per_step"] > 0
     assert r["fp32_matmul_fraction"] > 0
     assert r["bf16_matmul_fraction"] == pytest.approx(10 * r["fp32_matmul_fraction"])
+    C = tiny.config.canvas_length
+    assert r["tokens_per_step"] == (batch * C / r["steps_per_canvas"] if mode == "diffusion" else batch)
     if mode == "diffusion":
         assert r["decoder_layers_ms"] > 0
         assert r["encoder_passes_per_step"] == pytest.approx(1 / r["steps_per_canvas"])  # one commit per canvas
