@@ -249,62 +249,28 @@ class _Weights:
         return tree_unflatten(leaves, self.spec)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-class CompiledLayers:
-    """Compiled pre-attention, post-attention and final-norm pieces of `model`'s layers, padded to row buckets.
+def _pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """x with copies of its last entry along `dim` appended up to n (contiguous)."""
+    real = x.shape[dim]
+    if real == n:
+        return x.contiguous()
+    shape = list(x.shape)
+    shape[dim] = n - real
+    return torch.cat([x, x.narrow(dim, real - 1, 1).expand(shape)], dim=dim)
 
-    Inference only (graphs are traced and run under inference mode). smallest: the smallest bucket (use the
-    engine's batch-invariant `min_rows`, so padded matmuls keep that mode's row count); min_rows: passed to the
-    eager experts in split mode. dense_experts: None decides by `use_dense_experts`; dense mixing is used for
-    buckets of at most `dense_rows` rows, split mixing above. The dense experts' down
-    matrices are copied at construction: a model whose expert weights change afterwards needs a new instance."""
 
-    def __init__(self, model: DiffusionGemma, smallest: int = 1, step: int = BUCKET_STEP,
-                 dense_experts: bool | None = None, dense_rows: int = DENSE_MAX_ROWS, min_rows: int = 0):
-        why = compiler_available()
-        if why is not None:
-            raise RuntimeError(why)
-        self.model = model
-        self.eps = model.config.rms_norm_eps
-        self.smallest, self.step = max(1, smallest), step
-        self.min_rows = min_rows
-        self.dense = use_dense_experts(model) if dense_experts is None else dense_experts
-        if self.dense and not all(type(layer.experts) is Experts for layer in model.layers):
-            raise ValueError("dense_experts=True needs float `Experts` in every layer (this model's are quantised)")
-        self.dense_rows = dense_rows
-        self._pre_w = [_Weights("pre", _pre_weights(layer)) for layer in model.layers]
-        self._ffn_w = [_Weights("ffn", _post_weights(layer)) for layer in model.layers]
-        self._dense_w = ([_Weights("post", (_post_weights(layer), _dense_weights(layer.experts)))
-                          for layer in model.layers] if self.dense else None)
-        self._norm_w = _Weights("norm", model.norm.weight)
-        self._graphs: dict[tuple, Callable] = {}  # (weights kind, activation shapes) -> compiled graph
+class _Graphs:
+    """Compiled graphs by (weights kind, constants, activation shapes): traced with make_fx, compiled by inductor on
+    first use, then one dict lookup per call."""
+
+    def __init__(self):
+        self._graphs: dict[tuple, Callable] = {}
         self.compile_seconds: dict[tuple, float] = {}  # same keys: time spent tracing and compiling each
 
-    # ---- shapes ----
-    def bucket(self, n: int) -> int:
-        """Rows a pass of n rows is padded to: at least `smallest`; powers of two up to `step`, then the next
-        multiple of `step`."""
-        n = max(n, self.smallest)
-        if n <= self.step:
-            return 1 << (n - 1).bit_length()
-        return -(-n // self.step) * self.step
-
-    @property
-    def compilations(self) -> int:
-        """Graphs compiled so far (one per piece, layer kind and bucket); constant once every bucket in use is warm."""
+    def __len__(self) -> int:
         return len(self._graphs)
 
-    @staticmethod
-    def _pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-        """x with copies of its last entry along `dim` appended up to n (contiguous)."""
-        real = x.shape[dim]
-        if real == n:
-            return x.contiguous()
-        shape = list(x.shape)
-        shape[dim] = n - real
-        return torch.cat([x, x.narrow(dim, real - 1, 1).expand(shape)], dim=dim)
-
-    def _run(self, fn, acts: list[torch.Tensor], w: _Weights, *consts):
+    def run(self, fn, acts: list[torch.Tensor], w: _Weights, *consts):
         """fn(*acts, weights structure, *consts) through the compiled graph for these shapes (compiled on first use)."""
         key = (w.kind, consts, tuple((tuple(a.shape), a.dtype) for a in acts))
         graph = self._graphs.get(key)
@@ -330,6 +296,54 @@ class CompiledLayers:
                 self.compile_seconds[key] = time.perf_counter() - t0
             return graph(*acts, *w.tensors)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+class CompiledLayers:
+    """Compiled pre-attention, post-attention and final-norm pieces of `model`'s layers, padded to row buckets.
+
+    Inference only (graphs are traced and run under inference mode). smallest: the smallest bucket (use the
+    engine's batch-invariant `min_rows`, so padded matmuls keep that mode's row count); min_rows: passed to the
+    eager experts in split mode. dense_experts: None decides by `use_dense_experts`; dense mixing is used for
+    buckets of at most `dense_rows` rows, split mixing above.
+
+    The weights are the model's own tensors, gathered at construction (the dense experts' down matrices are
+    copies): a model whose weights are replaced or changed afterwards (quantised, cast, trained) needs a new
+    instance."""
+
+    def __init__(self, model: DiffusionGemma, smallest: int = 1, step: int = BUCKET_STEP,
+                 dense_experts: bool | None = None, dense_rows: int = DENSE_MAX_ROWS, min_rows: int = 0):
+        why = compiler_available()
+        if why is not None:
+            raise RuntimeError(why)
+        self.model = model
+        self.eps = model.config.rms_norm_eps
+        self.smallest, self.step = max(1, smallest), step
+        self.min_rows = min_rows
+        self.dense = use_dense_experts(model) if dense_experts is None else dense_experts
+        if self.dense and not all(type(layer.experts) is Experts for layer in model.layers):
+            raise ValueError("dense_experts=True needs float `Experts` in every layer (this model's are quantised)")
+        self.dense_rows = dense_rows
+        self._pre_w = [_Weights("pre", _pre_weights(layer)) for layer in model.layers]
+        self._ffn_w = [_Weights("ffn", _post_weights(layer)) for layer in model.layers]
+        self._dense_w = ([_Weights("post", (_post_weights(layer), _dense_weights(layer.experts)))
+                          for layer in model.layers] if self.dense else None)
+        self._norm_w = _Weights("norm", model.norm.weight)
+        self.graphs = _Graphs()
+
+    # ---- shapes ----
+    def bucket(self, n: int) -> int:
+        """Rows a pass of n rows is padded to: at least `smallest`; powers of two up to `step`, then the next
+        multiple of `step`."""
+        n = max(n, self.smallest)
+        if n <= self.step:
+            return 1 << (n - 1).bit_length()
+        return -(-n // self.step) * self.step
+
+    @property
+    def compilations(self) -> int:
+        """Graphs compiled so far (one per piece, layer kind and bucket); constant once every bucket in use is warm."""
+        return len(self.graphs)
+
     # ---- pieces ----
     def pre_attention(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -337,8 +351,8 @@ class CompiledLayers:
         k, v [1, nkv, N, d]."""
         N = h.shape[1]
         n = self.bucket(N)
-        q, k, v = self._run(_pre_attention, [self._pad(h, n, 1), self._pad(cos, n, 0), self._pad(sin, n, 0)],
-                            self._pre_w[i], self.eps)
+        acts = [_pad(h, n, 1), _pad(cos, n, 0), _pad(sin, n, 0)]
+        q, k, v = self.graphs.run(_pre_attention, acts, self._pre_w[i], self.eps)
         if n == N:
             return q, k, v
         return q[:, :, :N], k[:, :, :N], v[:, :, :N]
@@ -350,21 +364,21 @@ class CompiledLayers:
         scalar = layer.encoder_layer_scalar if encoder else layer.layer_scalar
         N = h.shape[1]
         n = self.bucket(N)
-        hp, op = self._pad(h, n, 1), self._pad(o, n, 2)
+        hp, op = _pad(h, n, 1), _pad(o, n, 2)
         if self.dense and n <= self.dense_rows:
-            out, = self._run(_post_attention_dense, [hp, op, scalar], self._dense_w[i], self.eps)
+            out, = self.graphs.run(_post_attention_dense, [hp, op, scalar], self._dense_w[i], self.eps)
         else:
-            r, m1, x2, w, idx = self._run(_ffn_in, [hp, op], self._ffn_w[i], self.eps)
+            r, m1, x2, w, idx = self.graphs.run(_ffn_in, [hp, op], self._ffn_w[i], self.eps)
             with torch.inference_mode():
                 m2 = layer.experts(x2, w, idx, self.min_rows)
-            out, = self._run(_ffn_out, [r, m1, m2, scalar], self._ffn_w[i], self.eps)
+            out, = self.graphs.run(_ffn_out, [r, m1, m2, scalar], self._ffn_w[i], self.eps)
         return out if n == N else out[:, :N]
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """model.norm: h [1, N, H] -> [1, N, H]."""
         N = h.shape[1]
         n = self.bucket(N)
-        out, = self._run(_final_norm, [self._pad(h, n, 1)], self._norm_w, self.eps)
+        out, = self.graphs.run(_final_norm, [_pad(h, n, 1)], self._norm_w, self.eps)
         return out if n == N else out[:, :N]
 
     def warm(self, buckets) -> None:
@@ -381,3 +395,111 @@ class CompiledLayers:
                     self.pre_attention(i, h, cos, torch.zeros_like(cos))
                     self.post_attention(i, h, o, encoder=False)
                 self.final_norm(h)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sampler's work on a chunk of canvas positions: LM head, soft-cap, and position_stats' per-position results
+class HeadW(NamedTuple):
+    head: Lin  # hidden [., H] -> raw logits [., V]: the tied embedding (or model.head_matmul's int8 copy)
+    soft: Lin  # probs [., V] -> [., H]: the embedding transposed (or model.soft_matmul's int8 copy)
+    embed_scale: torch.Tensor  # [] fp32
+    cap: float | None
+
+
+SAMPLE_BLOCK = 64  # tokens per block of the two-level inverse-CDF search (the vocabulary size must be a multiple)
+
+
+def _draw(e: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """sampler.sample_inverse_cdf on unnormalised probabilities e [n, V] (fp32): the first token whose cumulative
+    sum reaches u times the row total, found in two levels (block sums, then one block's cumulative sum) instead of
+    a cumulative sum over all of V, which inductor leaves to a sequential aten kernel. The cumulative sums round
+    differently from the reference's single pass, so a draw within rounding (~1e-7 relative) of a boundary between
+    two tokens may pick its neighbour."""
+    n, V = e.shape
+    if V % SAMPLE_BLOCK:
+        cdf = e.cumsum(dim=-1)
+        return torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=V - 1)
+    blocks = e.view(n, V // SAMPLE_BLOCK, SAMPLE_BLOCK)
+    ends = blocks.sum(-1).cumsum(-1)  # [n, V / B] cumulative sum at each block's end
+    target = uniforms * ends[:, -1]  # [n]
+    b = (ends < target[:, None]).sum(-1).clamp(max=ends.shape[1] - 1)  # the block holding the target
+    before = torch.where(b > 0, ends.gather(1, (b - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    inner = blocks.gather(1, b[:, None, None].expand(n, 1, SAMPLE_BLOCK))[:, 0].cumsum(-1) + before[:, None]
+    return b * SAMPLE_BLOCK + (inner < target[:, None]).sum(-1).clamp(max=SAMPLE_BLOCK - 1)
+
+
+def _sampler_chunk(hidden, temperature, uniforms, hw: HeadW, confidence: bool):
+    """model.logits + static.position_stats(soft_from="raw", method="inverse_cdf" or, with confidence, None) on
+    hidden [n, H], temperature [n, 1] fp32, uniforms [n] (unused with confidence).
+
+    The same quantities with fewer passes over the [n, V] logits: one exponential per logit for the processed
+    softmax (whose sums give the log-sum-exp, the entropy and the draw) and one for the raw softmax of the soft
+    embedding, normalised after the product ([n, V] x [V, H], then / [n, 1])."""
+    dtype = hidden.dtype
+    raw = _lin(hidden, hw.head).float()
+    if hw.cap is not None:
+        raw = torch.tanh(raw / hw.cap) * hw.cap
+    proc = raw / temperature
+    top, argmax = proc.max(dim=-1, keepdim=True)  # [n, 1]
+    shifted = proc - top  # <= 0
+    e = shifted.exp()  # [n, V] unnormalised softmax(proc)
+    total = e.sum(-1)  # [n]
+    log_total = total.log()
+    sampled = entropy = conf = None
+    if confidence:
+        conf = (-log_total).exp()  # max of softmax(proc) = exp(top - logsumexp)
+    else:
+        entropy = log_total - (e * shifted).sum(-1) / total  # -sum p log p, p = e / total
+        sampled = _draw(e, uniforms)
+    if dtype == torch.float32:
+        er = (raw - raw.amax(dim=-1, keepdim=True)).exp()
+        soft = _lin(er, hw.soft) / er.sum(-1, keepdim=True)
+    else:  # the reference rounds the probabilities to the model dtype before the product
+        soft = _lin(F.softmax(raw.to(dtype), dim=-1, dtype=torch.float32).to(dtype), hw.soft)
+    return argmax[:, 0], sampled, entropy, conf, soft * hw.embed_scale.to(dtype)
+
+
+class CompiledSampler:
+    """The diffusion sampler's per-position work on hidden states, compiled: LM head + soft-cap + argmax, the
+    inverse-CDF draw and entropy (or the confidence), and the next step's soft embedding, `chunk` rows at a time
+    (the last chunk padded to a power of two), so no [rows, V] logits tensor outlives a chunk."""
+
+    def __init__(self, model: DiffusionGemma, chunk: int = 64):
+        why = compiler_available()
+        if why is not None:
+            raise RuntimeError(why)
+        self.model, self.chunk = model, chunk
+        E = model.embed_tokens.weight
+        head = _lin_weights(model.head_matmul) if model.head_matmul is not None else (E,)
+        # soft = probs @ E, as F.linear(probs, E^T): a [H, V] weight; the transposed view is not copied
+        soft = _lin_weights(model.soft_matmul) if model.soft_matmul is not None else (E.t(),)
+        self._w = _Weights("sampler", HeadW(head, soft, model.embed_scale, model.config.final_logit_softcapping))
+        self.graphs = _Graphs()
+
+    @property
+    def compilations(self) -> int:
+        """Graphs compiled so far (one per bucket and sampler kind)."""
+        return len(self.graphs)
+
+    def bucket(self, n: int) -> int:
+        return min(self.chunk, 1 << (n - 1).bit_length())
+
+    def sampler_chunk(self, hidden: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor | None,
+                      confidence: bool):
+        """hidden [n, H], temperature [n, 1] fp32, uniforms [n] in (0, 1] (None with confidence) ->
+        (argmax [n], sampled [n] | None, entropy [n] fp32 | None, confidence [n] fp32 | None, soft [n, H]), soft
+        with the embedding scale applied: position_stats(model.logits(hidden[None]), temperature, None, model,
+        soft_from="raw", method=None if confidence else "inverse_cdf", confidence=confidence, uniforms=uniforms)."""
+        n = hidden.shape[0]
+        if uniforms is None:
+            uniforms = torch.ones(n, dtype=torch.float32, device=hidden.device)
+        temperature = temperature.reshape(n, 1).to(torch.float32)
+        outs = []
+        for s in range(0, n, self.chunk):
+            part = [x[s:s + self.chunk] for x in (hidden, temperature, uniforms)]
+            m = part[0].shape[0]
+            b = self.bucket(m)
+            part = [_pad(x, b, 0) for x in part]
+            res = self.graphs.run(_sampler_chunk, part, self._w, confidence)
+            outs.append([None if r is None else r[:m] for r in res])
+        return tuple(None if outs[0][j] is None else torch.cat([o[j] for o in outs]) for j in range(5))
