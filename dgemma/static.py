@@ -242,6 +242,7 @@ def position_stats(raw: torch.Tensor, temperature: torch.Tensor, generator: torc
     if method == "inverse_cdf":
         u = uniforms if uniforms is not None else draw_uniforms(N, generator, dev)
     per_position = temperature.dim() > 0
+    in_place = soft is not None and not (torch.is_grad_enabled() and E.requires_grad)  # out= has no autograd
     if flat is None:  # whole canvases per chunk (so each matmul holds the reference's rows)
         chunk = max(C, chunk // C * C)
     for s in range(0, N, chunk):
@@ -261,7 +262,8 @@ def position_stats(raw: torch.Tensor, temperature: torch.Tensor, generator: torc
             else:
                 sampled[s:s + chunk] = sample_inverse_cdf(probs, u[s:s + chunk])
             norm = proc - proc.logsumexp(dim=-1, keepdim=True)
-            h[s:s + chunk] = -(norm.clamp(min=lowest) * F.softmax(norm, dim=-1)).sum(-1)
+            # -(clamp(norm) * softmax(norm)).sum(-1), the product in place (the same values, one temporary fewer)
+            h[s:s + chunk] = norm.clamp(min=lowest).mul_(F.softmax(norm, dim=-1)).sum(-1).neg_()
         if confidence:
             conf[s:s + chunk], argmax[s:s + chunk] = top_confidence(proc)
         else:
@@ -272,7 +274,12 @@ def position_stats(raw: torch.Tensor, temperature: torch.Tensor, generator: torc
                 p = probs  # softmax(proc) in fp32 is exactly what the reference recomputes next step
             else:
                 p = F.softmax(src.to(model.dtype), dim=-1, dtype=torch.float32).to(model.dtype)
-            soft[s:s + chunk] = p @ E if model.soft_matmul is None else model.soft_matmul(p)
+            if model.soft_matmul is not None:
+                soft[s:s + chunk] = model.soft_matmul(p)
+            elif in_place:
+                torch.mm(p, E, out=soft[s:s + chunk])  # p @ E, written in place
+            else:
+                soft[s:s + chunk] = p @ E
     if soft is not None:
         soft = (soft * model.embed_scale.to(model.dtype)).view(n, C, -1)
     return PositionStats(argmax, h, sampled, conf, soft)
