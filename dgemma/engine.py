@@ -42,7 +42,7 @@ from .model import DiffusionGemma, rope_cos_sin
 from .outputs import GenerationOutput, GenerationStats
 from .params import Draft, EngineConfig, Event, QueueFull, Request, RequestError, SamplingParams
 from .sampler import accept_entropy_bound, commit_confident, draw_uniforms, sample_next_token
-from .static import chunk_rows, position_stats
+from .static import PositionStats, chunk_rows, position_stats
 
 STEP_API = 1  # the add / step / abort contract the server relies on
 # Engine.timing's parts: the layer passes, the LM head (+ soft-cap), the sampler (everything else over [., V]
@@ -112,14 +112,15 @@ class Piece:
     count: int
 
 
-def compiled_layers(model: DiffusionGemma, min_rows: int):
-    """The model's compiled layer pieces (compiled.py), kept on the model so that every engine over it (one per
-    one-shot call) reuses the graphs compiled so far."""
-    from .compiled import CompiledLayers
+def compiled_pieces(model: DiffusionGemma, min_rows: int):
+    """The model's compiled layer pieces and sampler (compiled.py), kept on the model so that every engine over it
+    (one per one-shot call) reuses the graphs compiled so far."""
+    from .compiled import CompiledLayers, CompiledSampler
 
     cache = model.__dict__.setdefault("_dgemma_compiled", {})
     if min_rows not in cache:
-        cache[min_rows] = CompiledLayers(model, smallest=max(1, min_rows), min_rows=min_rows)
+        cache[min_rows] = (CompiledLayers(model, smallest=max(1, min_rows), min_rows=min_rows),
+                           CompiledSampler(model))
     return cache[min_rows]
 
 
@@ -138,7 +139,7 @@ class Runner:
                      for t in ("sliding_attention", "full_attention")}
         # compile=True: the pieces between attention calls run as compiled graphs at bucketed row counts
         # (compiled.py; the eager modules below are their slow twin, tests/test_compiled.py).
-        self.compiled = compiled_layers(model, min_rows) if compile else None
+        self.compiled, self.compiled_sampler = compiled_pieces(model, min_rows) if compile else (None, None)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, ...] with zero rows appended up to min_rows (for the LM head of a few AR rows)."""
@@ -298,6 +299,7 @@ class Engine:
         self.early = torch.zeros(S, dtype=torch.bool, device=dev)  # adaptive stopping on
         self.commit_thr = torch.zeros(S, dtype=torch.float32, device=dev)
         self.sampler_chunk = cfg.sampler_chunk or chunk_rows(self.V)
+        self.compiled_sampler = self.runner.compiled_sampler
         self.waiting: deque[Row | Request] = deque()
         self.rows: dict[int, Row] = {}  # slot -> running row
         self.free_slots = list(range(S - 1, -1, -1))
@@ -517,10 +519,16 @@ class Engine:
         noise = torch.cat(noise)
         with torch.inference_mode():
             t0, head = time.perf_counter(), self.timing["head"]
-            st = position_stats(None, temp.repeat_interleave(C)[:, None], None, model, soft_from="raw",
-                                chunk=self.sampler_chunk, method=None if confidence else "inverse_cdf",
-                                confidence=confidence, uniforms=None if confidence else torch.cat(uniforms),
-                                hidden=hidden, timing=self.timing)
+            if self.compiled_sampler is not None:  # head, soft-cap and sampler in one graph (head time not split)
+                am, drawn, ent, conf, soft = self.compiled_sampler.sampler_chunk(
+                    hidden.reshape(g * C, -1), temp.repeat_interleave(C)[:, None],
+                    None if confidence else torch.cat(uniforms), confidence)
+                st = PositionStats(argmax=am, entropy=ent, sampled=drawn, confidence=conf, soft=soft.view(g, C, -1))
+            else:
+                st = position_stats(None, temp.repeat_interleave(C)[:, None], None, model, soft_from="raw",
+                                    chunk=self.sampler_chunk, method=None if confidence else "inverse_cdf",
+                                    confidence=confidence, uniforms=None if confidence else torch.cat(uniforms),
+                                    hidden=hidden, timing=self.timing)
         canvas = self.canvas[s]
         # the sampler's own time (the head's chunks are in timing["head"]; the update below counts as overhead)
         self.timing["sampler"] += time.perf_counter() - t0 - (self.timing["head"] - head)
