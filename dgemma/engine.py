@@ -114,14 +114,18 @@ class Piece:
 
 def compiled_pieces(model: DiffusionGemma, min_rows: int):
     """The model's compiled layer pieces and sampler (compiled.py), kept on the model so that every engine over it
-    (one per one-shot call) reuses the graphs compiled so far."""
+    (one per one-shot call) reuses the graphs compiled so far. They hold the weight tensors they were built with, so
+    the key includes every tensor's identity and dtype: a model quantised or cast since gets new pieces."""
     from .compiled import CompiledLayers, CompiledSampler
 
+    weights = tuple((id(t), t.dtype) for t in model.state_dict(keep_vars=True).values())
     cache = model.__dict__.setdefault("_dgemma_compiled", {})
-    if min_rows not in cache:
-        cache[min_rows] = (CompiledLayers(model, smallest=max(1, min_rows), min_rows=min_rows),
-                           CompiledSampler(model))
-    return cache[min_rows]
+    key = (min_rows, weights)
+    if key not in cache:
+        for stale in [k for k in cache if k[1] != weights]:  # pieces for weights the model no longer holds
+            del cache[stale]
+        cache[key] = (CompiledLayers(model, smallest=max(1, min_rows), min_rows=min_rows), CompiledSampler(model))
+    return cache[key]
 
 
 class Runner:

@@ -121,7 +121,9 @@ class EngineConfig:
     kv_memory_mb: float = 1024.0  # K/V pool budget; max_model_len shrinks to fit it
     prefill_chunk: int = 256  # prompt tokens per encoder chunk, and the prompt tokens one step may prefill
     max_queue: int = 1024  # waiting requests beyond this get QueueFull
-    compile: bool = False  # torch.compile the layer passes
+    # Run the layer pieces between attention calls and the diffusion sampler as inductor-compiled graphs at bucketed
+    # row counts (compiled.py; compiled once per bucket, on first use). Not bit-identical to eager: opt-in.
+    compile: bool = False
     sampler_chunk: int | None = None  # canvas positions per sampler chunk (None: about 2 MiB of logits)
     # Pad every matmul to a minimum height so that a request's tokens do not depend on how many others share the
     # step (BLAS kernels for very few rows round differently). Off: a request alone matches the reference path

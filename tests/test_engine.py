@@ -444,3 +444,20 @@ def test_compiled_layers_agree_with_eager_and_stop_compiling():
         eng2.step()
     after = (eng2.runner.compiled.compilations, eng2.compiled_sampler.compilations)
     assert after == before and min(before) > 0
+
+
+def test_compiled_pieces_are_reused_until_the_weights_change():
+    """The compiled pieces live on the model (one-shot calls reuse their graphs) and hold its weight tensors, so a
+    model whose tensors were replaced since (here: int8 quantisation) gets new ones, not stale graphs."""
+    from dgemma.compiled import compiler_available
+    from dgemma.engine import compiled_pieces
+    from dgemma.quant import quantize_int8
+
+    if compiler_available() is not None:
+        pytest.skip(compiler_available())
+    model, _ = _model("tiny")
+    first = compiled_pieces(model, 0)
+    assert compiled_pieces(model, 0) is first
+    assert compiled_pieces(model, 16) is not first  # batch-invariant padding: pieces of its own
+    quantize_int8(model)
+    assert compiled_pieces(model, 0) is not first
