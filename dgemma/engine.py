@@ -117,7 +117,11 @@ def compiled_pieces(model: DiffusionGemma, min_rows: int):
     (one per one-shot call) reuses the graphs compiled so far. They hold the weight tensors they were built with, so
     the key includes every tensor's identity and dtype: a model quantised or cast since gets new pieces."""
     from .compiled import CompiledLayers, CompiledSampler
+    from .lora import LoRALinear
 
+    if any(isinstance(m, LoRALinear) and not m.merged for m in model.modules()):
+        raise RequestError("compile=True does not run unmerged LoRA adapters (the compiled graphs read the base "
+                           "weights only); merge the adapter first (`dgemma lora merge`) or run without --compile")
     weights = tuple((id(t), t.dtype) for t in model.state_dict(keep_vars=True).values())
     cache = model.__dict__.setdefault("_dgemma_compiled", {})
     key = (min_rows, weights)

@@ -94,6 +94,9 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
                    help="let a request's rounding depend on the rows it shares steps with (a little faster at small "
                         "batches); by default a seeded request gets the same tokens whoever it is served beside")
+    p.add_argument("--compile", action="store_true",
+                   help="run the layers and the diffusion sampler as compiled graphs (faster steps; each new batch "
+                        "shape compiles once, seconds to a minute, on first use; not bit-identical to the default)")
     p.add_argument("--record-dir", default=None, metavar="DIR",
                    help="where requests with \"record\": true write their trajectories (default: recording off)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
@@ -154,6 +157,7 @@ def run(args) -> int:
     settings = {k: getattr(args, k) for k in ("max_batch", "kv_memory_mb", "max_queue", "prefill_chunk",
                                               "max_model_len") if getattr(args, k) is not None}
     settings["batch_invariant"] = args.batch_invariant
+    settings["compile"] = getattr(args, "compile", False)
     try:
         factory = _engine_factory(args.engine_factory)
         config = EngineConfig(**settings).validate()

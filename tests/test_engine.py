@@ -461,3 +461,13 @@ def test_compiled_pieces_are_reused_until_the_weights_change():
     assert compiled_pieces(model, 16) is not first  # batch-invariant padding: pieces of its own
     quantize_int8(model)
     assert compiled_pieces(model, 0) is not first
+
+
+def test_compile_refuses_unmerged_lora_adapters():
+    """The compiled graphs read base weights only: an unmerged adapter would be ignored silently, so it is refused."""
+    from dgemma.lora import LoRAConfig, apply_lora
+
+    model, _ = _model("tiny")
+    apply_lora(model, LoRAConfig(rank=2))
+    with pytest.raises(RequestError, match="unmerged LoRA"):
+        Engine(model, EngineConfig(max_batch=1, max_model_len=64, compile=True))
