@@ -337,14 +337,19 @@ def engine_options(model, new_tokens: int, steps: int, repeats: int, full: bool)
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4. the engine step split
-def _graphs_compiled() -> int | None:
-    """torch.compile graphs compiled so far in this process (None: the counter cannot be read in this torch)."""
-    if "torch._dynamo" not in sys.modules:  # nothing was ever compiled
-        return 0
+def _graphs_compiled(eng=None) -> int | None:
+    """Graphs compiled so far: the engine's own compiled pieces (compiled.py compiles with inductor directly, one
+    graph per piece and row bucket) plus any torch.compile (dynamo) graphs in this process (None: that counter cannot
+    be read in this torch)."""
+    own = 0
+    if eng is not None and eng.runner.compiled is not None:
+        own = eng.runner.compiled.compilations + eng.compiled_sampler.compilations
+    if "torch._dynamo" not in sys.modules:  # dynamo never ran
+        return own
     try:  # a private counter: read defensively, a benchmark must not fail on a torch upgrade
         from torch._dynamo.utils import counters
 
-        return int(counters["stats"]["unique_graphs"])
+        return own + int(counters["stats"]["unique_graphs"])
     except Exception:  # noqa: BLE001
         return None
 
@@ -381,12 +386,12 @@ def engine_split(model, mode: str, batch: int, steps: int, peak_fp32: float, pea
     def context() -> float:  # mean committed positions per row
         return statistics.fmean(eng.pool.length[s] for s in eng.rows)
 
-    ctx0, t0, enc0, graphs0 = context(), dict(eng.timing), eng.counters["encoder_passes"], _graphs_compiled()
+    ctx0, t0, enc0, graphs0 = context(), dict(eng.timing), eng.counters["encoder_passes"], _graphs_compiled(eng)
     tokens, wall = 0, time.perf_counter()
     for _ in range(steps):
         tokens += sum(len(ev.new_ids) for ev in eng.step())
     wall = time.perf_counter() - wall
-    graphs1 = _graphs_compiled()
+    graphs1 = _graphs_compiled(eng)
     if len(eng.rows) != batch:
         raise AssertionError(f"{batch - len(eng.rows)} of {batch} rows finished during the timed steps")
     ctx = (ctx0 + context()) / 2  # it grows about linearly over the window
