@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -112,6 +113,10 @@ class Piece:
     count: int
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled pieces (not in the model:
+# compiled graphs cannot be deep-copied or pickled, and copying a model must not try)
+
+
 def compiled_pieces(model: DiffusionGemma, min_rows: int):
     """The model's compiled layer pieces and sampler (compiled.py), kept on the model so that every engine over it
     (one per one-shot call) reuses the graphs compiled so far. They hold the weight tensors they were built with, so
@@ -123,7 +128,7 @@ def compiled_pieces(model: DiffusionGemma, min_rows: int):
         raise RequestError("compile=True does not run unmerged LoRA adapters (the compiled graphs read the base "
                            "weights only); merge the adapter first (`dgemma lora merge`) or run without --compile")
     weights = tuple((id(t), t.dtype) for t in model.state_dict(keep_vars=True).values())
-    cache = model.__dict__.setdefault("_dgemma_compiled", {})
+    cache = _COMPILED.setdefault(model, {})
     key = (min_rows, weights)
     if key not in cache:
         for stale in [k for k in cache if k[1] != weights]:  # pieces for weights the model no longer holds

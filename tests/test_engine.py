@@ -455,9 +455,12 @@ def test_compiled_pieces_are_reused_until_the_weights_change():
 
     if compiler_available() is not None:
         pytest.skip(compiler_available())
+    import copy
+
     model, _ = _model("tiny")
     first = compiled_pieces(model, 0)
     assert compiled_pieces(model, 0) is first
+    assert compiled_pieces(copy.deepcopy(model), 0) is not first  # a copy can be made, and gets pieces of its own
     assert compiled_pieces(model, 16) is not first  # batch-invariant padding: pieces of its own
     quantize_int8(model)
     assert compiled_pieces(model, 0) is not first
