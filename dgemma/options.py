@@ -118,8 +118,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step
     seq_len: int = 256  # tokens per sequence, a multiple of the model's canvas_length
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     warmup_steps: int = 100  # linear warmup from 0
+    schedule: str = "cosine"  # cosine (warmup, cosine to the floor at --steps) | wsd (warmup, constant, linear decay)
+    decay_steps: int = 0  # wsd: the last decay_steps of --steps decay linearly to the floor (0: constant to the end)
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.1  # on matrices only (not norms and scales)
@@ -151,7 +153,7 @@ class TrainConfig:
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "val_batches", "log_every")
         problems += [f"--{n.replace('_', '-')} must be >= 1 (got {getattr(self, n)})" for n in positive
                      if getattr(self, n) < 1]
-        non_negative = ("warmup_steps", "weight_decay", "grad_clip", "ar_weight", "ce_chunk", "val_every",
+        non_negative = ("warmup_steps", "decay_steps", "weight_decay", "grad_clip", "ar_weight", "ce_chunk", "val_every",
                         "ckpt_every", "keep_checkpoints")
         problems += [f"--{n.replace('_', '-')} must be >= 0 (got {getattr(self, n)})" for n in non_negative
                      if getattr(self, n) < 0]
@@ -165,6 +167,12 @@ class TrainConfig:
             problems.append(f"--init-std must be > 0 (got {self.init_std})")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"--min-lr-ratio must be in [0, 1] (got {self.min_lr_ratio})")
+        if self.schedule not in ("cosine", "wsd"):
+            problems.append(f"--schedule must be cosine or wsd (got {self.schedule!r})")
+        if self.decay_steps and self.schedule != "wsd":
+            problems.append("--decay-steps applies to --schedule wsd only")
+        if self.decay_steps > self.steps:
+            problems.append(f"--decay-steps ({self.decay_steps}) must not exceed --steps ({self.steps})")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             problems.append(f"--beta1/--beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
         if not 0 <= self.sc_prob <= 1:
@@ -238,8 +246,14 @@ def add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=positive_float, default=d.lr)
     g.add_argument("--min-lr-ratio", type=unit_interval, default=d.min_lr_ratio,
-                   help="cosine floor as a fraction of --lr")
+                   help="the schedule's final rate as a fraction of --lr")
     g.add_argument("--warmup-steps", type=non_negative_int, default=d.warmup_steps)
+    g.add_argument("--schedule", choices=["cosine", "wsd"], default=d.schedule,
+                   help="cosine: warmup then cosine decay to the floor at --steps; wsd: warmup, constant --lr, then "
+                        "linear decay to the floor over the last --decay-steps (for staged training: a stage runs "
+                        "constant, and its final decay can be branched off with --resume)")
+    g.add_argument("--decay-steps", type=non_negative_int, default=d.decay_steps,
+                   help="wsd: steps of final linear decay, ending at --steps (default 0: constant)")
     g.add_argument("--beta1", type=below_one, default=d.beta1)
     g.add_argument("--beta2", type=below_one, default=d.beta2)
     g.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay)

@@ -66,9 +66,11 @@ RUN_CONFIG = "train_config.json"
 # Configuration: TrainConfig (the CLI flags mirror its fields) and TrainError live in the torch-free options module,
 # so that `dgemma train --help` answers without importing torch.
 
-# Settings a resumed run must share with the run it continues (the rest, e.g. --steps, may change).
-RESUME_IDENTITY = ("data", "synthetic_data", "preset", "init_from", "vocab_size", "canvas_length", "batch_size", "grad_accum",
-                   "seq_len", "lr", "min_lr_ratio", "warmup_steps", "beta1", "beta2", "weight_decay", "ar_weight",
+# Settings a resumed run must share with the run it continues. The rest may change, the schedule's length, shape and
+# floor included (--steps, --schedule, --decay-steps, --min-lr-ratio): a staged run resumes a constant-rate stage
+# with a final decay added.
+RESUME_IDENTITY = ("data", "synthetic_data", "preset", "init_from", "vocab_size", "canvas_length", "batch_size",
+                   "grad_accum", "seq_len", "lr", "warmup_steps", "beta1", "beta2", "weight_decay", "ar_weight",
                    "ar_only", "sc_prob", "t_eps", "seed", "init_std", "fsdp")
 
 
@@ -176,9 +178,16 @@ def example_generators(seed: int, domain: str, first_index: int, n: int) -> list
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of --lr at optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
+    """Multiplier of --lr at optimizer step `step` (0-based): linear warmup, then either cosine to min_lr_ratio at
+    `steps` ("cosine") or constant 1 until the last `decay_steps`, which fall linearly to min_lr_ratio ("wsd")."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        start = cfg.steps - cfg.decay_steps
+        if cfg.decay_steps == 0 or step < start:
+            return 1.0
+        progress = min(1.0, (step - start + 1) / cfg.decay_steps)
+        return 1.0 + (cfg.min_lr_ratio - 1.0) * progress
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -61,6 +61,40 @@ def test_lr_schedule():
     assert lr_factor(500, cfg) == pytest.approx(0.1)
 
 
+def test_wsd_schedule_is_constant_then_decays_linearly_to_the_floor():
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_steps=20)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert [lr_factor(s, cfg) for s in (10, 50, 79)] == [1.0, 1.0, 1.0]
+    assert lr_factor(80, cfg) == pytest.approx(1 - 1 / 20)
+    assert lr_factor(89, cfg) == pytest.approx(0.5)
+    assert lr_factor(99, cfg) == pytest.approx(0.0)
+    assert lr_factor(150, cfg) == pytest.approx(0.0)
+    constant = replace(cfg, decay_steps=0)
+    assert lr_factor(99, constant) == lr_factor(10_000, constant) == 1.0
+    for bad, match in (({"schedule": "linear"}, "--schedule"), ({"decay_steps": 5}, "wsd only"),
+                       ({"schedule": "wsd", "decay_steps": 200}, "must not exceed")):
+        with pytest.raises(TrainError, match=match):
+            replace(TrainConfig(synthetic_data=True, steps=100), **bad).validate()
+
+
+def test_a_stage_resumed_with_its_final_decay_keeps_the_data_order_and_schedule(tmp_path):
+    """Staged training: a constant-rate stage stops; the next run resumes it with a decay added at the end. The
+    steps before the decay are the ones an uninterrupted constant run takes (same batches, same noise, same lr),
+    and the decay follows the documented schedule."""
+    stage = tiny_cfg(tmp_path / "a", steps=100, schedule="wsd", warmup_steps=2, min_lr_ratio=0.0)
+    whole = train(replace(stage, steps=7, out=str(tmp_path / "whole")), data=data_for(stage))
+    first = train(replace(stage, steps=4), data=data_for(stage))
+    assert first.step == 4 and [r["lr"] for r in first.history][2:] == [stage.lr, stage.lr]
+    decayed = replace(stage, steps=7, decay_steps=2, min_lr_ratio=0.0, resume=True)
+    second = train(decayed, data=data_for(decayed))
+    assert [r["step"] for r in second.history] == [5, 6, 7]
+    assert [r["lr"] for r in second.history] == pytest.approx([stage.lr, stage.lr / 2, 0.0])
+    for want, got in zip(whole.history[4:], second.history, strict=True):  # same batches and noise: same tokens
+        assert got["tokens"] == want["tokens"]
+    for key in ("loss", "diffusion", "ar"):  # step 5 ran at the same weights and rate in both runs
+        assert second.history[0][key] == pytest.approx(whole.history[4][key], rel=1e-6, abs=1e-6)
+
+
 def test_cli_flags_mirror_the_config():
     import argparse
 
