@@ -7,6 +7,7 @@
     dgemma train ...                                         block-diffusion training
     dgemma eval [--model PATH] [--data DIR]                  generation quality, diffusion vs AR (+ losses with --data)
     dgemma bench [--quick]                                   speed: vs transformers, diffusion vs AR, roofline
+    dgemma bench train [--quick]                             one training step: ms split, FLOP/s, vs plain PyTorch
     dgemma generate --record run.jsonl "prompt"              record every denoising step (dgemma/trajectory.py)
     dgemma replay run.jsonl [--speed X] / dgemma plot run.jsonl --out run.png
 
@@ -35,7 +36,7 @@ from .options import (
     seed_int,
     steps_int,
 )
-from .params import MAX_STEPS
+from .params import MAX_LOGPROBS, MAX_STEPS
 
 _stability_int = int_in(0, MAX_STEPS)
 
@@ -63,8 +64,8 @@ def _add_generate(sub) -> None:
                    help="tokens to generate per prompt (default: the model's generation_config, else 256)")
     p.add_argument("--format", choices=["text", "jsonl"], default="text",
                    help="stdout: text (the continuation only; one prompt) or jsonl (one JSON object per prompt and "
-                        "line: prompt, text, finish_reason, prompt_tokens, completion_tokens). Several prompts "
-                        "need jsonl: in text their continuations could not be told apart")
+                        "line: prompt, text, finish_reason, prompt_tokens, completion_tokens, and logprobs with "
+                        "--logprobs). Several prompts need jsonl: in text their continuations could not be told apart")
     p.add_argument("--steps", type=steps_int, default=None,
                    help=f"diffusion: max denoising steps per canvas, 1 to {MAX_STEPS}")
     p.add_argument("--sampler", choices=["entropy_bound", "confidence"], default=None,
@@ -91,6 +92,9 @@ def _add_generate(sub) -> None:
                    help="ar: sampling temperature (default 0 = greedy)")
     p.add_argument("--top-k", type=positive_int, default=None, help="ar: sample among the k most probable tokens")
     p.add_argument("--top-p", type=probability, default=None, help="ar: nucleus sampling mass, in (0, 1]")
+    p.add_argument("--logprobs", type=int_in(0, MAX_LOGPROBS), default=None, metavar="N",
+                   help=f"ar: each token's log-probability (the model's raw distribution) and its N most probable "
+                        f"alternatives, 0 to {MAX_LOGPROBS}, as a `logprobs` field of --format jsonl (needs jsonl)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--seed", type=seed_int, default=0)
@@ -107,7 +111,8 @@ def _add_generate(sub) -> None:
 
 # Options of one mode, with what to use instead in the other. None values and False flags count as not given.
 _AR_ONLY = {"temperature": "for diffusion use --t-min/--t-max", "top_k": "diffusion has no top-k; see --sampler",
-            "top_p": "diffusion has no top-p; see --sampler and --entropy-bound"}
+            "top_p": "diffusion has no top-p; see --sampler and --entropy-bound",
+            "logprobs": "diffusion decoding reports no per-token log-probabilities yet"}
 _DIFFUSION_ONLY = ("steps", "sampler", "commit_threshold", "entropy_bound", "t_min", "t_max", "stability_threshold",
                    "confidence_threshold", "compat", "live")
 
@@ -132,6 +137,8 @@ def _check_generate_args(args) -> None:
                 bad = text[e.start:e.end].encode("utf-8", "surrogateescape").hex(" ")
                 raise ValueError(f"{what} {i} is not valid UTF-8 text (byte(s) {bad} at character {e.start}); "
                                  "pass UTF-8, e.g. convert it with `iconv -t UTF-8`") from None
+    if args.logprobs is not None and args.format == "text":
+        raise ValueError("--logprobs prints a `logprobs` field per prompt: pass --format jsonl")
     if len(args.prompt) > 1 and args.format == "text":
         raise ValueError(f"{len(args.prompt)} prompts given: in --format text their continuations cannot be told "
                          "apart; pass --format jsonl (one JSON object per prompt), or one prompt")
@@ -162,7 +169,7 @@ def _run_generate(args) -> int:
     max_new = _pick(args.max_new_tokens, g, "max_new_tokens", 256)
     if args.mode == "ar":
         params = ARParams(max_new_tokens=max_new, temperature=args.temperature or 0.0, top_k=args.top_k,
-                          top_p=args.top_p,
+                          top_p=args.top_p, logprobs=args.logprobs,
                           eos_token_ids=eos, seed=args.seed, engine=args.engine, compile=args.compile)
     else:
         params = DiffusionParams.from_generation_config(
@@ -184,8 +191,11 @@ def _run_generate(args) -> int:
     if args.format == "jsonl":
         prompt_tokens = encode_prompts(lm, args.prompt, args.chat)[1].sum(dim=1).tolist()
         for prompt, r, n in zip(args.prompt, results, prompt_tokens, strict=True):
-            sys.stdout.write(json.dumps({"prompt": prompt, "text": r.text, "finish_reason": r.finish_reason,
-                                         "prompt_tokens": n, "completion_tokens": len(r.token_ids)}) + "\n")
+            row = {"prompt": prompt, "text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": n,
+                   "completion_tokens": len(r.token_ids)}
+            if r.logprobs is not None:
+                row["logprobs"] = _logprobs_json(lm.tokenizer, r.logprobs)
+            sys.stdout.write(json.dumps(row) + "\n")
     else:
         sys.stdout.write(results[0].text)  # one prompt (checked above)
     sys.stdout.flush()
@@ -199,6 +209,14 @@ def _run_generate(args) -> int:
             print("\n" + _stats_line(stats, args.mode), file=sys.stderr)
             print(_next_hint(lm.name, args), file=sys.stderr)
     return 0
+
+
+def _logprobs_json(tokenizer, logprobs) -> list[dict]:
+    """--format jsonl's `logprobs`: per generated token its id, text, natural-log probability and alternatives."""
+    def one(token_id: int, logprob: float) -> dict:
+        return {"token_id": token_id, "token": tokenizer.decode([token_id]), "logprob": logprob}
+
+    return [{**one(t.token_id, t.logprob), "top": [one(i, v) for i, v in t.top]} for t in logprobs]
 
 
 def _stats_line(stats: dict, mode: str) -> str:
@@ -297,6 +315,12 @@ def _run_bench(args) -> int:
     return run_cli(args)
 
 
+def _run_bench_train(args) -> int:
+    from .bench_train import run_cli
+
+    return run_cli(args)
+
+
 def _run_train(args) -> int:
     from .train import run_cli
 
@@ -319,11 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_run_bench)
     from . import bench_serve  # argparse only; the load generator imports httpx when it runs
 
-    serve_bench = bench.add_subparsers(dest="bench_command", metavar="serve").add_parser(
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{serve,train}")
+    serve_bench = bench_sub.add_parser(
         "serve", help="load-test an OpenAI-compatible dgemma server: diffusion vs AR at several concurrencies",
         description=bench_serve.__doc__.split("\n", 1)[0])
     bench_serve.add_arguments(serve_bench)
     serve_bench.set_defaults(func=bench_serve.run_cli)
+    options.add_bench_train(bench_sub).set_defaults(func=_run_bench_train)  # torch-free flags (options.py)
     options.add_train(sub).set_defaults(func=_run_train)
     from . import server  # argparse only: fastapi, uvicorn and torch load when the server starts
 
@@ -355,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0), or a flag argparse refused (2; _Parser.error printed one line)
         return e.code if isinstance(e.code, int) else 2
-    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None),
+                                     getattr(args, "bench_command", None))))
     try:
         return args.func(args)
     except KeyboardInterrupt:

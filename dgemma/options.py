@@ -8,7 +8,7 @@ Torch-free on purpose: `dgemma --help` and `dgemma SUB --help` build every parse
     positive_int, non_negative_int, int_in(lo, hi)        integers in a range
     finite_float, positive_float, non_negative_float,      floats; NaN and infinity are refused everywhere
     probability, unit_interval, below_one, float_in(...)
-    TrainConfig + add_train / EvalConfig + add_eval / BenchConfig + add_bench
+    TrainConfig + add_train / EvalConfig + add_eval / BenchConfig + add_bench / BenchTrainConfig + add_bench_train
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .params import MAX_STEPS  # denoising steps per canvas (torch-free module)
 
@@ -402,3 +403,99 @@ def add_bench(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--compile", action="store_true", default=d.compile,
                    help="run the engine step split with torch.compile (recompiles during timed steps are counted)")
     return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dgemma bench train
+@dataclass
+class BenchTrainConfig:
+    """The flags of `dgemma bench train` (dgemma/bench_train.py). None = the default of the run's size: `resolved()`
+    fills it from QUICK or FULL below, so the defaults live here only."""
+
+    model: str | None = None  # checkpoint folder: its config and weights (trained routing, as training sees it)
+    preset: str | None = None  # or a preset, random weights (default: mini; tiny with --quick)
+    vocab_size: int | None = None  # --preset only: override its vocabulary
+    canvas_length: int | None = None  # override the preset's or the checkpoint's canvas (no weight depends on it)
+    seq_len: int | None = None  # default: the Sudoku data's (puzzle + solution canvas), else two canvases
+    batch_size: int | None = None
+    data: str | None = None  # prepared data folder (dgemma data prepare); default: uniform random tokens
+    threads: tuple[int, ...] | None = None  # torch thread counts measured side by side
+    compile: bool = False  # also measure with the trainer's --compile path (eager always runs)
+    steps: int | None = None  # timed steps per thread count and mode
+    warmup: int | None = None  # untimed steps first; the first one includes compilation
+    bf16: bool | None = None  # bf16 autocast as `dgemma train` (None: where the CPU has native bf16)
+    seed: int = 0
+    quick: bool = False
+    profile: bool = False  # torch.profiler over one eager step at the first thread count: top operators
+    plot: str | None = None  # PNG path
+    out: str | None = None  # also write the JSON here
+
+    QUICK: ClassVar[dict] = {"preset": "tiny", "batch_size": 4, "threads": (1,), "steps": 3, "warmup": 2}
+    FULL: ClassVar[dict] = {"preset": "mini", "batch_size": 32, "threads": (1, 2), "steps": 10, "warmup": 3}
+
+    def resolved(self) -> BenchTrainConfig:
+        from dataclasses import replace
+
+        base = self.QUICK if self.quick else self.FULL
+        fill = {k: v for k, v in base.items() if getattr(self, k) is None and not (k == "preset" and self.model)}
+        return replace(self, **fill)
+
+
+def _thread_list(values: list[tuple[int, ...]]) -> tuple[int, ...]:
+    flat = tuple(n for v in values for n in v)
+    if len(set(flat)) != len(flat):
+        raise argparse.ArgumentTypeError(f"--threads: thread counts must be distinct (got {list(flat)})")
+    return flat
+
+
+def add_bench_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `bench train` on the `bench` subparsers (flags mirror BenchTrainConfig); the caller sets `func`."""
+    p = subparsers.add_parser(
+        "train", help="one training step of dgemma's objective: tokens/s, ms split, FLOP/s vs peak and vs plain PyTorch",
+        description="Time one training step of dgemma's objective (data, encoder, two decoder passes, LM heads, "
+                    "backward, optimizer) on synthetic or prepared data, count its matmul FLOPs against the machine's "
+                    "measured matmul peak, and run a minimal plain-PyTorch step of the same shape side by side. "
+                    "Table, optional PNG, and one JSON line last on stdout.")
+    q, f = BenchTrainConfig.QUICK, BenchTrainConfig.FULL
+    g = p.add_argument_group("model and shape")
+    g.add_argument("--model", default=None, help="checkpoint folder (its config and weights)")
+    g.add_argument("--preset", default=None, help=f"or a preset with random weights (default {f['preset']}; "
+                                                  f"{q['preset']} with --quick)")
+    g.add_argument("--vocab-size", type=positive_int, default=None, help="--preset only: override its vocabulary")
+    g.add_argument("--canvas-length", type=positive_int, default=None, help="override the canvas length")
+    g.add_argument("--seq-len", type=positive_int, default=None,
+                   help="tokens per sequence, a multiple of the canvas (default: the Sudoku data's, else 2 canvases)")
+    g.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"sequences per step (default {f['batch_size']}; {q['batch_size']} with --quick)")
+    g.add_argument("--data", default=None, help="prepared data folder (default: uniform random tokens)")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--threads", type=thread_counts, nargs="+", default=None,
+                   help=f"torch thread counts side by side, e.g. `--threads 1 2` or `1,2` (default "
+                        f"{' '.join(map(str, f['threads']))}; {q['threads'][0]} with --quick)")
+    g.add_argument("--compile", action="store_true", help="also measure the trainer's --compile path")
+    g.add_argument("--steps", type=int_in(1, 10000), default=None,
+                   help=f"timed steps per thread count and mode (default {f['steps']}; {q['steps']} with --quick)")
+    g.add_argument("--warmup", type=int_in(1, 1000), default=None,
+                   help=f"untimed steps first (default {f['warmup']}; {q['warmup']} with --quick)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast, as dgemma train (default: where the CPU has native bf16)")
+    g.add_argument("--seed", type=seed_int, default=0)
+    g.add_argument("--quick", action="store_true", help="a tiny shape, 1 thread, a few steps (CI smoke test)")
+    g.add_argument("--profile", action="store_true",
+                   help="torch.profiler over one eager step at the first thread count: the top operators")
+    g.add_argument("--plot", default=None, help="write a PNG of the ms split and tokens/s here (needs matplotlib)")
+    g.add_argument("--out", default=None, help="also write the JSON result here")
+    return p
+
+
+def bench_train_config(args: argparse.Namespace) -> BenchTrainConfig:
+    """The parsed `bench train` flags as a BenchTrainConfig (not yet resolved)."""
+    from dataclasses import fields
+
+    values = {f.name: getattr(args, f.name) for f in fields(BenchTrainConfig)}
+    if values["threads"] is not None:
+        try:
+            values["threads"] = _thread_list(values["threads"])
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(str(e)) from None
+    return BenchTrainConfig(**values)
