@@ -41,8 +41,18 @@ import torch.nn.functional as F
 
 from .model import DiffusionGemma, rope_cos_sin
 from .outputs import GenerationOutput, GenerationStats
-from .params import Draft, EngineConfig, Event, QueueFull, Request, RequestError, SamplingParams
-from .sampler import accept_entropy_bound, commit_confident, draw_uniforms, sample_next_token
+from .params import (
+    MAX_LOGPROBS,
+    Draft,
+    EngineConfig,
+    Event,
+    QueueFull,
+    Request,
+    RequestError,
+    SamplingParams,
+    TokenLogprob,
+)
+from .sampler import FREE, accept_entropy_bound, commit_confident, draw_uniforms, sample_next_token, token_logprobs
 from .static import PositionStats, chunk_rows, position_stats
 
 STEP_API = 1  # the add / step / abort contract the server relies on
@@ -300,6 +310,7 @@ class Engine:
         self.draft = torch.zeros(S, C, dtype=torch.long, device=dev)  # argmax / proposal canvas of the last step
         self.soft = torch.zeros(S, C, H, dtype=model.dtype, device=dev)  # next step's self-conditioning input
         self.committed = torch.zeros(S, C, dtype=torch.bool, device=dev)  # confidence sampler
+        self.fixed = torch.full((S, C), FREE, dtype=torch.long, device=dev)  # the open canvas's template slice
         self.run_len = torch.zeros(S, dtype=torch.long, device=dev)  # steps the argmax has stayed the same
         self.step_i = torch.zeros(S, dtype=torch.long, device=dev)  # steps done in the open canvas
         # Per-slot request parameters
@@ -335,6 +346,9 @@ class Engine:
             raise RequestError("the prompt is empty: give at least one token")
         if not all(isinstance(t, int) and 0 <= t < self.V for t in ids):
             raise RequestError(f"prompt ids must be integers in [0, {self.V}); is the tokenizer the model's own?")
+        if p.template is not None and not all(t < self.V for t in p.template):
+            raise RequestError(f"template ids must be below the vocabulary size {self.V}; is the tokenizer the "
+                               "model's own?")
         need = len(ids) + (math.ceil(p.max_new_tokens / self.C) * self.C if p.mode == "diffusion" else p.max_new_tokens)
         if need > self.max_model_len:
             raise RequestError(
@@ -342,6 +356,13 @@ class Engine:
                 f"{' (whole canvases of ' + str(self.C) + ')' if p.mode == 'diffusion' else ''}, over this engine's "
                 f"{self.max_model_len} (model limit {self.model.config.max_position_embeddings}); shorten the prompt "
                 "or lower max_new_tokens")
+        if p.logprobs is not None and p.mode == "diffusion":
+            raise RequestError("logprobs are not available in diffusion mode yet (a diffusion token is not drawn "
+                               "from one next-token distribution); use mode 'ar' for generated-token logprobs, or "
+                               "prompt logprobs (echo), which work in both modes")
+        top = request.prompt_logprobs
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
+            raise RequestError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}] (got {top!r})")
         if len(self.waiting) >= self.config.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.config.max_queue})")
         self.waiting.append(request)
@@ -437,6 +458,8 @@ class Engine:
             hidden = self.runner.run(pieces, model.embed(flat), encoder=True)[0]
         self.timing["encoder_layers"] += time.perf_counter() - t0
         self.counters["encoder_passes"] += 1
+        if any(is_prompt and r.req.prompt_logprobs is not None for r, _, is_prompt in work):
+            self._prompt_logprobs(work, pieces, hidden, events)
         ends, ar_rows = [], []
         off = 0
         for (r, _, is_prompt), piece in zip(work, pieces):
@@ -458,6 +481,29 @@ class Engine:
             self._update_ar(ar_rows, logits, events)
             self.timing["sampler"] += time.perf_counter() - t1
 
+    def _prompt_logprobs(self, work: list[tuple[Row, list[int], bool]], pieces: list[Piece], hidden: torch.Tensor,
+                         events: dict[str, Event]) -> None:
+        """Event.prompt_logprobs for the prompt chunks of rows that asked: hidden [N, H] of this pass, where position
+        i's next-token distribution scores prompt token i + 1. The head runs on at most `sampler_chunk` positions
+        at a time, so a long prompt never holds [L, V] logits at once."""
+        model, dev, step = self.model, self.model.device, self.sampler_chunk
+        t0 = time.perf_counter()
+        off = 0
+        for (r, ids, is_prompt), piece in zip(work, pieces):
+            top = r.req.prompt_logprobs
+            if is_prompt and top is not None:
+                targets = r.req.prompt_ids[piece.start + 1:piece.start + piece.count + 1]  # [<= count]
+                out: list[TokenLogprob | None] = [None] if piece.start == 0 else []
+                for a in range(0, len(targets), step):
+                    part = targets[a:a + step]
+                    with torch.inference_mode():
+                        logits = model.logits(self.runner.pad(hidden[off + a:off + a + len(part)]))[:len(part)]
+                        lp = token_logprobs(logits, torch.tensor(part, device=dev), top)
+                    out.extend(_as_token_logprobs(part, *lp))
+                self._event(r, events).prompt_logprobs.extend(out)
+            off += piece.count
+        self.timing["head"] += time.perf_counter() - t0
+
     def _update_ar(self, rows: list[Row], logits: torch.Tensor, events: dict[str, Event]) -> None:
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         greedy = [j for j, r in enumerate(rows) if r.p.temperature <= 0]
@@ -468,12 +514,27 @@ class Engine:
         for j, r in enumerate(rows):
             if r.p.temperature > 0:
                 tokens[j] = int(sample_next_token(logits[j:j + 1], r.p.temperature, r.p.top_k, r.p.top_p, r.gen))
+            if r.p.template is not None and len(r.out) < len(r.p.template) and r.p.template[len(r.out)] != FREE:
+                tokens[j] = r.p.template[len(r.out)]  # a fixed position: emitted as it stands (after the draw)
+        # log-probabilities of the tokens as emitted, under the model's raw distribution (not the sampler's)
+        asked = [j for j, r in enumerate(rows) if r.p.logprobs is not None and finite[j]]
+        chosen: dict[int, TokenLogprob] = {}
+        if asked:
+            with torch.inference_mode():
+                lp = token_logprobs(logits[asked], torch.tensor([tokens[j] for j in asked], device=logits.device),
+                                    max(rows[j].p.logprobs for j in asked))
+            for j, t in zip(asked, _as_token_logprobs([tokens[j] for j in asked], *lp)):
+                t.top = t.top[:rows[j].p.logprobs]
+                chosen[j] = t
         for j, r in enumerate(rows):
             r.passes += 1
             if not finite[j]:
                 self._fail(r, events)
                 continue
             self._commit(r, [tokens[j]], events, keep_going=lambda r=r, t=tokens[j]: setattr(r, "pending", [t]))
+            ev = events[r.req.request_id]
+            if j in chosen and len(ev.new_logprobs) < len(ev.new_ids):  # not an EOS (cut, never reported)
+                ev.new_logprobs.append(chosen[j])
 
     # ---- forward + update: decoder ----------------------------------------------------------------------------
     def _open_canvas(self, r: Row) -> None:
@@ -483,6 +544,12 @@ class Engine:
         r.canvas_open = True
         r.canvas_len = c
         self.canvas[s, :c] = torch.randint(0, self.V, (1, c), generator=r.gen, device=self.model.device)[0]
+        self.fixed[s] = FREE
+        if r.p.template is not None:  # the canvas's slice of the template, clamped into its first input
+            part = r.p.template[len(r.out):len(r.out) + c]
+            if part:
+                self.fixed[s, :len(part)] = torch.tensor(part, device=self.model.device)
+                self.canvas[s] = torch.where(self.fixed[s] >= 0, self.fixed[s], self.canvas[s])
         self.draft[s] = -1  # the argmax "before the first step" equals no real one (the reference's history: -1)
         self.soft[s].zero_()  # first step: no self-conditioning signal
         self.committed[s] = False
@@ -542,6 +609,8 @@ class Engine:
                                     chunk=self.sampler_chunk, method=None if confidence else "inverse_cdf",
                                     confidence=confidence, uniforms=None if confidence else torch.cat(uniforms),
                                     hidden=hidden, timing=self.timing)
+        if any(r.p.template is not None for r in rows):
+            st = _clamp_stats(st, self.fixed[s].reshape(-1))
         canvas = self.canvas[s]
         # the sampler's own time (the head's chunks are in timing["head"]; the update below counts as overhead)
         self.timing["sampler"] += time.perf_counter() - t0 - (self.timing["head"] - head)
@@ -607,7 +676,9 @@ class Engine:
         """Append committed tokens (cut at the first EOS); finish the row on EOS or at max_new_tokens, else call
         `keep_going` (which schedules the commit pass)."""
         eos = r.p.eos_token_ids or ()
-        cut = next((i for i, t in enumerate(new) if t in eos), None)
+        # inside a template's span EOS is filler, not the end (a hole may be shorter than its room)
+        start = max(0, len(r.p.template) - len(r.out)) if r.p.template is not None else 0
+        cut = next((i for i, t in enumerate(new) if i >= start and t in eos), None)
         r.out.extend(new if cut is None else new[:cut])
         self.counters["tokens"] += len(new) if cut is None else cut
         ev = self._event(r, events)
@@ -638,6 +709,27 @@ class Engine:
             del self.rows[r.slot]
             self.pool.free(r.slot)
             self.free_slots.append(r.slot)
+
+
+def _clamp_stats(st: PositionStats, fixed: torch.Tensor) -> PositionStats:
+    """The sampler's results with every fixed position ([n] ids, FREE elsewhere) a point mass on its token: what
+    `sampler.clamp_fixed` does to the logits, applied to the results (the engine never holds the logits). Entropy
+    0, top probability 1, sampled and argmax the token; the self-conditioning embedding stays the model's."""
+    mask = fixed >= 0
+    tok = fixed.clamp(min=0)
+
+    def pick(x: torch.Tensor | None, value) -> torch.Tensor | None:
+        return None if x is None else torch.where(mask, value, x)
+
+    return PositionStats(argmax=pick(st.argmax, tok), entropy=pick(st.entropy, 0.0), sampled=pick(st.sampled, tok),
+                         confidence=pick(st.confidence, 1.0), soft=st.soft)
+
+
+def _as_token_logprobs(ids: list[int], chosen: torch.Tensor, values: torch.Tensor,
+                       top_ids: torch.Tensor) -> list[TokenLogprob]:
+    """sampler.token_logprobs' tensors ([n], [n, k], [n, k]) as one TokenLogprob per id."""
+    return [TokenLogprob(t, c, list(zip(i, v))) for t, c, v, i in
+            zip(ids, chosen.tolist(), values.tolist(), top_ids.tolist())]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -681,6 +773,7 @@ def generate_batch(model: DiffusionGemma, prompts: list[list[int]], params: list
     for i, (ids, p) in enumerate(zip(prompts, params)):
         eng.add(Request(str(i), list(ids), p))
     out: list[list[int]] = [[] for _ in range(B)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(B)]  # params.logprobs: one per token of `out`
     reasons, passes = ["length"] * B, [0] * B
     steps: list[list[int]] = [[] for _ in range(B)]
     first = None
@@ -694,8 +787,9 @@ def generate_batch(model: DiffusionGemma, prompts: list[list[int]], params: list
             if ev.new_ids:
                 first = first if first is not None else time.perf_counter() - t0
                 out[r].extend(ev.new_ids)
+                logprobs[r].extend(ev.new_logprobs)
                 if not ev.finished and stop_fn is not None and (cut := stop_fn(r, out[r])) is not None:
-                    del out[r][cut:]
+                    del out[r][cut:], logprobs[r][cut:]
                     reasons[r] = "stop"
                     steps[r] = list(eng.by_id[str(r)].steps)
                     eng.abort(str(r))
@@ -706,10 +800,11 @@ def generate_batch(model: DiffusionGemma, prompts: list[list[int]], params: list
                 reasons[r] = ev.finish_reason
                 steps[r] = ev.steps_per_canvas
                 if ev.finish_reason == "length" and stop_fn is not None and (cut := stop_fn(r, out[r])) is not None:
-                    del out[r][cut:]
+                    del out[r][cut:], logprobs[r][cut:]
                     reasons[r] = "stop"
     stats = GenerationStats(decoder_passes=passes, encoder_passes=eng.counters["encoder_passes"],
                             steps_per_canvas=steps if any(p.mode == "diffusion" for p in params) else [],
                             new_tokens=[len(t) for t in out], seconds=time.perf_counter() - t0,
                             first_token_seconds=first)
-    return GenerationOutput(sequences=None, tokens=out, finish_reasons=reasons, stats=stats)
+    return GenerationOutput(sequences=None, tokens=out, finish_reasons=reasons, stats=stats,
+                            logprobs=logprobs if any(p.logprobs is not None for p in params) else None)

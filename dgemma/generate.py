@@ -37,6 +37,8 @@ from .outputs import (
 )
 from .params import RequestError, SamplingParams
 from .sampler import (
+    FREE,
+    clamp_fixed,
     commit_confident,
     commit_quota,
     linear_temperature,
@@ -128,6 +130,8 @@ class ARParams:
     top_p: float | None = None
     eos_token_ids: tuple[int, ...] | None = None
     seed: int | None = None  # row r of a batch draws from its own generator seeded `seed + r` (fast engine)
+    # each token's raw log-probability and its N most probable alternatives (GenerationOutput.logprobs; fast engine)
+    logprobs: int | None = None
     engine: str = "fast"  # "fast" (engine.py) or "reference" (model.py's KVCache)
     compile: bool = False  # torch.compile the fast engine's layer passes
 
@@ -151,6 +155,8 @@ class ARParams:
 
     def validate(self) -> None:
         _check_engine(self.engine, self.compile)
+        if self.logprobs is not None and self.engine != "fast":
+            raise GenerationError("logprobs need engine='fast' (the stepped engine reports them)")
         self.sampling().validate()
 
 
@@ -180,17 +186,52 @@ def _prepare(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, model
 @torch.inference_mode()
 def generate_diffusion(model: DiffusionGemma, input_ids: torch.Tensor, params: DiffusionParams,
                        attention_mask: torch.Tensor | None = None, stop_fn: StopFn | None = None,
-                       on_step: StepFn | None = None) -> GenerationOutput:
+                       on_step: StepFn | None = None, templates: Templates = None) -> GenerationOutput:
+    """`templates`: per row, None or the fixed output positions (`SamplingParams.template`: ids, -1 to fill)."""
     params.validate()
     input_ids, attention_mask = _prepare(input_ids, attention_mask, model)
+    templates = _check_templates(templates, len(input_ids), params)
+    if params.compat and any(t is not None for t in templates):
+        raise GenerationError("templates need the default mode (compat mode reproduces transformers, which has none)")
     if params.engine == "fast":
         if params.compat:
             return static.diffusion_compat(model, input_ids, attention_mask, params, on_step)
-        return engine.generate_batch(model, _rows(input_ids, attention_mask), params.sampling_rows(len(input_ids)),
+        return engine.generate_batch(model, _rows(input_ids, attention_mask), _with_templates(params, templates),
                                      stop_fn, on_step, params.compile, params.sampler_chunk)
     if params.compat:
         return _diffusion_compat(model, input_ids, attention_mask, params, on_step)
-    return _diffusion_default(model, input_ids, attention_mask, params, stop_fn, on_step)
+    return _diffusion_default(model, input_ids, attention_mask, params, stop_fn, on_step, templates)
+
+
+Templates = list[tuple[int, ...] | None] | None
+
+
+def _check_templates(templates: Templates, batch: int, params) -> list[tuple[int, ...] | None]:
+    if templates is None:
+        return [None] * batch
+    if len(templates) != batch:
+        raise GenerationError(f"{len(templates)} templates for {batch} prompts: give one per prompt (None for none)")
+    out = [None if t is None else tuple(int(x) for x in t) for t in templates]
+    for row, t in enumerate(out):
+        params.sampling(row).with_(template=t).validate()
+    return out
+
+
+def _with_templates(params, templates: list[tuple[int, ...] | None]) -> list[SamplingParams]:
+    return [p.with_(template=t) for p, t in zip(params.sampling_rows(len(templates)), templates)]
+
+
+def _fixed_slice(templates: list[tuple[int, ...] | None], rows: list[int], out: list[list[int]], C: int,
+                 device) -> torch.Tensor | None:
+    """[b, C] the open canvas's fixed ids per active row (FREE where the sampler fills), or None without templates."""
+    if all(templates[r] is None for r in rows):
+        return None
+    fixed = torch.full((len(rows), C), FREE, dtype=torch.long, device=device)
+    for j, r in enumerate(rows):
+        part = (templates[r] or ())[len(out[r]):len(out[r]) + C]
+        if part:
+            fixed[j, :len(part)] = torch.tensor(part, device=device)
+    return fixed
 
 
 def _diffusion_compat(model, input_ids, attention_mask, p: DiffusionParams, on_step) -> GenerationOutput:
@@ -258,8 +299,10 @@ def _keep_rows(keep: list[int], rows: list[int], cache: KVCache, last: torch.Ten
     return [rows[j] for j in keep], cache, last
 
 
-def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, stop_fn, on_step) -> GenerationOutput:
-    """Same algorithm, quirks fixed: exact length, EOS/stop honoured, finished rows dropped from the batch."""
+def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, stop_fn, on_step,
+                       templates: list[tuple[int, ...] | None]) -> GenerationOutput:
+    """Same algorithm, quirks fixed: exact length, EOS/stop honoured, finished rows dropped from the batch. Fixed
+    template positions are point masses of the processed logits (`sampler.clamp_fixed`) at every step."""
     t0 = time.perf_counter()
     cfg = model.config
     B = input_ids.shape[0]
@@ -280,6 +323,9 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
         encoder_passes += 1
         b = len(rows)
         canvas = torch.randint(0, V, (b, C), generator=gen, device=input_ids.device)
+        fixed = _fixed_slice(templates, rows, out, C, input_ids.device)
+        if fixed is not None:
+            canvas = torch.where(fixed >= 0, fixed, canvas)
         argmax = canvas.clone()
         sc = torch.zeros(b, C, V, dtype=model.dtype, device=input_ids.device)
         has_sc = False
@@ -297,6 +343,8 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
                 passes[rows[j]] += 1
                 row_steps[j] += 1
             proc = raw / linear_temperature(n, N, p.t_min, p.t_max, reach_t_min=True)
+            if fixed is not None:
+                proc = clamp_fixed(proc, sub(fixed))
             sc[live] = raw.to(model.dtype)  # raw logits, as the training objective feeds them
             has_sc = True
             if p.sampler == "confidence":
@@ -327,7 +375,7 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
         for j, r in enumerate(rows):
             steps[r].append(row_steps[j])
             new = argmax[j, :p.max_new_tokens - len(out[r])].tolist()
-            if commit_tokens(r, new, out, reasons, eos, stop_fn, p.max_new_tokens):
+            if commit_tokens(r, new, out, reasons, eos, stop_fn, p.max_new_tokens, len(templates[r] or ())):
                 keep.append(j)
         if first is None:
             first = time.perf_counter() - t0
@@ -344,12 +392,15 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
 
 @torch.inference_mode()
 def generate_ar(model: DiffusionGemma, input_ids: torch.Tensor, params: ARParams,
-                attention_mask: torch.Tensor | None = None, stop_fn: StopFn | None = None) -> GenerationOutput:
-    """Next-token decoding through the encoder (spec part C): prefill, then one token per pass with the cache."""
+                attention_mask: torch.Tensor | None = None, stop_fn: StopFn | None = None,
+                templates: Templates = None) -> GenerationOutput:
+    """Next-token decoding through the encoder (spec part C): prefill, then one token per pass with the cache.
+    A template's fixed positions are emitted as they come (after the draw); AR cannot look ahead to them."""
     params.validate()
+    templates = _check_templates(templates, len(input_ids), params)
     if params.engine == "fast":
         input_ids, attention_mask = _prepare(input_ids, attention_mask, model)
-        return engine.generate_batch(model, _rows(input_ids, attention_mask), params.sampling_rows(len(input_ids)),
+        return engine.generate_batch(model, _rows(input_ids, attention_mask), _with_templates(params, templates),
                                      stop_fn, compile=params.compile)
     t0 = time.perf_counter()
     input_ids, attention_mask = _prepare(input_ids, attention_mask, model)
@@ -368,8 +419,13 @@ def generate_ar(model: DiffusionGemma, input_ids: torch.Tensor, params: ARParams
         nxt = sample_next_token(model.logits(h[:, -1]), params.temperature, params.top_k, params.top_p, gen)
         if first is None:
             first = time.perf_counter() - t0
+        for j, r in enumerate(rows):
+            t = templates[r]
+            if t is not None and len(out[r]) < len(t) and t[len(out[r])] != FREE:
+                nxt[j] = t[len(out[r])]
         keep = [j for j, r in enumerate(rows)
-                if commit_tokens(r, [int(nxt[j])], out, reasons, eos, stop_fn, params.max_new_tokens)]
+                if commit_tokens(r, [int(nxt[j])], out, reasons, eos, stop_fn, params.max_new_tokens,
+                                 len(templates[r] or ()))]
         if not keep:
             break
         rows, cache, nxt = _keep_rows(keep, rows, cache, nxt)

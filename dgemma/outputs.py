@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .params import TokenLogprob
+
 
 @dataclass
 class GenerationStats:
@@ -41,6 +43,7 @@ class GenerationOutput:
     finish_reasons: list[str]  # "stop" (EOS or stop sequence) or "length"
     stats: GenerationStats
     extra: dict = field(default_factory=dict)
+    logprobs: list[list[TokenLogprob]] | None = None  # per row, one per token (AR with logprobs; fast engine)
 
 
 # A callback seeing (row, tokens so far) after each committed canvas; returns a cut length to stop that row there.
@@ -91,10 +94,12 @@ def compat_output(seq: torch.Tensor, prompt_len: int, eos: torch.Tensor | None, 
 
 
 def commit_tokens(row: int, new: list[int], out: list[list[int]], reasons: list[str], eos: set[int],
-            stop_fn: StopFn | None, limit: int) -> bool:
-    """Append a row's newly committed tokens, cutting at the first EOS or where `stop_fn` says.
-    Returns whether the row goes on."""
-    cut = next((i for i, t in enumerate(new) if t in eos), None)
+            stop_fn: StopFn | None, limit: int, template_len: int = 0) -> bool:
+    """Append a row's newly committed tokens, cutting at the first EOS or where `stop_fn` says. EOS within the
+    first `template_len` generated tokens (a template's span) is filler, not the end. Returns whether the row goes
+    on."""
+    start = max(0, template_len - len(out[row]))
+    cut = next((i for i, t in enumerate(new) if i >= start and t in eos), None)
     if cut is not None:
         out[row].extend(new[:cut])
         reasons[row] = "stop"

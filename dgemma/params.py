@@ -4,6 +4,7 @@
     EngineConfig       the engine's own settings (batch and memory budgets, chunk sizes, compile)
     Request            prompt ids + SamplingParams + an id
     Event              what `Engine.step()` reports for one request: committed ids, a draft canvas, a finish
+    TokenLogprob       one token's log-probability and its most probable alternatives (Event.new_logprobs)
 
 Torch-free, so the CLI and the server can validate a request without importing torch. Defaults have one home:
 `SamplingParams.from_generation_config` reads a model's generation_config.json (transformers' field names);
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 MODES = ("diffusion", "ar")
 SAMPLERS = ("entropy_bound", "confidence")
 MAX_STEPS = 1024  # denoising steps per canvas: far past any useful schedule (the release uses 48 per 256 tokens)
+MAX_LOGPROBS = 20  # most alternatives reported per token (SamplingParams.logprobs, Request.prompt_logprobs), as OpenAI
 
 
 class RequestError(ValueError):
@@ -48,7 +50,16 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     # output
+    # Log-probabilities of the generated tokens (AR mode only for now): None = off; N = each token's log-probability
+    # plus its N most probable alternatives (0 <= N <= MAX_LOGPROBS). They are the model's own distribution (the raw
+    # log-softmax of the logits: temperature 1, no top-k/top-p), whatever the sampling settings.
+    logprobs: int | None = None
     drafts: bool = False  # report the draft canvas after every denoising step (Event.draft)
+    # Fixed output positions (canvas templates, infilling): template[i] is the token id the i-th generated token is
+    # clamped to, or -1 (sampler.FREE) where the model fills in. Diffusion clamps them at every denoising step; AR
+    # emits them as they come. EOS inside the template's span does not end the request (a hole may fill with it);
+    # max_new_tokens must cover the template.
+    template: tuple[int, ...] | None = None
 
     @classmethod
     def from_generation_config(cls, g: dict | None, **overrides) -> SamplingParams:
@@ -108,9 +119,17 @@ class SamplingParams:
         num("temperature", lambda v: 0 <= v <= 100, "in [0, 100]")
         num("top_k", lambda v: v >= 1, ">= 1", integer=True)
         num("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+        num("logprobs", lambda v: 0 <= v <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}] (the most alternatives per token)",
+            integer=True)
         num("seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)", integer=True)
         if self.eos_token_ids is not None and not all(isinstance(t, int) and t >= 0 for t in self.eos_token_ids):
             raise RequestError(f"eos_token_ids must be non-negative token ids (got {self.eos_token_ids!r})")
+        if self.template is not None:
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= -1 for t in self.template):
+                raise RequestError("template must hold token ids (>= 0) and -1 for the positions to fill")
+            if len(self.template) > self.max_new_tokens:
+                raise RequestError(f"the template spans {len(self.template)} tokens, over max_new_tokens="
+                                   f"{self.max_new_tokens}; raise max_new_tokens to at least {len(self.template)}")
         return self
 
 
@@ -147,6 +166,19 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Log-probabilities of the prompt's own tokens (echo, scoring): None = off; N = every prompt token's
+    # log-probability under the encoder given the tokens before it, plus its N most probable alternatives (the first
+    # token has none: Event.prompt_logprobs starts with None). Any mode: they come from the encoder's prefill.
+    prompt_logprobs: int | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """A token's natural-log probability under the model's raw next-token distribution (log-softmax of the
+    logits, temperature 1), and the `top` most probable tokens of that distribution, most probable first."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob)
 
 
 @dataclass
@@ -174,3 +206,8 @@ class Event:
     decoder_passes: int = 0  # forwards this request took part in (AR: encoder passes)
     steps_per_canvas: list[int] = field(default_factory=list)  # with finished: denoising steps of each canvas
     error: str | None = None  # with finish_reason "error": what went wrong (non-finite logits)
+    # with params.logprobs: one per new_ids entry, in order
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # with Request.prompt_logprobs: this step's share of the prompt, in prompt order (each prefill chunk reports its
+    # tokens; the prompt's first token, which nothing predicts, is None). Joined over the steps: one per prompt token.
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)

@@ -107,6 +107,25 @@ def sample_step(processed: torch.Tensor, canvas: torch.Tensor, entropy_bound: fl
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Fixed positions (canvas templates and infilling)
+FREE = -1  # a template position the sampler fills; any other value is a token id clamped at that position
+
+
+def clamp_fixed(processed: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """Processed logits [B, C, V] with every fixed position ([B, C] token ids, FREE elsewhere) replaced by a point
+    mass on its token: 0 for the token, the lowest float elsewhere. Every sampler then treats a fixed position as
+    certain: entropy exactly 0 (accepted first, at no cost to the entropy bound), the token sampled whatever the
+    uniform draw, argmax and top probability 1, so it is committed as it stands and never resampled. The draws of
+    the step are unchanged, so the free positions see the same random stream as without a template."""
+    mask = fixed >= 0
+    if not bool(mask.any()):
+        return processed
+    point = torch.full_like(processed, torch.finfo(processed.dtype).min)
+    point.scatter_(-1, fixed.clamp(min=0).unsqueeze(-1), 0.0)
+    return torch.where(mask.unsqueeze(-1), point, processed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Commit-by-confidence (dgemma's `sampler="confidence"`; the Diffusers pipeline's block-refinement idea, uniform mode)
 def commit_quota(step: int, num_steps: int, length: int) -> int:
     """Positions of a `length` canvas that must be committed once step `step` (0-based) of `num_steps` is done:
@@ -164,3 +183,18 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | Non
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Log-probabilities (AR tokens, prompt scoring)
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """The model's raw log-probabilities: logits [N, V] (any float dtype), ids [N] -> (logprob of ids [N] fp32,
+    the `top` largest logprobs [N, top] fp32 and their ids [N, top], most probable first). Temperature 1 and no
+    truncation: the distribution the model defines, not the one a sampler drew from."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # [N, V] fp32
+    chosen = logp.gather(-1, ids[:, None].long())[:, 0]
+    if top <= 0:
+        empty = logp.new_empty(logp.shape[0], 0)
+        return chosen, empty, empty.long()
+    values, top_ids = torch.topk(logp, min(top, logp.shape[-1]), dim=-1)
+    return chosen, values, top_ids
