@@ -18,7 +18,8 @@ solution); a bad one is a one-line error naming the line. For each decoding sett
   throughput over all puzzles.
 
 Settings: diffusion at the model's generation_config defaults, a sweep of step budgets and of entropy bounds, greedy
-AR decoding of the same weights, and greedy AR of the --control model. A table, then one JSON line last.
+AR decoding of the same weights, greedy AR of the --control model, and diffusion and AR with the givens clamped
+into the solution canvas (a template: only the blank cells are decoded). A table, then one JSON line last.
 `--compile` runs all of them through the engine's compiled graphs (not bit-identical to eager; "compile" in the JSON).
 """
 
@@ -161,16 +162,25 @@ class RunResult:
     seconds: float  # wall time of the batched run
 
 
-def decode(lm, puzzles: list[str], mode: str, params, batch: int) -> RunResult:
+def givens_template(puzzle: str) -> tuple[int, ...]:
+    """The solution's template: every given's digit fixed at its cell, the blanks free (sampler.FREE = -1)."""
+    ids = encode_grid(puzzle).tolist()
+    return tuple(-1 if ch == BLANK else t for ch, t in zip(puzzle, ids))
+
+
+def decode(lm, puzzles: list[str], mode: str, params, batch: int, clamp: bool = False) -> RunResult:
+    """`clamp`: the givens are fixed in the solution canvas (a template), so only the blanks are decoded."""
     from .generate import generate_ar, generate_diffusion
 
     res = RunResult([], [], [], [], 0.0)
     for i in range(0, len(puzzles), batch):
         chunk = puzzles[i:i + batch]
         ids, mask = prompt_ids(chunk)
+        templates = [givens_template(p) for p in chunk] if clamp else None
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = (generate_ar if mode == "ar" else generate_diffusion)(lm.model, ids, params, mask)
+            out = (generate_ar if mode == "ar" else generate_diffusion)(lm.model, ids, params, mask,
+                                                                         templates=templates)
         res.seconds += time.perf_counter() - t0
         st = out.stats
         for r, toks in enumerate(out.tokens):
@@ -234,8 +244,9 @@ def evaluate(cfg: SudokuEvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     rows: list[dict] = []
 
-    def run(name: str, model, mode: str, params, timed: bool = False, limit: int | None = None) -> dict:
-        res = decode(model, puzzles[:limit], mode, params, cfg.batch_size)
+    def run(name: str, model, mode: str, params, timed: bool = False, limit: int | None = None,
+            clamp: bool = False) -> dict:
+        res = decode(model, puzzles[:limit], mode, params, cfg.batch_size, clamp)
         row = {"setting": name, "mode": mode, "puzzles": len(res.outputs), **score(pairs[:limit], res)}
         if mode == "diffusion":
             row.update(steps=params.max_denoising_steps, entropy_bound=params.entropy_bound, sampler=params.sampler,
@@ -253,6 +264,8 @@ def evaluate(cfg: SudokuEvalConfig) -> dict:
     a = run("AR, same weights (greedy)", lm, "ar", ar_params(lm, cells, cfg.compile), timed=True)
     c = (run("AR-only control (greedy)", control, "ar", ar_params(control, cells, cfg.compile), timed=True)
          if control else None)
+    dc = run("diffusion, givens clamped", lm, "diffusion", default, clamp=True)
+    ac = run("AR, givens clamped (greedy)", lm, "ar", ar_params(lm, cells, cfg.compile), clamp=True)
     if cfg.sweep:
         k = cfg.sweep_puzzles
         for steps in STEP_SWEEP:
@@ -270,6 +283,7 @@ def evaluate(cfg: SudokuEvalConfig) -> dict:
         "puzzles": len(pairs), "puzzles_from": origin, "rows": rows,
         "solve_rate_diffusion": d["solve_rate"], "solve_rate_ar": a["solve_rate"],
         "solve_rate_ar_control": c["solve_rate"] if c else None,
+        "solve_rate_diffusion_clamped": dc["solve_rate"], "solve_rate_ar_clamped": ac["solve_rate"],
         "blank_accuracy_diffusion": d["blank_accuracy"], "blank_accuracy_ar": a["blank_accuracy"],
         "blank_accuracy_ar_control": c["blank_accuracy"] if c else None,
         "passes_per_puzzle_diffusion": d["passes_per_puzzle"], "passes_per_puzzle_ar": a["passes_per_puzzle"],

@@ -159,6 +159,22 @@ def test_tiny_model_trains_and_eval_runs(prepared, tmp_path, capsys):
                 "passes_per_puzzle_ar", "seconds_per_puzzle_diffusion", "seconds_per_puzzle_ar"):
         assert key in last
     assert 1 <= last["passes_per_puzzle_ar"] <= 36  # the prefill gives the first digit, then one pass per digit
+    assert {"diffusion, givens clamped", "AR, givens clamped (greedy)"} <= {r["setting"] for r in last["rows"]}
+    assert last["solve_rate_diffusion_clamped"] is not None and last["solve_rate_ar_clamped"] is not None
+    # the givens clamped into the solution canvas: every output token at a given is that given, whatever the
+    # (barely trained) weights
+    from dgemma.api import load
+    from dgemma.generate import generate_ar, generate_diffusion
+    from dgemma.sudoku_eval import ar_params, diffusion_params, givens_template, prompt_ids
+
+    lm = load(str(result.checkpoint))
+    puzzles = [line.split()[0] for line in (prepared / "a" / "test.txt").read_text().splitlines()[:3]]
+    ids, mask = prompt_ids(puzzles)
+    templates = [givens_template(p) for p in puzzles]
+    for fn, params in ((generate_diffusion, diffusion_params(lm, 36, seed=0)), (generate_ar, ar_params(lm, 36))):
+        out = fn(lm.model, ids, params, mask, templates=templates)
+        for toks, t in zip(out.tokens, templates):
+            assert all(toks[i] == x for i, x in enumerate(t) if x >= 0)
     assert (tmp_path / "p.png").stat().st_size > 0
     from dgemma.sudoku_eval import main as sudoku_eval_main
 

@@ -142,3 +142,42 @@ def test_bad_templates_are_clear_errors():
     with pytest.raises(RequestError, match="compat"):
         generate_diffusion(model, torch.tensor([_ids(cfg, 3, 0)]), DiffusionParams(compat=True, max_new_tokens=4),
                            templates=[(1,)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The template syntax (dgemma/template.py)
+class _CharTokenizer:
+    """One token per character (ids = code points), enough to check positions."""
+
+    def encode(self, text, add_bos=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_template_syntax_places_fixed_text_and_holes():
+    from dgemma.template import encode, fill_ids, hole_texts, parse, with_suffix
+
+    assert parse("ab{{3}}c") == ["ab", 3, "c"]
+    assert parse("{{ 2 }}") == [2]
+    assert parse("x \\{{y}} z") == ["x {{y}} z"]  # an escaped opening is literal text
+    assert parse("no holes") == ["no holes"]
+    tok = _CharTokenizer()
+    t = encode(tok, "ab{{3}}c")
+    assert t.ids == (97, 98, FREE, FREE, FREE, 99) and t.holes == ((2, 5),)
+    # filler (here id 0) inside a hole is dropped; the same id outside a hole stays
+    assert fill_ids([97, 98, 120, 0, 0, 99, 0], t, {0}) == [97, 98, 120, 99, 0]
+    assert hole_texts(tok, [97, 98, 120, 0, 121, 99], t, {0}) == ["xy"]
+    s = with_suffix(tok, "END", 4)
+    assert s.ids == (FREE,) * 4 + (69, 78, 68) and s.holes == ((0, 4),)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a{{3", "not closed"), ("a{{}}b", "{{N}}"), ("{{x}}", "{{N}}"), ("{{0}}", "must be in"),
+    ("{{99999}}", "must be in"), ("", "empty")])
+def test_template_syntax_errors_say_where_and_how(text, message):
+    from dgemma.template import TemplateError, encode
+
+    with pytest.raises(TemplateError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        encode(_CharTokenizer(), text)
