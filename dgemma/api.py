@@ -11,7 +11,7 @@ above the id-only generation code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,8 @@ import torch
 from .config import ConfigError, ModelConfig
 from .generate import ARParams, DiffusionParams, GenerationStats, StepFn, generate_ar, generate_diffusion
 from .model import DiffusionGemma, init_weights
+from .params import RequestError, TokenLogprob
+from .template import fill_ids, hole_texts
 from .tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -163,6 +165,8 @@ class TextResult:
     token_ids: list[int]
     finish_reason: str
     stats: GenerationStats
+    logprobs: list[TokenLogprob] | None = None  # with logprobs=N: one per token_ids entry (the model's raw logprob)
+    holes: list[str] | None = None  # with a template or suffix: what the model wrote in each hole (filler removed)
 
 
 def _stop_cut(tok: Tokenizer, stops: list[str]):
@@ -211,30 +215,65 @@ def encode_prompts(lm: LoadedModel, prompts: list[str], chat: bool = False) -> t
 def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
                   params: DiffusionParams | ARParams | None = None, stop: list[str] | None = None,
                   chat: bool = False, on_step: StepFn | None = None, record: str | Path | None = None,
+                  logprobs: int | None = None, template: str | None = None, suffix: str | None = None,
                   **overrides) -> list[TextResult]:
     """Continue each prompt. `params` None: the model's defaults (`lm.defaults(mode, **overrides)`), e.g.
     `generate_text(lm, ["def f():"], max_new_tokens=64, seed=0)`. `record`: write every denoising step of the
-    (single) prompt's run to this JSONL file (dgemma/trajectory.py), same tokens as without it."""
-    if params is None:
-        params = lm.defaults(mode, **overrides)
-    elif overrides:
-        raise ValueError(f"give either params or keyword settings ({', '.join(overrides)}), not both")
+    (single) prompt's run to this JSONL file (dgemma/trajectory.py), same tokens as without it. `logprobs=N` (AR
+    mode): TextResult.logprobs holds each token's log-probability under the model's raw distribution (log-softmax
+    of the logits at temperature 1, whatever temperature/top-k/top-p drew it) and its N most probable alternatives.
+
+    `template` (dgemma/template.py syntax, e.g. "x = {{8}}\\n") fixes the output's text around holes; `suffix` is
+    fill-in-the-middle: a hole of max_new_tokens tokens, then the suffix. Either one makes the output exactly the
+    template's span; TextResult.text is the filled template and TextResult.holes what each hole received."""
     if mode not in ("ar", "diffusion"):
         raise ValueError(f"unknown mode {mode!r}; use 'diffusion' or 'ar'")
+    if logprobs is not None:
+        if mode == "diffusion":
+            raise RequestError("logprobs are not available in diffusion mode yet; use mode='ar'")
+        if record is not None:
+            raise ValueError("logprobs and record cannot be combined; record a run without logprobs")
+    if params is None:
+        params = lm.defaults(mode, **overrides, **({} if logprobs is None else {"logprobs": logprobs}))
+    elif overrides:
+        raise ValueError(f"give either params or keyword settings ({', '.join(overrides)}), not both")
+    elif logprobs is not None:
+        params = replace(params, logprobs=logprobs)
+    if record is not None and (template is not None or suffix is not None):
+        raise ValueError("a template or suffix cannot be recorded yet; drop record (or the template)")
     if record is not None:
         from .trajectory import generate_recorded
 
         return generate_recorded(lm, prompts, mode, params, [s for s in (stop or []) if s], chat, on_step, record)
+    tpl = None
+    if template is not None or suffix is not None:
+        tpl, params = _template_for(lm, params, template, suffix)
     ids, mask = encode_prompts(lm, prompts, chat)
     stops = [s for s in (stop or []) if s]
     stop_fn = _stop_cut(lm.tokenizer, stops) if stops else None
+    templates = None if tpl is None else [tpl.ids] * len(prompts)
     if mode == "ar":
-        out = generate_ar(lm.model, ids, params, mask, stop_fn=stop_fn)
+        out = generate_ar(lm.model, ids, params, mask, stop_fn=stop_fn, templates=templates)
     else:
         out = generate_diffusion(lm.model, ids, params, mask, stop_fn=None if params.compat else stop_fn,
-                                 on_step=on_step)
+                                 on_step=on_step, templates=templates)
     results = []
+    filler = {*(params.eos_token_ids or ()), *([lm.tokenizer.pad_id] if lm.tokenizer.pad_id is not None else [])}
     for row, toks in enumerate(out.tokens):
-        text = _trim(lm.tokenizer.decode(toks), stops)
-        results.append(TextResult(text, toks, out.finish_reasons[row], out.stats))
+        kept = toks if tpl is None else fill_ids(toks, tpl, filler)
+        text = _trim(lm.tokenizer.decode(kept), stops)
+        lps = out.logprobs[row] if out.logprobs is not None else None
+        holes = None if tpl is None else hole_texts(lm.tokenizer, toks, tpl, filler)
+        results.append(TextResult(text, toks, out.finish_reasons[row], out.stats, lps, holes))
     return results
+
+
+def _template_for(lm: LoadedModel, params, template: str | None, suffix: str | None) -> tuple:
+    """The Template of a `template` or `suffix` argument, and the params whose max_new_tokens is its span."""
+    from .template import TemplateError, encode, with_suffix
+
+    if template is not None and suffix is not None:
+        raise TemplateError("give either a template or a suffix, not both (a suffix is the template '{{N}}SUFFIX')")
+    tpl = encode(lm.tokenizer, template) if template is not None else with_suffix(lm.tokenizer, suffix,
+                                                                                   params.max_new_tokens)
+    return tpl, replace(params, max_new_tokens=len(tpl))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 # Nothing here imports torch at module level: `dgemma --help` and `dgemma SUB --help` build every parser from
 # torch-free code (this file, options.py, data.py); each runner imports its heavy module when the command runs.
@@ -96,6 +97,11 @@ def _add_generate(sub) -> None:
                    help=f"ar: each token's log-probability (the model's raw distribution) and its N most probable "
                         f"alternatives, 0 to {MAX_LOGPROBS}, as a `logprobs` field of --format jsonl (needs jsonl)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--template", default=None, metavar="FILE_OR_TEXT",
+                   help="the output as fixed text with holes: {{N}} is a hole of at most N tokens, \\{{ a literal "
+                        "{{ (a file's path reads the file); diffusion fills every hole seeing the text on both sides")
+    p.add_argument("--suffix", default=None, metavar="TEXT",
+                   help="fill in the middle: a hole of --max-new-tokens tokens between the prompt and TEXT")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -137,6 +143,10 @@ def _check_generate_args(args) -> None:
                 bad = text[e.start:e.end].encode("utf-8", "surrogateescape").hex(" ")
                 raise ValueError(f"{what} {i} is not valid UTF-8 text (byte(s) {bad} at character {e.start}); "
                                  "pass UTF-8, e.g. convert it with `iconv -t UTF-8`") from None
+    if args.template is not None and args.suffix is not None:
+        raise ValueError("give either --template or --suffix, not both (a suffix is the template '{{N}}SUFFIX')")
+    if (args.template is not None or args.suffix is not None) and (args.record or args.compat):
+        raise ValueError("--template/--suffix cannot be combined with --record or --compat; drop one")
     if args.logprobs is not None and args.format == "text":
         raise ValueError("--logprobs prints a `logprobs` field per prompt: pass --format jsonl")
     if len(args.prompt) > 1 and args.format == "text":
@@ -184,7 +194,7 @@ def _run_generate(args) -> int:
         on_step, live = _live_view(lm.tokenizer, len(args.prompt))
     try:
         results = generate_text(lm, args.prompt, args.mode, params, stop=args.stop, chat=args.chat, on_step=on_step,
-                                record=args.record)
+                                record=args.record, template=_template_text(args.template), suffix=args.suffix)
     finally:
         if live is not None:
             live.stop()
@@ -195,6 +205,8 @@ def _run_generate(args) -> int:
                    "completion_tokens": len(r.token_ids)}
             if r.logprobs is not None:
                 row["logprobs"] = _logprobs_json(lm.tokenizer, r.logprobs)
+            if r.holes is not None:
+                row["holes"] = r.holes
             sys.stdout.write(json.dumps(row) + "\n")
     else:
         sys.stdout.write(results[0].text)  # one prompt (checked above)
@@ -209,6 +221,19 @@ def _run_generate(args) -> int:
             print("\n" + _stats_line(stats, args.mode), file=sys.stderr)
             print(_next_hint(lm.name, args), file=sys.stderr)
     return 0
+
+
+def _template_text(value: str | None) -> str | None:
+    """--template: a file's text when the value names a file, else the value itself."""
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        if len(value) < 4096 and path.is_file():
+            return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--template {value}: cannot read it as UTF-8 text ({e})") from None
+    return value
 
 
 def _logprobs_json(tokenizer, logprobs) -> list[dict]:

@@ -181,3 +181,24 @@ def test_template_syntax_errors_say_where_and_how(text, message):
 
     with pytest.raises(TemplateError, match=message.replace("{", r"\{").replace("}", r"\}")):
         encode(_CharTokenizer(), text)
+
+
+def test_generate_cli_template_and_suffix(capsys):
+    """The CLI and the API: the fixed text comes back as it stands, the holes filled; bad syntax is exit 2."""
+    import json
+
+    from dgemma.cli import main
+
+    assert main(["generate", "--model", "random:tiny", "--template", "x = {{5}} # done", "--format", "jsonl",
+                 "--stats", "none", "--seed", "0", "a"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["text"].startswith("x =") and row["text"].endswith(" # done") and len(row["holes"]) == 1
+    assert row["holes"][0] in row["text"]
+    for mode in ("diffusion", "ar"):
+        assert main(["generate", "--model", "random:tiny", "--suffix", " THE END", "--max-new-tokens", "6",
+                     "--mode", mode, "--stats", "none", "--seed", "1", "b"]) == 0
+        assert capsys.readouterr().out.endswith(" THE END")
+    for bad in (["--template", "{{x}}"], ["--template", "a{{3"], ["--template", "{{2}}", "--suffix", "z"]):
+        assert main(["generate", "--model", "random:tiny", *bad, "c"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
