@@ -9,15 +9,31 @@ Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, `
 `GET /docs` and `GET /openapi.json` (the request schemas, dgemma's fields included).
 
 The wire format is OpenAI's: `id` (cmpl-... / chatcmpl-...), `object`, `created`, `model`, `choices` (`index`,
-`text` or `message` / `delta`, `finish_reason` "stop" or "length", `logprobs` null) and `usage`. Streams are
+`text` or `message` / `delta`, `finish_reason` "stop" or "length", `logprobs`) and `usage`. Streams are
 server-sent events `data: {json}`, one chunk per commit (diffusion: a canvas; ar: a token), the same id, created
 and model in every chunk, a chat stream's first chunk carrying the role "assistant", a chunk with the finish_reason
 per choice, a last chunk with empty choices and the usage when `stream_options.include_usage` is true, then
 `data: [DONE]`. Request fields read: prompt (a string, a list of strings, token ids), messages (system,
 developer, user and assistant roles, through the tokenizer's chat template), max_tokens / max_completion_tokens
 (exact: never a token more; default the model's max_new_tokens, within the context), stop (up to 4 strings),
-seed, n (choice i uses seed + i), temperature / top_p (ar mode), stream, stream_options. Fields the server does
-not know are ignored; known fields of the wrong type, penalties, logprobs, tools and structured output are 400.
+seed, n (choice i uses seed + i), temperature / top_p (ar mode), stream, stream_options, logprobs and echo
+(completions), logprobs / top_logprobs (chat). Fields the server does not know are ignored; known fields of the
+wrong type, penalties, tools and structured output are 400.
+
+Log-probabilities (`logprobs: N` on completions, `logprobs: true, top_logprobs: N` on chat, N <= 20) are the
+model's raw next-token distribution (log-softmax of the logits at temperature 1, whatever temperature/top-k/top-p
+drew the token), in ar mode; a diffusion request asking for them is a 400 for now. `echo: true` puts the prompt
+first, and with logprobs its tokens' log-probabilities (the first one null); with `max_tokens: 0` the answer is
+the prompt alone (scoring, as lm-evaluation-harness asks), in either mode. Completions' logprobs are
+{tokens, token_logprobs, top_logprobs: [{text: logprob}], text_offset}, chat's {content: [{token, logprob, bytes,
+top_logprobs}]}; streamed chunks carry those of their own text. A token's text is the characters it completed, so
+the tokens always join to the returned text; when a stop string begins inside a token, that token is reported with
+its text cut at the stop (its log-probability is the whole token's). Prompts may be token ids (a list of ints, or
+a list of such lists); they are used as given (no BOS added).
+
+API keys: with `--api-key KEY` (repeatable) or DGEMMA_API_KEY (comma-separated), every /v1 route, /metrics and the
+page's vocabulary need `Authorization: Bearer KEY` (401, code invalid_api_key, otherwise); /health and the page stay
+open (the page has a key field, kept in the browser's localStorage, or takes `?key=` once).
 
 dgemma's own request fields (extra body fields; the openai client sends them with `extra_body={...}`):
 
@@ -54,12 +70,15 @@ Retry-After when the engine's queue is full, 503 while the engine is down.
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+API_KEY_ENV = "DGEMMA_API_KEY"  # comma-separated keys, added to --api-key's
 
 
 def add_cli(sub) -> argparse.ArgumentParser:
@@ -99,7 +118,36 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
                         "shape compiles once, seconds to a minute, on first use; not bit-identical to the default)")
     p.add_argument("--record-dir", default=None, metavar="DIR",
                    help="where requests with \"record\": true write their trajectories (default: recording off)")
+    p.add_argument("--mode", choices=["diffusion", "ar"], default=None,
+                   help="decoding mode of requests that send no `mode` field (default: diffusion)")
+    p.add_argument("--api-key", action="append", default=[], type=_api_key, metavar="KEY",
+                   help=f"require `Authorization: Bearer KEY` on /v1/* and /metrics (repeatable; also {API_KEY_ENV}, "
+                        "comma-separated)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _api_key(text: str) -> str:
+    if not text or text != text.strip() or any(ch.isspace() or ord(ch) < 32 for ch in text):
+        raise argparse.ArgumentTypeError("an API key must be non-empty, without spaces or control characters")
+    return text
+
+
+def api_keys(flags: list[str], env: str | None) -> list[str]:
+    """The keys of --api-key and of the environment variable (comma-separated; empty entries ignored)."""
+    keys = list(flags)
+    for k in (env or "").split(","):
+        if k.strip():
+            keys.append(_api_key(k.strip()))
+    return keys
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _model_name(spec: str | None, lm_name: str) -> str:
@@ -166,14 +214,19 @@ def run(args) -> int:
             from .lora import load_adapter
 
             load_adapter(lm.model, args.adapter)
+        keys = api_keys(getattr(args, "api_key", []), os.environ.get(API_KEY_ENV))
         engine = factory(lm.model, config)
         app = build_app(lm, engine, args.model_name or _model_name(args.model, lm.name),
-                        record_dir=getattr(args, "record_dir", None))
-    except (ModelLoadError, RequestError, RuntimeError, OSError, ValueError) as e:
+                        record_dir=getattr(args, "record_dir", None), api_keys=keys,
+                        default_mode=getattr(args, "mode", None))
+    except (ModelLoadError, RequestError, RuntimeError, OSError, ValueError, argparse.ArgumentTypeError) as e:
         print(f"dgemma serve: {e}", file=sys.stderr)
         return 2
     print(f"dgemma serve: {app.state.dgemma.model_name} on http://{args.host}:{args.port} "
           f"(max_model_len {engine.max_model_len})", file=sys.stderr, flush=True)
+    if not keys and not _loopback(args.host):
+        print(f"dgemma serve: warning: listening on {args.host} without an API key: anyone who can reach it can use "
+              f"it; pass --api-key KEY or set {API_KEY_ENV}", file=sys.stderr, flush=True)
     # uvicorn turns SIGINT/SIGTERM into a graceful shutdown (open streams get 5 s), the app's lifespan then stops
     # the engine thread, and uvicorn raises the signal again once done: exit quietly with status 0 on either.
     main_thread = threading.current_thread() is threading.main_thread()

@@ -13,6 +13,7 @@ FastAPI, pydantic and prometheus-client at the top: import it only where the ser
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import secrets
@@ -35,10 +36,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .params import QueueFull, RequestError, SamplingParams
+from .params import MAX_LOGPROBS, QueueFull, RequestError, SamplingParams
 from .params import Request as EngineRequest
 from .server_loop import EngineFailure, EngineLoop
-from .server_text import TextStream
+from .server_text import TextStream, Token, TokenStream, token_bytes, token_label
 from .tokenizer import TokenizerError
 
 log = logging.getLogger("dgemma.server")
@@ -49,6 +50,8 @@ MAX_CHOICES = 16  # n x prompts per request
 MAX_STOPS = 4  # as OpenAI
 RETRY_AFTER_S = 1  # Retry-After of a 429 (the queue is full)
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+# With API keys set, these need `Authorization: Bearer KEY` (/health, the page and its static files stay open).
+KEYED_PREFIXES, KEYED_PATHS = ("/v1/",), ("/v1", "/metrics", "/playground/vocab.json")
 
 
 # ---- request schemas (the OpenAI fields dgemma reads, then its own) ---------------------------------------------
@@ -106,9 +109,13 @@ class _Common(DgemmaSettings):
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="a string, a list of strings, a list of token ids or a list of such lists")
-    max_tokens: int | None = Field(None, ge=1, description="exact upper bound on the new tokens of each choice")
-    echo: bool | None = None  # accepted only as false
-    logprobs: int | None = None  # accepted only as null or 0
+    max_tokens: int | None = Field(None, ge=0, description="exact upper bound on the new tokens of each choice (0: "
+                                                           "none, with echo: score the prompt)")
+    echo: bool | None = Field(None, description="the prompt's text (and with logprobs its tokens) before the "
+                                                "completion")
+    logprobs: int | None = Field(None, description=f"each token's log-probability and its N most probable "
+                                                   f"alternatives, 0 <= N <= {MAX_LOGPROBS} (ar mode, or echo with "
+                                                   "max_tokens 0)")
     suffix: str | None = None  # accepted only when empty
     best_of: int | None = None  # accepted only as n
 
@@ -128,7 +135,9 @@ class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="exact upper bound on the new tokens")
     max_tokens: int | None = Field(None, ge=1, description="the older name of max_completion_tokens")
-    logprobs: bool | None = None  # accepted only as false
+    logprobs: bool | None = Field(None, description="each content token's log-probability (ar mode)")
+    top_logprobs: int | None = Field(None, description=f"with logprobs: the N most probable alternatives of each "
+                                                       f"token, 0 <= N <= {MAX_LOGPROBS}")
     tools: list[Any] | None = None  # accepted only when empty
     functions: list[Any] | None = None  # accepted only when empty
     response_format: dict[str, Any] | None = None  # accepted only as {"type": "text"}
@@ -227,10 +236,23 @@ class _Choice:
     prompt_index: int = 0
     finish_reason: str | None = None
     recorder: Any = None  # dgemma.trajectory.StreamRecorder when the request asked for `record`
+    top: int | None = None  # logprobs asked for: alternatives per token (None: no logprobs)
+    echo: bool = False  # the prompt comes first (its tokens' logprobs too, with `top`)
+    score_only: bool = False  # max_tokens 0: the engine's one token is not shown (the prompt is the answer)
+    tokens: TokenStream | None = None  # the completion's tokens with their logprobs (with `top`)
+    prompt_logprobs: list = field(default_factory=list)  # echo with `top`: arrived so far
+    offset: int = 0  # characters of the choice's text covered by the tokens reported so far (text_offset)
 
     @property
     def completion_tokens(self) -> int:
         return self.text.tokens
+
+
+@dataclass
+class _Piece:
+    """Text newly safe to show, and the tokens (with logprobs) newly covered by the text shown (None: not asked)."""
+    text: str
+    tokens: list[Token] | None = None
 
 
 class _Failed(Exception):
@@ -257,7 +279,9 @@ class _Generation:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     async def start(self) -> None:
-        requests = [EngineRequest(c.request_id, c.prompt_ids, c.params) for c in self.choices]
+        requests = [EngineRequest(c.request_id, c.prompt_ids, c.params,
+                                  prompt_logprobs=c.top if c.echo and c.top is not None else None)
+                    for c in self.choices]
         future = self.state.engine.submit(requests, self.deliver)
         try:
             await asyncio.wrap_future(future)
@@ -288,7 +312,10 @@ class _Generation:
             self.pending.clear()
 
     async def pieces(self) -> AsyncIterator[tuple[str, _Choice, Any]]:
-        """("draft", choice, Draft), ("text", choice, str) and ("finish", choice, reason) in arrival order."""
+        """("draft", choice, Draft), ("text", choice, _Piece) and ("finish", choice, reason) in arrival order."""
+        for c in self.choices:
+            if c.echo and c.top is None:  # echo without logprobs: the prompt's text at once
+                yield "text", c, _Piece(self.state.tokenizer.decode(c.prompt_ids))
         while self.pending:
             item = await self.queue.get()
             if isinstance(item, EngineFailure):
@@ -300,10 +327,15 @@ class _Generation:
                 c.recorder.event(item)
             if item.draft is not None and self.include_drafts:
                 yield "draft", c, item.draft
-            if item.new_ids:
-                delta = c.text.push(item.new_ids)
-                if delta:
-                    yield "text", c, delta
+            if c.echo and c.top is not None and (echoed := self._echo(c, item.prompt_logprobs)) is not None:
+                yield "text", c, echoed
+            if item.new_ids and not c.score_only:
+                piece = _Piece(c.text.push(item.new_ids))
+                if c.tokens is not None:
+                    c.tokens.push(item.new_ids, _aligned(item.new_logprobs, len(item.new_ids)))
+                    piece.tokens = c.tokens.release(len(c.text.text), final=c.text.stopped)
+                if piece.text or piece.tokens:
+                    yield "text", c, piece
                 if c.text.stopped:  # a stop string: the row is freed now, its remaining tokens are never made
                     del self.pending[c.request_id]
                     self.state.engine.abort(c.request_id)
@@ -318,11 +350,34 @@ class _Generation:
                 if item.finish_reason not in ("stop", "length"):
                     error = getattr(item, "error", None) or f"the engine ended the request ({item.finish_reason})"
                     raise _Failed(EngineFailure(error))
-                rest = c.text.finish()
-                if rest:
+                rest = _Piece(c.text.finish())
+                if c.tokens is not None:
+                    rest.tokens = c.tokens.release(len(c.text.text), final=True)
+                if rest.text or rest.tokens:
                     yield "text", c, rest
-                c.finish_reason = "stop" if c.text.stopped else item.finish_reason
+                c.finish_reason = "length" if c.score_only else "stop" if c.text.stopped else item.finish_reason
                 yield "finish", c, c.finish_reason
+
+    def _echo(self, c: _Choice, entries: list) -> _Piece | None:
+        """Once the whole prompt's logprobs arrived (prefill may take several steps): its text and its tokens."""
+        if not entries:
+            return None
+        c.prompt_logprobs.extend(entries)
+        if len(c.prompt_logprobs) < len(c.prompt_ids):
+            return None
+        prompt = TokenStream(self.state.tokenizer)
+        prompt.push(c.prompt_ids, c.prompt_logprobs)
+        tokens = prompt.release(1 << 62, final=True)
+        return _Piece("".join(t.text for t in tokens), tokens)
+
+    def logprobs_json(self, wire, c: _Choice, tokens: list[Token] | None) -> dict | None:
+        """The wire's logprobs object for `tokens` (the next ones of choice `c`); None when it did not ask."""
+        if c.top is None:
+            return None
+        tokens = tokens or []
+        out = wire.logprobs(self.state.tokenizer, tokens, c.offset)
+        c.offset += sum(len(t.text) for t in tokens)
+        return out
 
     def usage(self) -> dict:
         prompts = {c.prompt_index: len(c.prompt_ids) for c in self.choices}  # a prompt counts once, whatever n
@@ -338,6 +393,11 @@ class _Generation:
 # ---- the two endpoints' wire shapes ---------------------------------------------------------------------------
 
 
+def _aligned(logprobs: list, n: int) -> list:
+    """An event's logprobs, one per new id (None where an engine reported none)."""
+    return list(logprobs) if len(logprobs) == n else [None] * n
+
+
 class _CompletionWire:
     prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
@@ -346,16 +406,33 @@ class _CompletionWire:
         return None
 
     @staticmethod
-    def delta(index: int, text: str = "", finish: str | None = None) -> dict:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    def delta(index: int, text: str = "", finish: str | None = None, logprobs: dict | None = None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     @staticmethod
     def draft(index: int) -> dict:
         return {"index": index, "text": "", "logprobs": None, "finish_reason": None}
 
     @staticmethod
-    def choice(index: int, text: str, finish: str) -> dict:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    def choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    @staticmethod
+    def logprobs(tokenizer, tokens: list[Token], offset: int) -> dict:
+        """OpenAI's legacy shape: parallel lists; a prompt's first token has null logprob and alternatives."""
+        offsets, tops = [], []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t.text)
+            top: dict[str, float] | None = None
+            if t.logprob is not None:
+                top = {}
+                for i, v in t.logprob.top:  # two ids with one text: the more probable keeps the key
+                    top.setdefault(token_label(tokenizer, i), v)
+            tops.append(top)
+        return {"tokens": [t.text for t in tokens],
+                "token_logprobs": [None if t.logprob is None else t.logprob.logprob for t in tokens],
+                "top_logprobs": tops, "text_offset": offsets}
 
 
 class _ChatWire:
@@ -366,8 +443,8 @@ class _ChatWire:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
     @staticmethod
-    def delta(index: int, text: str = "", finish: str | None = None) -> dict:
-        return {"index": index, "delta": {"content": text} if finish is None else {}, "logprobs": None,
+    def delta(index: int, text: str = "", finish: str | None = None, logprobs: dict | None = None) -> dict:
+        return {"index": index, "delta": {"content": text} if finish is None else {}, "logprobs": logprobs,
                 "finish_reason": finish}
 
     @staticmethod
@@ -375,9 +452,23 @@ class _ChatWire:
         return {"index": index, "delta": {}, "logprobs": None, "finish_reason": None}
 
     @staticmethod
-    def choice(index: int, text: str, finish: str) -> dict:
+    def choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
         return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None, "finish_reason": finish}
+                "logprobs": logprobs, "finish_reason": finish}
+
+    @staticmethod
+    def logprobs(tokenizer, tokens: list[Token], offset: int) -> dict:
+        """{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], "refusal": null}."""
+        def alt(i: int, v: float) -> dict:
+            return {"token": token_label(tokenizer, i), "logprob": v, "bytes": list(token_bytes(tokenizer, i))}
+
+        content = []
+        for t in tokens:
+            raw = t.text.encode("utf-8") if t.cut else token_bytes(tokenizer, t.token_id)
+            lp = t.logprob
+            content.append({"token": t.text, "logprob": -9999.0 if lp is None else lp.logprob, "bytes": list(raw),
+                            "top_logprobs": [] if lp is None else [alt(i, v) for i, v in lp.top]})
+        return {"content": content, "refusal": None}
 
 
 def _sse(obj: dict) -> bytes:
@@ -431,6 +522,7 @@ class _State:
     aborts: Counter
     started: int = field(default_factory=lambda: int(time.time()))
     record_dir: str | None = None  # where requests with `record: true` write their trajectories
+    default_mode: str | None = None  # the mode of requests that name none (None: SamplingParams' default)
 
 
 class _EngineCollector:
@@ -459,10 +551,12 @@ class _EngineCollector:
 
 
 class _Guard:
-    """ASGI middleware: caps the request body (413), hands it on whole, and counts requests by route and status."""
+    """ASGI middleware: checks the API key (401), caps the request body (413), hands it on whole, and counts requests
+    by route and status."""
 
-    def __init__(self, app, max_body: int, requests: Counter):
+    def __init__(self, app, max_body: int, requests: Counter, api_keys: Sequence[str] = ()):
         self.app, self.max_body, self.requests = app, max_body, requests
+        self.keys = [k.encode("utf-8") for k in api_keys if k]
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -477,6 +571,9 @@ class _Guard:
             await send(message)
 
         try:
+            if (denied := self._denied(scope)) is not None:
+                await denied.response()(scope, receive, counted_send)
+                return
             body = await self._read(receive)
             if body is None:  # the client left while sending
                 status = 499
@@ -496,6 +593,23 @@ class _Guard:
             await self.app(scope, replay, counted_send)
         finally:
             self.requests.labels(route, str(status)).inc()
+
+    def _denied(self, scope) -> ApiError | None:
+        """A 401 when keys are set, the route needs one and `Authorization: Bearer KEY` does not hold one of them.
+        Every key is compared, each in constant time, so the answer's timing tells nothing about any key."""
+        path = scope.get("path", "")
+        if not self.keys or not (path.startswith(KEYED_PREFIXES) or path in KEYED_PATHS):
+            return None
+        header = next((v for k, v in scope.get("headers", ()) if k.lower() == b"authorization"), None)
+        scheme, _, given = (header or b"").strip().partition(b" ")
+        ok = False
+        for key in self.keys:
+            ok |= hmac.compare_digest(given.strip(), key)
+        if ok and scheme.lower() == b"bearer":
+            return None
+        message = ("this server needs an API key: send the header Authorization: Bearer KEY" if header is None
+                   else "invalid API key: send Authorization: Bearer KEY with one of the server's keys")
+        return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def _read(self, receive) -> bytes | ApiError | None:
         chunks, size = [], 0
@@ -517,8 +631,13 @@ class _Guard:
 
 def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | None = None,
                eos_token_ids: Sequence[int] | None = None, canvas_length: int = 1, vocab_size: int | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, record_dir: str | None = None) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, record_dir: str | None = None,
+               api_keys: Sequence[str] = (), default_mode: str | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine` (the add/step/abort contract of dgemma/engine.py).
+
+    `api_keys`: when any, every /v1 route, /metrics and the page's vocabulary need `Authorization: Bearer KEY`
+    (401 otherwise); /health and the page's files stay open. `default_mode`: "diffusion" or "ar" for requests that
+    send no `mode` (None: the engine's default, diffusion).
 
     The engine thread starts with the app (lifespan startup) and stops with it. `eos_token_ids` defaults to the
     generation config's, else the tokenizer's stop ids; `canvas_length` is the model's C (a diffusion request
@@ -550,8 +669,9 @@ def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | 
                   description="OpenAI-compatible completions and chat over a block-diffusion LM. "
                               "See the dgemma.server module docstring for dgemma's extra request fields.")
     state.record_dir = record_dir
+    state.default_mode = default_mode
     app.state.dgemma = state
-    app.add_middleware(_Guard, max_body=max_body_bytes, requests=requests)
+    app.add_middleware(_Guard, max_body=max_body_bytes, requests=requests, api_keys=tuple(api_keys))
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -600,19 +720,24 @@ def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | 
     async def completions(request: HTTPRequest):
         body = await _read_json(request, CompletionRequest)
         _check_model(state, body.model)
-        _unsupported(body.echo, "echo", "echo is not supported; prepend the prompt yourself")
-        _unsupported(body.logprobs, "logprobs", "logprobs are not supported")
+        _check_top(body.logprobs, "logprobs")
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens must be >= 1 (0 only with echo: true, to score the prompt alone)",
+                           param="max_tokens")
         _unsupported(body.suffix, "suffix", "suffix (fill in the middle) is not supported")
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise ApiError(400, "best_of is not supported (only best_of == n)", param="best_of")
         prompts = _completion_prompts(state, body.prompt)
-        return await _serve(request, state, body, _CompletionWire, prompts, body.max_tokens, "max_tokens", "prompt")
+        return await _serve(request, state, body, _CompletionWire, prompts, body.max_tokens, "max_tokens", "prompt",
+                            top=body.logprobs, echo=bool(body.echo))
 
     @app.post("/v1/chat/completions", openapi_extra=body_schema("ChatRequest"))
     async def chat_completions(request: HTTPRequest):
         body = await _read_json(request, ChatRequest)
         _check_model(state, body.model)
-        _unsupported(body.logprobs, "logprobs", "logprobs are not supported")
+        _check_top(body.top_logprobs, "top_logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         _unsupported(body.tools, "tools", "tools are not supported by this server")
         _unsupported(body.functions, "functions", "functions are not supported by this server")
         if body.response_format not in (None, {"type": "text"}):
@@ -627,7 +752,8 @@ def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | 
             raise ApiError(400, str(e), param="messages") from None
         limit, name = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
                        else (body.max_tokens, "max_tokens"))
-        return await _serve(request, state, body, _ChatWire, [ids], limit, name, "messages")
+        return await _serve(request, state, body, _ChatWire, [ids], limit, name, "messages",
+                            top=(body.top_logprobs or 0) if body.logprobs else None)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -659,6 +785,12 @@ def _check_model(state: _State, name: str | None) -> None:
                        param="model", code="model_not_found")
 
 
+def _check_top(value: int | None, param: str) -> None:
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise ApiError(400, f"{param} must be in [0, {MAX_LOGPROBS}] (got {value}): at most {MAX_LOGPROBS} "
+                            "alternatives per token", param=param)
+
+
 def _unsupported(value, param: str, message: str) -> None:
     if value:  # null, false, 0, "" and [] mean "not asked for"
         raise ApiError(400, message, param=param)
@@ -688,12 +820,12 @@ def _completion_prompts(state: _State, prompt) -> list[list[int]]:
 
 def _sampling(state: _State, body: _Common, max_new: int, seed: int | None, drafts: bool) -> SamplingParams:
     over: dict[str, Any] = {
-        "mode": body.mode, "max_new_tokens": max_new, "seed": seed, "drafts": drafts,
+        "mode": body.mode or state.default_mode, "max_new_tokens": max_new, "seed": seed, "drafts": drafts,
         "max_denoising_steps": body.denoising_steps, "entropy_bound": body.entropy_bound, "t_min": body.t_min,
         "t_max": body.t_max, "sampler": body.sampler, "commit_threshold": body.commit_threshold,
         "stability_threshold": body.stability_threshold, "confidence_threshold": body.confidence_threshold,
         "eos_token_ids": () if body.ignore_eos else state.eos_token_ids}
-    if body.mode == "ar":
+    if over["mode"] == "ar":
         over.update(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k)
     try:
         return SamplingParams.from_generation_config(state.generation_config, **over).validate()
@@ -702,8 +834,11 @@ def _sampling(state: _State, body: _Common, max_new: int, seed: int | None, draf
 
 
 async def _serve(request: HTTPRequest, state: _State, body: _Common, wire, prompts: list[list[int]],
-                 max_tokens: int | None, max_tokens_name: str, prompt_name: str) -> Response:
-    """Validate what is left, start the engine requests, and answer as a stream or as one JSON body."""
+                 max_tokens: int | None, max_tokens_name: str, prompt_name: str, top: int | None = None,
+                 echo: bool = False) -> Response:
+    """Validate what is left, start the engine requests, and answer as a stream or as one JSON body. `top`: the
+    logprobs asked for (alternatives per token); `echo`: the prompt first; max_tokens 0 (with echo) scores the prompt
+    alone, in any mode: the engine runs it as one greedy AR token that is never shown."""
     for name, value in (("presence_penalty", body.presence_penalty), ("frequency_penalty", body.frequency_penalty),
                         ("logit_bias", body.logit_bias)):
         _unsupported(value, name, f"{name} is not supported by diffusion decoding")
@@ -719,6 +854,13 @@ async def _serve(request: HTTPRequest, state: _State, body: _Common, wire, promp
         raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
     include_drafts = bool(options.include_drafts)
     probe = _sampling(state, body, 1, body.seed, include_drafts)  # settings errors first, whatever the prompt
+    score_only = max_tokens == 0
+    if score_only:
+        probe = probe.with_(mode="ar", temperature=0.0, top_k=None, top_p=None)
+    elif top is not None and probe.mode == "diffusion":
+        raise ApiError(400, "logprobs are not available in diffusion mode yet; send \"mode\": \"ar\" (the "
+                            "log-probabilities of the encoder's next-token distribution), or score the prompt alone "
+                            "with echo: true and max_tokens: 0, which works in either mode", param="logprobs")
     whole = state.canvas_length if probe.mode == "diffusion" else 1
     max_len = state.engine.max_model_len
     gen_id = f"{wire.prefix}-{secrets.token_hex(12)}"
@@ -729,7 +871,9 @@ async def _serve(request: HTTPRequest, state: _State, body: _Common, wire, promp
             raise ApiError(400, f"the prompt has {len(ids)} tokens, which leaves no room for new tokens in this "
                                 f"server's {max_len}-token context; shorten it", param=prompt_name,
                            code="context_length_exceeded")
-        if max_tokens is None:
+        if score_only:
+            max_new = 1
+        elif max_tokens is None:
             max_new = min(state.default_max_tokens, room)
         elif max_tokens > room:
             canvases = f" in whole canvases of {whole}" if whole > 1 else ""
@@ -740,9 +884,11 @@ async def _serve(request: HTTPRequest, state: _State, body: _Common, wire, promp
             max_new = max_tokens
         for j in range(n):
             seed = None if body.seed is None else body.seed + j
-            params = probe.with_(max_new_tokens=max_new, seed=seed)
+            params = probe.with_(max_new_tokens=max_new, seed=seed, logprobs=None if score_only else top)
             index = p * n + j
-            choices.append(_Choice(index, f"{gen_id}-{index}", ids, params, TextStream(state.tokenizer, stops), p))
+            choices.append(_Choice(index, f"{gen_id}-{index}", ids, params, TextStream(state.tokenizer, stops), p,
+                                   top=top, echo=echo, score_only=score_only,
+                                   tokens=TokenStream(state.tokenizer) if top is not None else None))
     if body.seed is not None and n > 1:
         _sampling(state, body, 1, body.seed + n - 1, include_drafts)  # the last choice's seed is in range too
     if body.record:
@@ -778,7 +924,7 @@ async def _stream(gen: _Generation, wire, include_usage: bool) -> AsyncIterator[
                 yield chunk([first])
         async for kind, c, x in gen.pieces():
             if kind == "text":
-                yield chunk([wire.delta(c.index, x)])
+                yield chunk([wire.delta(c.index, x.text, logprobs=gen.logprobs_json(wire, c, x.tokens))])
             elif kind == "draft":
                 yield chunk([{**wire.draft(c.index), "dgemma_draft": gen.draft_json(x)}])
             else:
@@ -795,11 +941,13 @@ async def _stream(gen: _Generation, wire, include_usage: bool) -> AsyncIterator[
 
 async def _respond(request: HTTPRequest, gen: _Generation, wire) -> Response:
     texts: dict[int, list[str]] = {c.index: [] for c in gen.choices}
+    tokens: dict[int, list[Token]] = {c.index: [] for c in gen.choices}
 
     async def collect() -> None:
         async for kind, c, x in gen.pieces():
             if kind == "text":
-                texts[c.index].append(x)
+                texts[c.index].append(x.text)
+                tokens[c.index].extend(x.tokens or ())
 
     work = asyncio.ensure_future(collect())
     left = asyncio.ensure_future(_until_disconnect(request.receive))
@@ -818,6 +966,7 @@ async def _respond(request: HTTPRequest, gen: _Generation, wire) -> Response:
         gen.cancel()
     return JSONResponse({
         "id": gen.id, "object": wire.object, "created": gen.created, "model": gen.state.model_name,
-        "choices": [wire.choice(c.index, "".join(texts[c.index]), c.finish_reason) for c in gen.choices],
+        "choices": [wire.choice(c.index, "".join(texts[c.index]), c.finish_reason,
+                                gen.logprobs_json(wire, c, tokens[c.index])) for c in gen.choices],
         "usage": gen.usage(),
     })
