@@ -99,5 +99,6 @@ def test_sudoku_eval_compile_reaches_every_row(tmp_path, capsys, monkeypatch):
     assert code == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["compile"] is True and last["puzzles"] == 1
-    # the diffusion, AR and control rows, each batched and then at batch 1 for latency (a warm-up, then the puzzle)
-    assert len(seen["compile"]) == 3 * (1 + 1 + 1) and all(seen["compile"])
+    # the diffusion, AR and control rows, each batched and then at batch 1 for latency (a warm-up, then the puzzle),
+    # and the two givens-clamped rows (diffusion and AR), batched only
+    assert len(seen["compile"]) == 3 * (1 + 1 + 1) + 2 and all(seen["compile"])
