@@ -10,6 +10,28 @@ const TRAJECTORY_VERSION = 1;
 let vocab = null; // token id -> its text (GET /playground/vocab.json), for drawing draft canvases token by token
 let modelId = null;
 let running = null; // {controller, panes} while a race or a replay runs
+const KEY_STORE = "dgemma-api-key"; // the server's API key (`dgemma serve --api-key`), kept in this browser only
+
+// The key field's value (or `?key=` in the address, read once, stored and removed from the address).
+function apiHeaders(extra = {}) {
+  const key = $("api-key").value.trim();
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+function initKey() {
+  const url = new URL(window.location.href);
+  const given = url.searchParams.get("key");
+  if (given !== null) {
+    localStorage.setItem(KEY_STORE, given);
+    url.searchParams.delete("key");
+    window.history.replaceState(null, "", url.toString());
+  }
+  $("api-key").value = localStorage.getItem(KEY_STORE) || "";
+  $("api-key").addEventListener("change", () => {
+    localStorage.setItem(KEY_STORE, $("api-key").value.trim());
+    loadModel();
+  });
+}
 
 // ---- one pane: its state, figures and text ------------------------------------------------------------------
 
@@ -168,7 +190,7 @@ function message(text, info = false) {
 async function streamCompletion(body, onChunk, signal) {
   const res = await fetch("/v1/completions", {
     method: "POST",
-    headers: { "Content-Type": "application/json" },
+    headers: apiHeaders({ "Content-Type": "application/json" }),
     body: JSON.stringify(body),
     signal,
   });
@@ -256,7 +278,7 @@ async function runPane(pane, signal) {
 
 async function loadVocab() {
   if (vocab) return;
-  const res = await fetch("/playground/vocab.json");
+  const res = await fetch("/playground/vocab.json", { headers: apiHeaders() });
   if (!res.ok) throw new Error(`the vocabulary could not be loaded (${res.status})`);
   vocab = await res.json();
 }
@@ -423,7 +445,11 @@ async function onFile(event) {
 
 async function loadModel() {
   try {
-    const res = await fetch("/v1/models");
+    const res = await fetch("/v1/models", { headers: apiHeaders() });
+    if (res.status === 401) {
+      message("this server needs an API key: enter it in the key field");
+      return;
+    }
     const card = (await res.json()).data[0];
     modelId = card.id;
     $("model-name").textContent = card.id;
@@ -450,6 +476,7 @@ function init() {
   setInterval(() => {
     for (const p of Object.values(panes)) p.tick();
   }, 100);
+  initKey();
   loadModel();
 }
 
