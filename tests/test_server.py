@@ -78,7 +78,9 @@ class Server:
                 self.stop()
                 raise RuntimeError(f"server not healthy after {STARTUP_S} s:\n{self.log.read_text()}")
             time.sleep(0.2)
-        self.model = httpx.get(f"{self.url}/v1/models").json()["data"][0]["id"]
+        key = args[args.index("--api-key") + 1] if "--api-key" in args else None
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.model = httpx.get(f"{self.url}/v1/models", headers=headers).json()["data"][0]["id"]
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=60, **kw)
@@ -583,6 +585,8 @@ _fields = {
     "seed": st.integers(-3, 2**64) | _json, "n": st.integers(-1, 3) | _json,
     "mode": st.sampled_from(["diffusion", "ar"]) | _json, "temperature": st.floats(-1, 3) | _json,
     "sampler": st.sampled_from(["entropy_bound", "confidence"]) | _json, "t_min": _json, "entropy_bound": _json,
+    "logprobs": st.integers(-1, 22) | st.booleans() | _json, "top_logprobs": st.integers(-1, 22) | _json,
+    "echo": st.booleans() | _json,
 }
 _bodies = st.fixed_dictionaries(
     # always a small max_tokens and step count (or garbage there): valid requests stay cheap
@@ -605,6 +609,213 @@ def test_server_alive_after_fuzz(live):
     assert httpx.get(f"{live.url}/health").status_code == 200
     assert _complete(live, max_tokens=3, seed=1).usage.completion_tokens == 3
     live.wait_idle()
+
+
+# ---- log-probabilities, echo, token-id prompts -----------------------------------------------------------------
+
+LP_TOL = 1e-4  # nats: the server's batch-invariant ragged passes against one plain causal forward, fp32
+AR = {**FAST, "mode": "ar", "ignore_eos": True}
+needs_model = pytest.mark.skipif(not REAL_ENGINE, reason="compares with the model itself: needs the real engine")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """log-softmax of random:tiny's encoder logits at every position of ids: the server's model, computed here."""
+    import torch
+    import torch.nn.functional as F
+
+    from dgemma.api import load
+    from dgemma.cache import KVCache
+
+    lm = load("random:tiny")
+
+    @torch.no_grad()
+    def logprobs(ids: list[int]):
+        h = lm.model.encode(torch.tensor([ids]), KVCache.empty(lm.model.config))
+        return F.log_softmax(lm.model.logits(h)[0].float(), dim=-1)
+
+    logprobs.tokenizer = lm.tokenizer
+    return logprobs
+
+
+PROMPT_IDS = [2, 633, 813, 14, 71, 18, 299, 361]  # <bos>def add(a, b):
+
+
+@needs_model
+def test_completion_logprobs_equal_the_model(live, reference):
+    r = _complete(live, prompt=PROMPT_IDS, max_tokens=5, logprobs=3, extra_body=AR)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.tokens) == 5
+    ids = reference.tokenizer.encode(r.choices[0].text)  # whole-character pieces: text -> ids is the inverse here
+    ref = reference(PROMPT_IDS + ids)
+    for k, (t, v, top) in enumerate(zip(ids, lp.token_logprobs, lp.top_logprobs)):
+        assert abs(v - ref[len(PROMPT_IDS) - 1 + k, t].item()) < LP_TOL
+        assert len(top) <= 3 and abs(max(top.values()) - v) < LP_TOL  # greedy: the chosen one is the most probable
+    assert lp.text_offset == [sum(len(x) for x in lp.tokens[:k]) for k in range(5)]
+
+
+@needs_model
+def test_echo_with_max_tokens_0_scores_the_prompt(live, reference):
+    ref = reference(PROMPT_IDS)
+    for mode in ("ar", "diffusion"):  # the prompt's logprobs come from the encoder, whatever the mode
+        r = _complete(live, prompt=[PROMPT_IDS, PROMPT_IDS[:4]], max_tokens=0, echo=True, logprobs=1, temperature=0,
+                      extra_body={"mode": mode})
+        for ch, ids in zip(r.choices, (PROMPT_IDS, PROMPT_IDS[:4])):
+            lp = ch.logprobs
+            assert ch.finish_reason == "length" and "".join(lp.tokens) == ch.text == reference.tokenizer.decode(ids)
+            assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+            assert max(abs(v - ref[i - 1, ids[i]].item()) for i, v in enumerate(lp.token_logprobs) if i) < LP_TOL
+        assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(PROMPT_IDS) + 4
+
+
+def test_echo_then_completion_and_token_id_prompts(live):
+    r = _complete(live, prompt=PROMPT_IDS, max_tokens=3, echo=True, logprobs=0, extra_body=AR)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(PROMPT_IDS) + 3 and lp.token_logprobs[0] is None
+    assert all(v is not None for v in lp.token_logprobs[1:]) and "".join(lp.tokens) == r.choices[0].text
+    plain = _complete(live, prompt=PROMPT_IDS, max_tokens=3, extra_body=AR).choices[0].text
+    assert r.choices[0].text.endswith(plain) and r.choices[0].text.startswith("def add(a, b):")
+    echo_only = _complete(live, prompt="def add", max_tokens=3, echo=True)  # echo without logprobs, diffusion
+    assert echo_only.choices[0].text.startswith("def add") and echo_only.choices[0].logprobs is None
+
+
+def test_streamed_logprobs_equal_the_plain_answer(live):
+    kw = {"prompt": PROMPT_IDS, "max_tokens": 6, "logprobs": 2, "echo": True, "seed": 4, "temperature": 0.7,
+          "extra_body": AR}
+    plain = _complete(live, **kw).choices[0]
+    tokens, values, offsets, text = [], [], [], ""
+    for chunk in _complete(live, stream=True, **kw):
+        for ch in chunk.choices:
+            text += ch.text
+            if ch.logprobs is not None:
+                tokens += ch.logprobs.tokens
+                values += ch.logprobs.token_logprobs
+                offsets += ch.logprobs.text_offset
+    assert text == plain.text and tokens == plain.logprobs.tokens and offsets == plain.logprobs.text_offset
+    assert values == plain.logprobs.token_logprobs
+
+
+def test_chat_logprobs_plain_and_streamed(live):
+    c = live.client()
+    kw = {"model": live.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logprobs": True,
+          "top_logprobs": 2, "seed": 1, "extra_body": AR}
+    r = c.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content and len(content) == 4
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
+    assert all(bytes(t.bytes).decode("utf-8", "replace") == t.token for t in content if t.token.isascii())
+    streamed = [t for chunk in c.chat.completions.create(stream=True, **kw) for ch in chunk.choices
+                if ch.logprobs is not None for t in ch.logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    assert c.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None}).choices[0].logprobs is None
+
+
+def test_logprobs_with_a_stop_string_match_the_text(live):
+    first = _complete(live, prompt=PROMPT_IDS, max_tokens=8, extra_body=AR).choices[0].text
+    stop = first[len(first) // 2:len(first) // 2 + 2]  # two characters from the middle, maybe inside a token
+    r = _complete(live, prompt=PROMPT_IDS, max_tokens=8, logprobs=1, stop=[stop], extra_body=AR).choices[0]
+    assert r.text == first[:first.find(stop)] and "".join(r.logprobs.tokens) == r.text
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1, "mode": "diffusion"}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1, "echo": True, "mode": "diffusion"}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "echo": 1}, "echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+])
+def test_bad_logprob_requests(live, path, body, param):
+    _error(httpx.post(f"{live.url}{path}", json={"max_tokens": 2, **body}), 400, param)
+
+
+def test_openai_client_sees_the_400s(live):
+    c = live.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=live.model, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                  logprobs=True, top_logprobs=21, extra_body=AR)
+    assert e.value.body["param"] == "top_logprobs" and "20" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=live.model, prompt="x", max_tokens=2, logprobs=1)  # diffusion by default
+    assert e.value.body["param"] == "logprobs" and "diffusion" in e.value.body["message"]
+
+
+# ---- API keys -----------------------------------------------------------------------------------------------------
+
+KEYS = ("key-one", "key-two")
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    args = [] if REAL_ENGINE else ["--engine-factory", "fake_engine:FakeEngine"]
+    server = Server(tmp_path_factory.mktemp("keyed"), *args, "--api-key", KEYS[0], "--max-model-len", "256",
+                    env={"DGEMMA_API_KEY": f" ,{KEYS[1]}"})
+    yield server
+    server.stop()
+
+
+def test_api_keys(keyed):
+    for key in KEYS:
+        c = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=key, max_retries=0, timeout=60)
+        assert c.completions.create(model="random:tiny", prompt="x", max_tokens=2, extra_body=FAST).choices
+        assert c.models.list().data[0].id == "random:tiny"
+    for key in ("wrong", KEYS[0] + "x", KEYS[0][:-1]):
+        c = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=key, max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError) as e:
+            c.completions.create(model="random:tiny", prompt="x", max_tokens=2)
+        assert e.value.body["code"] == "invalid_api_key"
+    for path in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/v1/nothing",
+                 "/playground/vocab.json"):
+        r = httpx.post(f"{keyed.url}{path}", json={}) if "completions" in path else httpx.get(f"{keyed.url}{path}")
+        assert _error(r, 401, None)["code"] == "invalid_api_key"
+    r = httpx.get(f"{keyed.url}/v1/models", headers={"Authorization": f"Basic {KEYS[0]}"})
+    _error(r, 401)
+    assert httpx.get(f"{keyed.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{keyed.url}/").status_code == 200  # the page loads; its API calls send the key
+    assert httpx.get(f"{keyed.url}/metrics", headers={"Authorization": f"Bearer {KEYS[1]}"}).status_code == 200
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(body=_bodies, chat=st.booleans(), key=st.none() | st.text(max_size=12),
+       raw=st.none() | st.binary(max_size=64))
+def test_fuzz_with_a_key_never_gets_past_401(keyed, body, chat, key, raw):
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    headers = {"content-type": "application/json"}
+    if key is not None and key.isascii() and key.isprintable() and key.strip() == key:  # a header httpx can send
+        headers["Authorization"] = f"Bearer {key}"
+    content = raw if raw is not None else json.dumps(body).encode()
+    r = httpx.post(f"{keyed.url}{path}", content=content, headers=headers, timeout=60)
+    assert _error(r, 401, None)["code"] == "invalid_api_key"
+
+
+def test_keyed_server_alive_after_fuzz(keyed):
+    c = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=KEYS[0], max_retries=0, timeout=60)
+    assert c.completions.create(model="random:tiny", prompt="x", max_tokens=3, seed=1,
+                                extra_body=FAST).usage.completion_tokens == 3
+
+
+def test_public_host_without_a_key_warns(tmp_path):
+    """--host 0.0.0.0 without a key: one warning line at start (the server is stopped at once)."""
+    port = _free_port()
+    log = tmp_path / "warn.log"
+    env = {k: v for k, v in os.environ.items() if k != "DGEMMA_API_KEY"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dgemma.server", "--model", "random:tiny", "--host", "0.0.0.0",
+                                 "--port", str(port), "--engine-factory", "fake_engine:FakeEngine"], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while "warning" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    lines = [ln for ln in log.read_text().splitlines() if "without an API key" in ln]
+    assert len(lines) == 1 and "--api-key" in lines[0]
 
 
 # ---- the slow fake: queue, disconnects, stop aborts ------------------------------------------------------------
