@@ -23,10 +23,12 @@ browser:
 	  >/dev/null 2>&1 || echo "make: no chromium (apt-get install -y chromium chromium-driver needs root and Debian);" \
 	  "the playground browser test will skip"; }
 
-# The tests, then `dgemma bench --quick` as a smoke test of the benchmark (its figures are printed, not asserted).
+# The tests, then `dgemma bench --quick` and `dgemma bench train --quick` as smoke tests of the benchmarks (their
+# figures are printed, not asserted).
 test: install browser
 	$(BIN)/python -m pytest
 	$(BIN)/dgemma bench --quick
+	$(BIN)/dgemma bench train --quick
 
 run: install
 	$(BIN)/dgemma generate $(MODEL) --max-new-tokens 64 "def fibonacci(n):"

@@ -441,6 +441,9 @@ def measure(base: DiffusionGemma, cfg: BenchTrainConfig, seq_len: int, mode: str
         "mode": mode, "threads": torch.get_num_threads(), "bf16_autocast": bf16, "batch": B, "seq_len": T,
         "decoder_positions": live_len, "supervised_per_step": n_diff,
         "tokens_per_step": B * T, "tokens_per_s": B * T / step_s, "supervised_tokens_per_s": n_diff / step_s,
+        # from the median step: what a run reaches between recompiles (the mean above pays for them)
+        "steady_tokens_per_s": B * T / (res["step_ms_median"] / 1e3),
+        "plain_steady_tokens_per_s": B * T / (res["plain_step_ms_median"] / 1e3),
         "plain_tokens_per_s": B * T / pstep_s, "plain_over_dgemma": step_s / pstep_s,
         "flops_per_step": flops["total"], "flops_by_part": flops, "flops_per_token": flops["total"] / (B * T),
         "gflops": flops["total"] / step_s / 1e9, "flops_fraction": flops["total"] / step_s / 1e9 / peak_fp32,
@@ -540,6 +543,22 @@ def machine_info() -> dict:
             "cpu_flags": {f: f in flags for f in CPU_FLAGS}, "torch": torch.__version__, "git": _git()}
 
 
+def machine_peaks(quick: bool, native_bf16: bool) -> dict:
+    """`dgemma.bench.machine_limits` at the current thread count. Where the CPU has no native bf16, its bf16 product
+    runs at ~0.2-1 GFLOP/s (minutes for the full 2048^3 size), so the quick sizes are taken there and the fp32 peak
+    is measured again at the full 2048^3 (the same best-of-3 timing)."""
+    from .bench import _best, machine_limits
+
+    if quick or native_bf16:
+        return {**machine_limits(quick), "peak_matmul_n": 1024 if quick else 2048}
+    res = machine_limits(True)
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    res["matmul_gflops_fp32"] = 2 * n**3 / _best(lambda: a @ b, 3) / 1e9
+    return {**res, "peak_matmul_n": n}
+
+
 def _check(cfg: BenchTrainConfig) -> None:
     bad = [f"--{k.replace('_', '-')} must be >= 1 (got {getattr(cfg, k)})"
            for k in ("batch_size", "steps", "warmup", "vocab_size", "canvas_length", "seq_len")
@@ -551,7 +570,6 @@ def _check(cfg: BenchTrainConfig) -> None:
 
 def run(cfg: BenchTrainConfig) -> dict:
     from .api import fast_half
-    from .bench import machine_limits
 
     start = time.perf_counter()
     load_start = os.getloadavg()
@@ -583,11 +601,11 @@ def run(cfg: BenchTrainConfig) -> dict:
         for n in cfg.threads:
             torch.set_num_threads(n)
             t0 = time.perf_counter()
-            peaks = machine_limits(cfg.quick)
+            peaks = machine_peaks(cfg.quick, native_bf16)
             sections[f"machine@{n}"] = time.perf_counter() - t0
             peak_bf16 = peaks["matmul_gflops_bf16"] if native_bf16 else None
             at = {"peak_fp32_gflops": peaks["matmul_gflops_fp32"], "peak_bf16_gflops": peaks["matmul_gflops_bf16"],
-                  "copy_gbytes_per_s": peaks["copy_gbytes_per_s"], "modes": {}}
+                  "copy_gbytes_per_s": peaks["copy_gbytes_per_s"], "peak_matmul_n": peaks["peak_matmul_n"], "modes": {}}
             for mode in modes:
                 t0 = time.perf_counter()
                 at["modes"][mode] = measure(base, cfg, seq_len, mode, peaks["matmul_gflops_fp32"], peak_bf16, bf16)
@@ -639,15 +657,15 @@ def _print(r: dict) -> None:
           f"{r['steps']} timed steps, dgemma and plain alternating")
     print(r["headline"])
     rows = [(n, mode, v) for n in r["threads"] for mode, v in r["by_threads"][str(n)]["modes"].items()]
-    print(f"{'thr':>3} {'mode':<8}{'tok/s':>9}{'sup/s':>8}{'plain':>9}{'x':>6}{'%fp32':>7}{'plain%':>7}"
+    print(f"{'thr':>3} {'mode':<8}{'tok/s':>9}{'steady':>8}{'sup/s':>8}{'plain':>9}{'x':>6}{'%fp32':>7}{'plain%':>7}"
           f"{'%bf16':>7}{'GFLOP/s':>8}{'MFLOP/tok':>10}{'plain':>7}{'compile s':>10}{'graphs':>7}{'recomp':>7}")
     for n, mode, v in rows:
-        print(f"{n:>3} {mode:<8}{v['tokens_per_s']:>9.0f}{v['supervised_tokens_per_s']:>8.0f}"
+        print(f"{n:>3} {mode:<8}{v['tokens_per_s']:>9.0f}{v['steady_tokens_per_s']:>8.0f}{v['supervised_tokens_per_s']:>8.0f}"
               f"{v['plain_tokens_per_s']:>9.0f}{v['plain_over_dgemma']:>6.2f}{100 * v['flops_fraction']:>7.1f}"
               f"{100 * v['plain_flops_fraction']:>7.1f}{_fmt(v['bf16_flops_fraction'] and 100 * v['bf16_flops_fraction']):>7}"
               f"{v['gflops']:>8.1f}{v['flops_per_token'] / 1e6:>10.2f}{v['plain_flops_per_token'] / 1e6:>7.2f}"
               f"{_fmt(v['compile_s'], '.1f'):>10}{_fmt(v['graphs_compiled'], 'd'):>7}{_fmt(v['recompiles'], 'd'):>7}")
-    print("(x = plain tokens/s over dgemma's; %fp32 / plain% = achieved matmul FLOP/s over the fp32 matmul peak "
+    print("(tok/s from the mean step, recompiles included; steady from the median step; x = plain tokens/s over dgemma's; %fp32 / plain% = achieved matmul FLOP/s over the fp32 matmul peak "
           "measured at that thread count; %bf16 only where the CPU has native bf16)")
     print("ms per step (means over the timed steps; the parts add up to step):")
     print(f"{'thr':>3} {'mode':<8}{'step':>8}{'data':>7}{'encoder':>8}{'dec p1':>8}{'dec p2':>8}{'head':>7}"
@@ -664,7 +682,8 @@ def _print(r: dict) -> None:
               f"GFLOP/s, copy {b['copy_gbytes_per_s']:.1f} GB/s")
     for n, mode, v in rows:
         if v["graph_breaks"]:
-            reasons = "; ".join(f"{k[:90]} x{c}" for k, c in sorted(v["graph_breaks"].items(), key=lambda kv: -kv[1])[:3])
+            top3 = sorted(v["graph_breaks"].items(), key=lambda kv: -kv[1])[:3]
+            reasons = "; ".join(f"{' / '.join(x.strip() for x in k.splitlines()[:2])[:120]} x{c}" for k, c in top3)
             print(f"graph breaks @{n} {mode}: {reasons}")
     f = r["by_threads"][str(r["threads"][0])]["flops_by_part"]
     print("matmul FLOPs per step by part (GFLOP): " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in f.items()))
