@@ -536,12 +536,17 @@ def run(cfg: BenchConfig) -> dict:
     if cfg.plot:
         _plot(result["diffusion_vs_ar"], cfg.plot)
     _print(result)
-    if cfg.out:
-        tmp = Path(cfg.out).with_name(Path(cfg.out).name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(cfg.out)
-    print(json.dumps(result))
+    finish(result, cfg.out)
     return result
+
+
+def finish(result: dict, out: str | None) -> None:
+    """Write the result JSON to `out` (beside it first, then renamed in) and print it as the last line."""
+    if out:
+        tmp = Path(out).with_name(Path(out).name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
+    print(json.dumps(result))
 
 
 def _print(r: dict) -> None:

@@ -64,7 +64,6 @@ load average at start and end).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import resource
@@ -629,11 +628,9 @@ def run(cfg: BenchTrainConfig) -> dict:
     if cfg.plot:
         result["plot"] = _plot(result, cfg.plot)
     _print(result)
-    if cfg.out:
-        tmp = Path(cfg.out).with_name(Path(cfg.out).name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(cfg.out)
-    print(json.dumps(result))
+    from .bench import finish
+
+    finish(result, cfg.out)
     return result
 
 
