@@ -32,7 +32,7 @@ def _template(cfg, n, seed, fill=0.5):
     return tuple(FREE if f else int(t) for t, f in zip(toks.tolist(), free.tolist()))
 
 
-DIFFUSION = dict(max_denoising_steps=4)
+DIFFUSION = {"max_denoising_steps": 4}
 
 
 def _one_shot(model, prompts, templates, engine, mode="diffusion", **kw):
@@ -48,7 +48,7 @@ def test_engine_equals_reference_with_templates(sampler):
     C = cfg.canvas_length
     prompts = [_ids(cfg, 6, s) for s in range(3)]
     templates = [_template(cfg, 2 * C + 3, 10), None, _template(cfg, C // 2, 11, fill=0.8)]
-    kw = dict(max_new_tokens=2 * C + 5, seed=3, sampler=sampler, stability_threshold=None)
+    kw = {"max_new_tokens": 2 * C + 5, "seed": 3, "sampler": sampler, "stability_threshold": None}
     for prompt, t in zip(prompts, templates):  # alone: the reference draws one stream for its whole batch
         ref = _one_shot(model, [prompt], [t], "reference", **kw)
         fast = _one_shot(model, [prompt], [t], "fast", **kw)
@@ -62,7 +62,7 @@ def test_ar_emits_fixed_positions_and_equals_reference(temperature):
     model, cfg = _model()
     prompts = [_ids(cfg, 5, 1), _ids(cfg, 5, 2)]
     templates = [_template(cfg, 9, 20), (FREE, FREE, 7)]
-    kw = dict(max_new_tokens=12, temperature=temperature, seed=5)
+    kw = {"max_new_tokens": 12, "temperature": temperature, "seed": 5}
     got = []
     for prompt, t in zip(prompts, templates):
         ref = _one_shot(model, [prompt], [t], "reference", mode="ar", **kw)
@@ -112,7 +112,7 @@ def test_a_template_without_holes_returns_itself_even_with_eos_inside(mode):
 def test_without_templates_the_tokens_are_unchanged():
     model, cfg = _model()
     prompts = [_ids(cfg, 6, 8)]
-    kw = dict(max_new_tokens=cfg.canvas_length + 2, seed=4)
+    kw = {"max_new_tokens": cfg.canvas_length + 2, "seed": 4}
     assert (_one_shot(model, prompts, None, "fast", **kw).tokens
             == _one_shot(model, prompts, [None], "fast", **kw).tokens
             == _one_shot(model, prompts, [(FREE,) * 3], "fast", **kw).tokens)
