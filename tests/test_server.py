@@ -773,6 +773,9 @@ def test_api_keys(keyed):
         assert _error(r, 401, None)["code"] == "invalid_api_key"
     r = httpx.get(f"{keyed.url}/v1/models", headers={"Authorization": f"Basic {KEYS[0]}"})
     _error(r, 401)
+    for bare in ("Bearer", "bearer"):  # the scheme without a key
+        assert _error(httpx.get(f"{keyed.url}/v1/models", headers={"Authorization": bare}), 401, None)["code"] == \
+            "invalid_api_key"
     assert httpx.get(f"{keyed.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{keyed.url}/").status_code == 200  # the page loads; its API calls send the key
     assert httpx.get(f"{keyed.url}/metrics", headers={"Authorization": f"Bearer {KEYS[1]}"}).status_code == 200
@@ -784,7 +787,7 @@ def test_api_keys(keyed):
 def test_fuzz_with_a_key_never_gets_past_401(keyed, body, chat, key, raw):
     path = "/v1/chat/completions" if chat else "/v1/completions"
     headers = {"content-type": "application/json"}
-    if key is not None and key.isascii() and key.isprintable() and key.strip() == key:  # a header httpx can send
+    if key and key.isascii() and key.isprintable() and key.strip() == key:  # a header httpx can send
         headers["Authorization"] = f"Bearer {key}"
     content = raw if raw is not None else json.dumps(body).encode()
     r = httpx.post(f"{keyed.url}{path}", content=content, headers=headers, timeout=60)
