@@ -32,8 +32,8 @@ test: install browser
 
 run: install
 	$(BIN)/dgemma generate $(MODEL) --max-new-tokens 64 "def fibonacci(n):"
-	@# one held-out 6x6 Sudoku, solved by diffusion and by AR decoding of the same weights (dgemma/sudoku_eval.py)
-	@if [ -f models/dgemma-sudoku-6x6/config.json ]; then $(BIN)/python -m dgemma.sudoku_eval demo models/dgemma-sudoku-6x6; fi
+	@# one held-out 6x6 Sudoku, solved by diffusion and by AR decoding of the same weights (dgemma/tasks/sudoku_eval.py)
+	@if [ -f models/dgemma-sudoku-6x6/config.json ]; then $(BIN)/python -m dgemma.tasks.sudoku_eval demo models/dgemma-sudoku-6x6; fi
 
 lint: install
 	$(BIN)/ruff check dgemma tests

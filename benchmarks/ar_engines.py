@@ -11,8 +11,8 @@ import time
 import torch
 
 from dgemma.api import load
-from dgemma.bench import _device
-from dgemma.generate import ARParams, generate_ar
+from dgemma.bench.speed import _device
+from dgemma.engine.generate import ARParams, generate_ar
 
 model = load(sys.argv[1] if len(sys.argv) > 1 else "models/dgemma-py-small", dtype=torch.float32).model
 prompt = torch.randint(5, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(2))

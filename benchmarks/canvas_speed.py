@@ -13,8 +13,8 @@ import time
 import torch
 
 from dgemma.api import load
-from dgemma.bench import _device
-from dgemma.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
+from dgemma.bench.speed import _device
+from dgemma.engine.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
 from dgemma.model import DiffusionGemma
 
 

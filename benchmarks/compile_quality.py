@@ -5,7 +5,7 @@ generated eagerly and compiled, with the same settings and seeds, compared outpu
     python benchmarks/compile_quality.py --text models/dgemma-py-small --sudoku none
     python benchmarks/compile_quality.py --text none --sudoku models/dgemma-sudoku-6x6 --puzzles 200
 
-The compiled graphs (dgemma/compiled.py) round differently from the eager modules (~1e-5), so a draw or an argmax
+The compiled graphs (dgemma/engine/compiled.py) round differently from the eager modules (~1e-5), so a draw or an argmax
 near a tie can flip, and everything after it then differs. Each generation goes through eval's own code
 (`eval.generate_all`, `sudoku_eval.decode`) with the parameters eval builds (the model's generation_config,
 --seed, eval's default token budgets and batch sizes), once with compile=False and once with compile=True. For each
@@ -48,8 +48,8 @@ def compare(eager: list[list], compiled: list[list]) -> dict:
 def text_rows(model: str, prompts: int, max_new_tokens: int, batch_size: int, seed: int) -> list[dict]:
     """`dgemma eval --model MODEL` both ways: the model folder's eval prompts, diffusion defaults and AR."""
     from dgemma.api import load
-    from dgemma.eval import EvalConfig, default_diffusion_params, eval_prompts, generate_all, parses, stop_ids
-    from dgemma.generate import ARParams
+    from dgemma.engine.generate import ARParams
+    from dgemma.evals.eval import EvalConfig, default_diffusion_params, eval_prompts, generate_all, parses, stop_ids
 
     cfg = EvalConfig(model=model, prompts=prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     texts, origin = eval_prompts(cfg)
@@ -79,7 +79,7 @@ def sudoku_rows(model: str, puzzles: int, batch_size: int, seed: int) -> list[di
     import torch
 
     from dgemma.api import load
-    from dgemma.sudoku_eval import SudokuEvalConfig, ar_params, decode, diffusion_params, load_puzzles, score
+    from dgemma.tasks.sudoku_eval import SudokuEvalConfig, ar_params, decode, diffusion_params, load_puzzles, score
 
     pairs, _ = load_puzzles(SudokuEvalConfig(model=model, puzzles=puzzles))
     grids = [p for p, _ in pairs]

@@ -1,4 +1,4 @@
-"""Eager vs compiled (dgemma/compiled.py) milliseconds per piece at N = 1, 16, 32, 512 rows, 1 and 2 threads.
+"""Eager vs compiled (dgemma/engine/compiled.py) milliseconds per piece at N = 1, 16, 32, 512 rows, 1 and 2 threads.
 
     python benchmarks/compiled_pieces.py [--model models/dgemma-py-small] [--sizes 1,16,32,512] [--reps 15]
 
@@ -26,9 +26,9 @@ def main() -> int:
     import torch
 
     from dgemma.api import load
-    from dgemma.compiled import CompiledLayers, CompiledSampler
+    from dgemma.engine.compiled import CompiledLayers, CompiledSampler
+    from dgemma.engine.static import position_stats
     from dgemma.model import rope_cos_sin
-    from dgemma.static import position_stats
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(ROOT / "models" / "dgemma-py-small"))

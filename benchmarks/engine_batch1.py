@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, sys, time, torch
 from dgemma.api import load
-from dgemma.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
+from dgemma.engine.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
 torch.set_num_threads(int(sys.argv[3]))
 lm = load(sys.argv[1], dtype=torch.float32)
 ids = torch.tensor([lm.tokenizer.encode("def fibonacci(n):\n    ", add_bos=True)])

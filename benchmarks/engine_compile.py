@@ -1,5 +1,5 @@
 """The stepped engine with and without `compile=True`, alternating in one process: ms per step, diffusion and AR,
-1 and 16 rows (`dgemma.bench.engine_split`: same prompt on every row, 4 steps per canvas, adaptive stopping off).
+1 and 16 rows (`dgemma.bench.speed.engine_split`: same prompt on every row, 4 steps per canvas, adaptive stopping off).
 
     python benchmarks/engine_compile.py [--model models/dgemma-py-small] [--threads 1] [--rounds 3]
 
@@ -23,7 +23,7 @@ def main() -> int:
     import torch
 
     from dgemma.api import load
-    from dgemma.bench import engine_split
+    from dgemma.bench.speed import engine_split
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(ROOT / "models" / "dgemma-py-small"))

@@ -22,7 +22,7 @@ def main() -> int:
     import torch
 
     from dgemma.api import load
-    from dgemma.engine import Engine
+    from dgemma.engine.engine import Engine
     from dgemma.params import EngineConfig, Request, SamplingParams
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -7,7 +7,7 @@
 Measured (bundled model, fp32 weights as `dgemma finetune` trains them, the same fixed SFT batches for every row):
 trainable parameters, peak training memory and tokens/s, with and without gradient checkpointing. Peak memory is
 the model's tensors (weights and buffers, there before the first step) plus the peak of the tensor bytes allocated
-during two optimizer steps (gradients, AdamW state, activations), measured with dgemma.memtrack on the CPU
+during two optimizer steps (gradients, AdamW state, activations), measured with dgemma.bench.memtrack on the CPU
 (torch.cuda.max_memory_allocated on a GPU). Tokens/s is timed over further steps without the tracker: row tokens
 (prompt, answer and filler positions) per second, the figure `dgemma finetune` logs.
 
@@ -37,15 +37,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dgemma.bench.memtrack import track_memory
 from dgemma.config import FULL, ModelConfig, preset
-from dgemma.finetune import FinetuneConfig
-from dgemma.finetune_loop import enable_gradient_checkpointing, prepare_model, sft_losses, sft_masks
 from dgemma.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, trainable_parameters
-from dgemma.memtrack import track_memory
 from dgemma.model import DiffusionGemma
-from dgemma.objective import sample_noise
-from dgemma.sft import SFTBatches, SFTSplit
-from dgemma.train import example_generators
+from dgemma.train.finetune import FinetuneConfig
+from dgemma.train.finetune_loop import enable_gradient_checkpointing, prepare_model, sft_losses, sft_masks
+from dgemma.train.objective import sample_noise
+from dgemma.train.pretrain import example_generators
+from dgemma.train.sft import SFTBatches, SFTSplit
 
 GiB = 1024**3
 GPUS = [("RTX 4090 24 GB", 24), ("L40S 48 GB", 48), ("A100 or H100 80 GB", 80), ("H200 141 GB", 141),

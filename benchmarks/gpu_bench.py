@@ -50,7 +50,7 @@ except ImportError:  # run from a checkout without `pip install -e .`: the packa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dgemma.config import ModelConfig, preset
-from dgemma.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
+from dgemma.engine.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
 from dgemma.model import DiffusionGemma
 
 GiB = 2**30

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from dgemma.api import load
-from dgemma.eval import Judge, default_diffusion_params, generate_all, judge_dir, score, split_prompts, stop_ids
-from dgemma.generate import ARParams, DiffusionParams
+from dgemma.engine.generate import ARParams, DiffusionParams
+from dgemma.evals.eval import Judge, default_diffusion_params, generate_all, judge_dir, score, split_prompts, stop_ids
 
 FIELDS = tuple(f.name for f in dataclasses.fields(DiffusionParams))
 

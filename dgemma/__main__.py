@@ -1,8 +1,8 @@
-"""`python -m dgemma ...`: the same as the `dgemma` command (see dgemma/cli.py)."""
+"""`python -m dgemma ...`: the same as the `dgemma` command (see dgemma/cli/main.py)."""
 
 import sys
 
-from dgemma.cli import main
+from dgemma.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

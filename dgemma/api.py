@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ModelConfig
-from .generate import ARParams, DiffusionParams, GenerationStats, StepFn, generate_ar, generate_diffusion
-from .model import DiffusionGemma, init_weights
-from .params import RequestError, TokenLogprob
-from .template import fill_ids, hole_texts
-from .tokenizer import Tokenizer
+from dgemma.config import ConfigError, ModelConfig
+from dgemma.engine.generate import ARParams, DiffusionParams, GenerationStats, StepFn, generate_ar, generate_diffusion
+from dgemma.model import DiffusionGemma, init_weights
+from dgemma.params import RequestError, TokenLogprob
+from dgemma.template import fill_ids, hole_texts
+from dgemma.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "dgemma-py-small"
@@ -69,7 +69,7 @@ def load(spec: str | Path | None = None, dtype: torch.dtype | str | None = None)
     TokenizerError of the file at fault), naming the path and the fix: a missing path, a training run folder
     instead of one of its checkpoints, a folder with no config.json, a corrupt weight (NaN/inf), a tokenizer
     whose vocabulary or special ids do not fit the model."""
-    from .checkpoint import load_checkpoint, load_generation_config, random_config, resolve_dtype
+    from dgemma.checkpoint import load_checkpoint, load_generation_config, random_config, resolve_dtype
 
     if spec is None:
         spec = DEFAULT_MODEL
@@ -122,7 +122,7 @@ CHECKPOINT_FILES = "config.json, model.safetensors, tokenizer.json"
 
 def _check_checkpoint_folder(path: Path) -> None:
     """A ModelLoadError unless `path` is a folder with a config.json; says what to pass instead."""
-    from .checkpoint import run_folder_checkpoint
+    from dgemma.checkpoint import run_folder_checkpoint
 
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist; pass a checkpoint folder ({CHECKPOINT_FILES}) "
@@ -219,7 +219,7 @@ def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
                   **overrides) -> list[TextResult]:
     """Continue each prompt. `params` None: the model's defaults (`lm.defaults(mode, **overrides)`), e.g.
     `generate_text(lm, ["def f():"], max_new_tokens=64, seed=0)`. `record`: write every denoising step of the
-    (single) prompt's run to this JSONL file (dgemma/trajectory.py), same tokens as without it. `logprobs=N` (AR
+    (single) prompt's run to this JSONL file (dgemma/engine/trajectory.py), same tokens as without it. `logprobs=N` (AR
     mode): TextResult.logprobs holds each token's log-probability under the model's raw distribution (log-softmax
     of the logits at temperature 1, whatever temperature/top-k/top-p drew it) and its N most probable alternatives.
 
@@ -242,7 +242,7 @@ def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
     if record is not None and (template is not None or suffix is not None):
         raise ValueError("a template or suffix cannot be recorded yet; drop record (or the template)")
     if record is not None:
-        from .trajectory import generate_recorded
+        from dgemma.engine.trajectory import generate_recorded
 
         return generate_recorded(lm, prompts, mode, params, [s for s in (stop or []) if s], chat, on_step, record)
     tpl = None
@@ -270,7 +270,7 @@ def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
 
 def _template_for(lm: LoadedModel, params, template: str | None, suffix: str | None) -> tuple:
     """The Template of a `template` or `suffix` argument, and the params whose max_new_tokens is its span."""
-    from .template import TemplateError, encode, with_suffix
+    from dgemma.template import TemplateError, encode, with_suffix
 
     if template is not None and suffix is not None:
         raise TemplateError("give either a template or a suffix, not both (a suffix is the template '{{N}}SUFFIX')")

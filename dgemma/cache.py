@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ModelConfig
+from dgemma.config import ModelConfig
 
 
 @dataclass

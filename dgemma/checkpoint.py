@@ -42,8 +42,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import FULL, SLIDING, ConfigError, ModelConfig, preset
-from .model import DiffusionGemma, rope_inv_freq
+from dgemma.config import FULL, SLIDING, ConfigError, ModelConfig, preset
+from dgemma.model import DiffusionGemma, rope_inv_freq
 
 logger = logging.getLogger(__name__)
 
@@ -700,13 +700,13 @@ def random_config(spec: str):
     """The config and tokenizer of `random:PRESET`: the named preset, its vocabulary widened to the bundled
     tokenizer's and its eos ids set to the tokenizer's stop ids (what `api.load` builds the random model from).
     Returns (ModelConfig, Tokenizer); an unknown preset is a ConfigError listing the valid names."""
-    from .tokenizer import Tokenizer  # lazily: reading checkpoints needs no tokenizer
+    from dgemma.tokenizer import Tokenizer  # lazily: reading checkpoints needs no tokenizer
 
     name = spec.removeprefix(RANDOM_PREFIX)
     try:
         cfg = preset(name)
     except ConfigError:
-        from .config import PRESETS
+        from dgemma.config import PRESETS
 
         raise ConfigError(f"{spec}: unknown preset {name!r}; use random:NAME with NAME one of {sorted(PRESETS)}, "
                           "e.g. random:tiny") from None

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
-from .config import FULL, SLIDING, ModelConfig
+from dgemma.cache import KVCache
+from dgemma.config import FULL, SLIDING, ModelConfig
 
 Masks = dict[str, torch.Tensor | None]  # per layer type: bool [B|1, 1, Tq, Tk] (True = may attend) or None
 

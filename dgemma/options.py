@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .params import MAX_STEPS  # denoising steps per canvas (torch-free module)
+from dgemma.params import MAX_STEPS  # denoising steps per canvas (torch-free module)
 
 # ---------------------------------------------------------------------------------------------------------------
 # argparse type= helpers. argparse reports an ArgumentTypeError as "argument --flag: <message>".
@@ -344,7 +344,7 @@ def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--write-prompts", default=None, metavar="FILE",
                    help="write the prompts eval would use (e.g. from --data) to FILE as a prompts JSON and stop; "
                         f"this is how a model folder's {EVAL_PROMPTS_FILE} is made")
-    g = p.add_argument_group("--task sudoku (exact solving of held-out puzzles, see dgemma/sudoku_eval.py)")
+    g = p.add_argument_group("--task sudoku (exact solving of held-out puzzles, see dgemma/tasks/sudoku_eval.py)")
     g.add_argument("--task", choices=["sudoku"], default=None, help="evaluate a task model instead of free text")
     g.add_argument("--control", default=None, help="AR-only control model (dgemma train --ar-only)")
     g.add_argument("--puzzles-file", default=None, help="lines 'PUZZLE [SOLUTION]' (default: --data's test split, "
@@ -409,7 +409,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
 # dgemma bench train
 @dataclass
 class BenchTrainConfig:
-    """The flags of `dgemma bench train` (dgemma/bench_train.py). None = the default of the run's size: `resolved()`
+    """The flags of `dgemma bench train` (dgemma/bench/train.py). None = the default of the run's size: `resolved()`
     fills it from QUICK or FULL below, so the defaults live here only."""
 
     model: str | None = None  # checkpoint folder: its config and weights (trained routing, as training sees it)

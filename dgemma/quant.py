@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import DiffusionGemma, Experts, Router, mix_experts
+from dgemma.model import DiffusionGemma, Experts, Router, mix_experts
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 

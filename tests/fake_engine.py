@@ -1,7 +1,7 @@
-"""A scripted stand-in for dgemma.engine.Engine with the same add / step / abort contract, for the server tests.
+"""A scripted stand-in for dgemma.engine.engine.Engine with the same add / step / abort contract, for the server tests.
 
-    python -m dgemma.server --model random:tiny --engine-factory fake_engine:FakeEngine     (tests/ on PYTHONPATH)
-    python -m dgemma.server --model random:tiny --engine-factory fake_engine:slow          (10 ms per step)
+    python -m dgemma.serve --model random:tiny --engine-factory fake_engine:FakeEngine     (tests/ on PYTHONPATH)
+    python -m dgemma.serve --model random:tiny --engine-factory fake_engine:slow          (10 ms per step)
 
 Output is a pure function of (prompt ids, seed, mode): token j of a request is the j-th draw of a generator seeded
 by them, so the same request gives the same ids whoever else is running. Diffusion commits a canvas of C tokens

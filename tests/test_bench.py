@@ -1,4 +1,4 @@
-"""dgemma.bench: the engine step split on random:tiny (its parts add up, the FLOP fractions and recompile count make
+"""dgemma.bench.speed: the engine step split on random:tiny (its parts add up, the FLOP fractions and recompile count make
 sense; no speed is asserted), the matmul FLOP count's parts, and --threads parsing (one-line errors, exit 2)."""
 
 import argparse
@@ -6,8 +6,8 @@ import argparse
 import pytest
 
 from dgemma.api import load
-from dgemma.bench import _matmul_flops, engine_split
-from dgemma.cli import main
+from dgemma.bench.speed import _matmul_flops, engine_split
+from dgemma.cli.main import main
 from dgemma.options import thread_counts
 
 

@@ -1,4 +1,4 @@
-"""dgemma.bench_serve: the percentile and /metrics helpers, how a streamed answer is judged complete or lost, and
+"""dgemma.bench.serve: the percentile and /metrics helpers, how a streamed answer is judged complete or lost, and
 the --quick run end to end against a real server on random:tiny."""
 
 import asyncio
@@ -109,7 +109,7 @@ def test_summarize_counts_lost_and_skipped():
 
 
 def test_import_is_light_and_flags_parse():
-    code = ("import argparse, sys; import dgemma.bench_serve as b; p = argparse.ArgumentParser(); b.add_arguments(p);"
+    code = ("import argparse, sys; import dgemma.bench.serve as b; p = argparse.ArgumentParser(); b.add_arguments(p);"
             "a = p.parse_args(['--concurrency', '1,8', '--modes', 'ar']); assert a.concurrency == (1, 8), a;"
             "print(sorted(m for m in ('torch', 'httpx', 'matplotlib') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
@@ -118,7 +118,7 @@ def test_import_is_light_and_flags_parse():
 
 
 def test_quick_run_end_to_end(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dgemma.bench_serve", "--quick", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "dgemma.bench.serve", "--quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -143,7 +143,7 @@ def test_sigterm_stops_the_server_it_started(tmp_path):
     import signal
     import time
 
-    bench = subprocess.Popen([sys.executable, "-m", "dgemma.bench_serve", "--quick", "--out", str(tmp_path)],
+    bench = subprocess.Popen([sys.executable, "-m", "dgemma.bench.serve", "--quick", "--out", str(tmp_path)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
     deadline = time.monotonic() + 60

@@ -1,4 +1,4 @@
-"""dgemma.bench_train: --quick prints a JSON line with every required figure, the FLOP counts against hand counts of a
+"""dgemma.bench.train: --quick prints a JSON line with every required figure, the FLOP counts against hand counts of a
 1-layer config, the timing wrappers leave the losses bit-identical, the plain step really trains, a compiled run
 reports its graph and recompile counts, bad input is one line and exit 2, --help imports no torch. No speed is
 asserted (STYLE 8)."""
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from dgemma.bench_train import (
+from dgemma.bench.train import (
     Clock,
     adamw,
     measure,
@@ -21,11 +21,11 @@ from dgemma.bench_train import (
     plain_step,
     timed_model,
 )
-from dgemma.cli import main
+from dgemma.cli.main import main
 from dgemma.config import FULL, preset
 from dgemma.model import DiffusionGemma, init_weights
-from dgemma.objective import sample_noise, training_losses
 from dgemma.options import BenchTrainConfig
+from dgemma.train.objective import sample_noise, training_losses
 
 REQUIRED = ("tokens_per_s", "plain_tokens_per_s", "flops_fraction", "plain_flops_fraction", "flops_per_token",
             "plain_flops_per_token", "peak_fp32_gflops", "step_ms", "data_ms", "encoder_ms", "decoder_pass1_ms",
@@ -119,7 +119,7 @@ def test_plain_step_trains_on_a_fixed_batch():
 def test_compiled_run_reports_graphs_and_recompiles():
     """The trainer's --compile path on a 1-layer model, 2 warm-up steps and 1 timed one (cold compile: a minute or
     two on a 2-core CPU)."""
-    from dgemma.compiled import compiler_available
+    from dgemma.engine.compiled import compiler_available
 
     if compiler_available() is not None:
         pytest.skip(compiler_available())
@@ -158,7 +158,7 @@ def test_a_folder_that_is_not_a_model(capsys, tmp_path):
 
 
 def test_help_imports_no_torch():
-    script = ("import contextlib, io, sys\nfrom dgemma.cli import main\n"
+    script = ("import contextlib, io, sys\nfrom dgemma.cli.main import main\n"
               "with contextlib.redirect_stdout(io.StringIO()) as out:\n    code = main(['bench', 'train', '--help'])\n"
               "print(code, len(out.getvalue()), any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)

@@ -4,7 +4,7 @@ import json
 
 from dgemma.api import BUNDLED_TOKENIZER, load
 from dgemma.checkpoint import save_checkpoint
-from dgemma.cli import main
+from dgemma.cli.main import main
 
 
 def test_generate_prints_only_the_continuation(capsys):
@@ -56,7 +56,7 @@ def test_info_and_loading_a_saved_model(capsys, tmp_path):
 
 def test_stop_strings_trim_the_text():
     from dgemma.api import generate_text
-    from dgemma.generate import DiffusionParams
+    from dgemma.engine.generate import DiffusionParams
 
     lm = load("random:tiny")
     params = DiffusionParams(max_new_tokens=40, max_denoising_steps=2, seed=0)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dgemma.cli import main
+from dgemma.cli.main import main
 
 TINY = ["--model", "random:tiny"]
 
@@ -45,7 +45,7 @@ def _all_parsers(parser, prog="dgemma"):
 def test_every_float_option_refuses_nan_and_infinity():
     """Each float option of every subcommand (its type helper is named "a finite number ...") refuses NaN and
     infinity, and no option is left with a plain `float` (or `int`) type."""
-    from dgemma.cli import build_parser
+    from dgemma.cli.main import build_parser
 
     checked = []
     for prog, p in _all_parsers(build_parser()):

@@ -1,4 +1,4 @@
-"""Equivalence: dgemma.compiled's inductor-compiled pieces against the model's own eager modules (random:tiny, fp32).
+"""Equivalence: dgemma.engine.compiled's inductor-compiled pieces against the model's own eager modules (random:tiny, fp32).
 
 Tolerance: rtol = atol = 1e-4 on fp32 values of order 1 to 10 (observed differences are a few 1e-6: inductor fuses
 and reorders the float sums, the dense expert mixing sums the experts in another order, the sampler normalises
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from dgemma import api
-from dgemma.compiled import CompiledLayers, CompiledSampler, compiler_available
+from dgemma.engine.compiled import CompiledLayers, CompiledSampler, compiler_available
+from dgemma.engine.static import position_stats
 from dgemma.model import rope_cos_sin
-from dgemma.static import position_stats
 
 pytestmark = pytest.mark.skipif(compiler_available() is not None, reason=str(compiler_available()))
 

@@ -19,9 +19,9 @@ import pytest
 import tokenizers
 import torch
 
-from dgemma import data
-from dgemma.data import Batches, DataError, PackedSplit, iter_documents, pack_document, prepare, split_of
 from dgemma.tokenizer import SPECIAL_TOKENS, Tokenizer
+from dgemma.train import data
+from dgemma.train.data import Batches, DataError, PackedSplit, iter_documents, pack_document, prepare, split_of
 
 DOCS = {
     "README.md": "# Demo\n\nA tiny corpus with café, naïve and 😀 emoji.\n",
@@ -370,7 +370,7 @@ def test_download_recipes(recipe: str, suffix: str, tmp_path: Path) -> None:
 
 
 def test_cli_prepare_and_errors(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from dgemma.cli import main
+    from dgemma.cli.main import main
 
     parser = argparse.ArgumentParser()
     data.add_cli(parser.add_subparsers(dest="command"))

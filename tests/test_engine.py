@@ -7,8 +7,8 @@ import pytest
 import torch
 from oracle import CONFIGS
 
-from dgemma.engine import Engine
-from dgemma.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
+from dgemma.engine.engine import Engine
+from dgemma.engine.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
 from dgemma.model import DiffusionGemma, init_weights
 from dgemma.params import EngineConfig, QueueFull, Request, RequestError, SamplingParams
 
@@ -131,7 +131,7 @@ def test_without_batch_invariance_shared_passes_agree_to_rounding():
     another kernel for matmuls of very few rows, and in the experts a row shares its expert's matmul with others)."""
     model, _cfg, reqs = _mixed("wide")
     eng = Engine(model, EngineConfig(max_batch=3, max_model_len=512))
-    from dgemma.engine import Piece
+    from dgemma.engine.engine import Piece
     a, b = reqs[2].prompt_ids, reqs[4].prompt_ids
     with torch.inference_mode():
         both = eng.runner.run([Piece(0, 0, len(a)), Piece(1, 0, len(b))], model.embed(torch.tensor([a + b])), True)
@@ -413,8 +413,8 @@ def test_compiled_layers_agree_with_eager_and_stop_compiling():
     bucketed row counts. The hidden states of the same ragged pass agree with the eager modules to float rounding
     (the pieces themselves are tested in tests/test_compiled.py), and once the buckets in use are compiled, further
     steps compile nothing."""
-    from dgemma.compiled import compiler_available
-    from dgemma.engine import Piece, Runner
+    from dgemma.engine.compiled import compiler_available
+    from dgemma.engine.engine import Piece, Runner
 
     if compiler_available() is not None:
         pytest.skip(compiler_available())
@@ -449,8 +449,8 @@ def test_compiled_layers_agree_with_eager_and_stop_compiling():
 def test_compiled_pieces_are_reused_until_the_weights_change():
     """The compiled pieces live on the model (one-shot calls reuse their graphs) and hold its weight tensors, so a
     model whose tensors were replaced since (here: int8 quantisation) gets new ones, not stale graphs."""
-    from dgemma.compiled import compiler_available
-    from dgemma.engine import compiled_pieces
+    from dgemma.engine.compiled import compiler_available
+    from dgemma.engine.engine import compiled_pieces
     from dgemma.quant import quantize_int8
 
     if compiler_available() is not None:

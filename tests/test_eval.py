@@ -2,7 +2,7 @@
 
 import json
 
-from dgemma.eval import EvalConfig, distinct_n, evaluate, function_prompts, parses
+from dgemma.evals.eval import EvalConfig, distinct_n, evaluate, function_prompts, parses
 
 SRC = '''
 import os
@@ -47,7 +47,7 @@ def test_distinct_n():
 def _tiny_model_and_data(tmp_path, generation_config=None):
     from dgemma.api import BUNDLED_TOKENIZER, load
     from dgemma.checkpoint import save_checkpoint
-    from dgemma.data import prepare
+    from dgemma.train.data import prepare
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -110,7 +110,7 @@ def test_sampler_sweep_runs_the_grid_on_training_prompts(tmp_path, capsys):
 def test_the_bundled_model_ships_its_held_out_prompts():
     from pathlib import Path
 
-    from dgemma.eval import eval_prompts, read_prompts
+    from dgemma.evals.eval import eval_prompts, read_prompts
 
     shipped = Path(__file__).resolve().parents[1] / "models" / "dgemma-py-small" / "eval_prompts.json"
     prompts = read_prompts(shipped)
@@ -123,7 +123,7 @@ def test_the_bundled_model_ships_its_held_out_prompts():
 
 
 def test_eval_without_data_uses_the_model_folders_prompts(tmp_path, capsys, monkeypatch):
-    from dgemma.cli import main
+    from dgemma.cli.main import main
 
     path = _tiny_model_and_data(tmp_path)
     # the prompts file is written from the data's held-out split, into the model folder
@@ -148,8 +148,8 @@ def test_eval_without_data_uses_the_model_folders_prompts(tmp_path, capsys, monk
 
 def test_eval_user_errors_are_one_line(tmp_path, capsys):
     from dgemma.api import BUNDLED_TOKENIZER
-    from dgemma.cli import main
-    from dgemma.data import prepare
+    from dgemma.cli.main import main
+    from dgemma.train.data import prepare
 
     def run(*argv):
         assert main(["eval", *argv]) == 2

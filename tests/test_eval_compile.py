@@ -15,9 +15,9 @@ import random
 
 import pytest
 
-from dgemma import engine
-from dgemma.compiled import compiler_available
-from dgemma.eval import EvalConfig, evaluate
+from dgemma.engine import engine
+from dgemma.engine.compiled import compiler_available
+from dgemma.evals.eval import EvalConfig, evaluate
 
 pytestmark = pytest.mark.skipif(compiler_available() is not None, reason=str(compiler_available()))
 
@@ -78,11 +78,11 @@ def test_sudoku_eval_compile_reaches_every_row(tmp_path, capsys, monkeypatch):
     """--task sudoku --compile: the diffusion row, the AR row, the control and the batch-1 latency runs all get
     compile=True. The generations themselves run eagerly (the compiled path is the test above; compiling this
     model's buckets as well would triple the time). A tiny random model with the Sudoku tokenizer; one puzzle."""
-    from dgemma import sudoku
     from dgemma.checkpoint import save_checkpoint
-    from dgemma.cli import main as cli_main
+    from dgemma.cli.main import main as cli_main
     from dgemma.config import preset
     from dgemma.model import DiffusionGemma, init_weights
+    from dgemma.tasks import sudoku
 
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()

@@ -13,10 +13,10 @@ import torch
 
 from dgemma.checkpoint import load_checkpoint, save_checkpoint
 from dgemma.config import preset
-from dgemma.finetune import FinetuneConfig
-from dgemma.finetune_loop import finetune
 from dgemma.model import DiffusionGemma, init_weights
-from dgemma.sft import prepare_sft
+from dgemma.train.finetune import FinetuneConfig
+from dgemma.train.finetune_loop import finetune
+from dgemma.train.sft import prepare_sft
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "dgemma" / "assets" / "tokenizer.json"
 
@@ -87,7 +87,7 @@ def test_gradient_checkpointing_gives_the_same_training(setup, tmp_path):
 
 
 def test_command_line_finetune_generate_with_adapter_and_merge(setup, tmp_path, capsys):
-    from dgemma.cli import main
+    from dgemma.cli.main import main
 
     run = tmp_path / "run"
     assert main(["finetune", "--model", str(setup / "base"), "--data", str(setup / "data"), "--out", str(run),

@@ -5,7 +5,7 @@ import torch
 from oracle import CONFIGS, dgemma_from_hf, hf_model
 
 from dgemma.cache import KVCache
-from dgemma.generate import ARParams, DiffusionParams, GenerationError, generate_ar, generate_diffusion
+from dgemma.engine.generate import ARParams, DiffusionParams, GenerationError, generate_ar, generate_diffusion
 from dgemma.model import DiffusionGemma, init_weights
 
 pytest.importorskip("transformers")

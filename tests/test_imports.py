@@ -8,7 +8,7 @@ HELPS = [[], ["generate"], ["info"], ["data"], ["data", "prepare"], ["data", "li
 # One interpreter runs every --help through cli.main, then reports the torch modules it imported (none expected).
 SCRIPT = """
 import contextlib, io, json, sys
-from dgemma.cli import main
+from dgemma.cli.main import main
 codes = []
 for argv in json.loads(sys.argv[1]):
     with contextlib.redirect_stdout(io.StringIO()) as out:

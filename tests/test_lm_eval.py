@@ -45,7 +45,7 @@ class _Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dgemma.server", "--model", "random:tiny", "--host",
+            self.proc = subprocess.Popen([sys.executable, "-m", "dgemma.serve.main", "--model", "random:tiny", "--host",
                                           "127.0.0.1", "--port", str(self.port), "--max-model-len", "1024", *args],
                                          cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + STARTUP_S

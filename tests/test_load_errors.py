@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from dgemma.api import BUNDLED_TOKENIZER, ModelLoadError, load
 from dgemma.checkpoint import CheckpointError, describe, load_checkpoint, run_folder_checkpoint, save_checkpoint
-from dgemma.cli import main
+from dgemma.cli.main import main
 from dgemma.config import ConfigError
 from dgemma.tokenizer import Tokenizer
 

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from oracle import CONFIGS, dgemma_from_hf, hf_model
 
 from dgemma.cache import KVCache
-from dgemma.engine import Engine
+from dgemma.engine.engine import Engine
 from dgemma.model import DiffusionGemma, init_weights
 from dgemma.params import MAX_LOGPROBS, EngineConfig, Request, RequestError, SamplingParams
-from dgemma.server_text import TextStream, TokenStream, token_bytes, token_label
+from dgemma.serve.text import TextStream, TokenStream, token_bytes, token_label
 
 TOL = 1e-4
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from dgemma.memtrack import track_memory
+from dgemma.bench.memtrack import track_memory
 
 MB4 = 1000 * 1000 * 4  # one [1000, 1000] fp32 tensor
 

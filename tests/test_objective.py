@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from dgemma.cache import KVCache
 from dgemma.config import FULL, SLIDING, preset
 from dgemma.model import DiffusionGemma, init_weights
-from dgemma.objective import (
+from dgemma.train.objective import (
     ObjectiveError,
     corrupt,
     denoise_all_canvases,

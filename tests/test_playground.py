@@ -1,4 +1,4 @@
-"""The playground page of `dgemma serve` (dgemma/playground.py, dgemma/web/) in a real browser.
+"""The playground page of `dgemma serve` (dgemma/serve/playground.py, dgemma/serve/web/) in a real browser.
 
 A live `dgemma serve` on 127.0.0.1 (a subprocess with the bundled model, bounded start-up, stopped by pid) and
 Debian's chromium driven by Selenium through chromium-driver (nothing downloads a browser): the page loads, a prompt
@@ -49,7 +49,7 @@ def served(tmp_path_factory):
     log = folder / "server.log"
     model = str(MODEL) if (MODEL / "config.json").is_file() else "random:tiny"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dgemma.server", "--model", model, "--host", "127.0.0.1",
+        proc = subprocess.Popen([sys.executable, "-m", "dgemma.serve.main", "--model", model, "--host", "127.0.0.1",
                                  "--port", str(port), "--max-model-len", "1024", "--record-dir",
                                  str(folder / "records")], cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -98,7 +98,7 @@ def test_routes(served):
 
 def test_record_field(served):
     """`record: true` writes each choice's trajectory to --record-dir as ID-INDEX.jsonl; it replays to the text."""
-    from dgemma.trajectory import read
+    from dgemma.engine.trajectory import read
 
     server, records = served
     body = {"prompt": "def add(a, b):", "max_tokens": 40, "seed": 1, "n": 2, "record": True, "ignore_eos": True,
@@ -136,7 +136,7 @@ def test_record_needs_a_record_dir():
     from fastapi.testclient import TestClient
 
     from dgemma.api import load
-    from dgemma.server import build_app
+    from dgemma.serve.main import build_app
 
     lm = load("random:tiny")
     with TestClient(build_app(lm, FakeEngine(lm.model))) as client:
@@ -251,7 +251,7 @@ def test_race(served, browser, tmp_path):
 
 def test_replay_the_readme_trajectory(served, browser):
     """docs/trajectory.jsonl (a real run of the bundled model) replays to its recorded text."""
-    from dgemma.trajectory import read
+    from dgemma.engine.trajectory import read
 
     path = ROOT / "docs" / "trajectory.jsonl"
     if not path.is_file():
@@ -269,8 +269,8 @@ def test_replay_the_readme_trajectory(served, browser):
 
 
 def _write_trajectory(path: Path) -> str:
+    from dgemma.engine.trajectory import Recorder
     from dgemma.params import Draft
-    from dgemma.trajectory import Recorder
 
     class Tok:
         def decode(self, ids):

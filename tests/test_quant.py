@@ -11,7 +11,7 @@ from torch import nn
 from dgemma import quant
 from dgemma.cache import KVCache
 from dgemma.config import preset
-from dgemma.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
+from dgemma.engine.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
 from dgemma.model import DiffusionGemma, Experts, Router, init_weights
 from dgemma.quant import (
     Int8Experts,

@@ -1,7 +1,7 @@
 """`dgemma serve` end to end: the official openai client and raw SSE against live servers, plus the text logic.
 
 Three kinds of server, each a subprocess on 127.0.0.1 (module-scoped, stopped by pid):
-- `live`: `--model random:tiny` on the real stepped engine (dgemma/engine.py with STEP_API = 1; the scripted
+- `live`: `--model random:tiny` on the real stepped engine (dgemma/engine/engine.py with STEP_API = 1; the scripted
   tests/fake_engine.py while that is absent): wire format, streaming, stop strings, seeds, concurrency, errors, fuzz.
 - `fake`: the fake engine, 16 rows: the server keeps concurrent requests apart (exactly, whatever the engine).
 - `slow`: the fake engine at 10 ms a step with one row and a queue of one: 429, disconnects, stop-string aborts.
@@ -34,11 +34,11 @@ from hypothesis import strategies as st
 from openai.types import Completion, CompletionChoice
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from dgemma.server_text import TextStream
+from dgemma.serve.text import TextStream
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
-ENGINE_PY = ROOT / "dgemma" / "engine.py"
+ENGINE_PY = ROOT / "dgemma" / "engine" / "engine.py"
 REAL_ENGINE = (ENGINE_PY.is_file() and re.search(r"^STEP_API\s*=\s*1\b", ENGINE_PY.read_text(), re.MULTILINE) is not None
                and not os.environ.get("DGEMMA_TEST_FAKE_ENGINE"))  # set it to run the live tests on the fake
 FAST = {"denoising_steps": 4}  # keeps the real tiny model quick
@@ -63,7 +63,7 @@ class Server:
                    **(env or {})}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dgemma.server", "--model", "random:tiny", "--host", "127.0.0.1",
+                [sys.executable, "-m", "dgemma.serve.main", "--model", "random:tiny", "--host", "127.0.0.1",
                  "--port", str(self.port), *args], cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + STARTUP_S
         while True:
@@ -289,7 +289,7 @@ def test_stream_never_takes_text_back(text, cuts, stops):
 
 def test_engine_loop_survives_a_failing_step():
     from dgemma.params import Request, SamplingParams
-    from dgemma.server_loop import EngineFailure, EngineLoop
+    from dgemma.serve.loop import EngineFailure, EngineLoop
 
     class Broken:
         max_model_len = 64
@@ -329,7 +329,7 @@ def test_engine_loop_survives_a_failing_step():
 
 
 def test_server_module_is_light():
-    code = ("import sys, argparse, dgemma.server as s; p = argparse.ArgumentParser(); s.add_cli(p.add_subparsers()); "
+    code = ("import sys, argparse, dgemma.serve.main as s; p = argparse.ArgumentParser(); s.add_cli(p.add_subparsers()); "
             "a = p.parse_args(['serve', '--model', 'random:tiny', '--port', '1']); assert a.func is s.run; "
             "heavy = {'torch', 'fastapi', 'pydantic', 'uvicorn', 'prometheus_client'} & set(sys.modules); "
             "assert not heavy, heavy")
@@ -807,7 +807,7 @@ def test_public_host_without_a_key_warns(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DGEMMA_API_KEY"}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dgemma.server", "--model", "random:tiny", "--host", "0.0.0.0",
+        proc = subprocess.Popen([sys.executable, "-m", "dgemma.serve.main", "--model", "random:tiny", "--host", "0.0.0.0",
                                  "--port", str(port), "--engine-factory", "fake_engine:FakeEngine"], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:

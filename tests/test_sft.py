@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dgemma.data import split_of
-from dgemma.sft import (
+from dgemma.tokenizer import Tokenizer
+from dgemma.train.data import split_of
+from dgemma.train.sft import (
     ANSWER,
     ANSWER_FILL,
     FILL,
@@ -23,7 +24,6 @@ from dgemma.sft import (
     read_jsonl,
     render_chat,
 )
-from dgemma.tokenizer import Tokenizer
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "dgemma" / "assets" / "tokenizer.json"
 EOS, FILL_ID = 1, 0
@@ -38,7 +38,7 @@ def _split(prompts, answers, seq_len=16, C=4, overflow="truncate"):
 
 
 def test_hand_made_example_supervises_only_the_answer_position_by_position():
-    from dgemma.finetune_loop import sft_masks
+    from dgemma.train.finetune_loop import sft_masks
 
     split = _split([[10, 11, 12]], [[20, 21, 22, 23, 24, EOS]])
     ids, roles = split.row(0)
@@ -57,9 +57,9 @@ def test_hand_made_example_supervises_only_the_answer_position_by_position():
 def test_filler_and_other_rows_do_not_change_the_losses():
     """The filler is masked out of attention: any filler token gives the same losses."""
     from dgemma.config import preset
-    from dgemma.finetune_loop import sft_losses
     from dgemma.model import DiffusionGemma, init_weights
-    from dgemma.objective import sample_noise
+    from dgemma.train.finetune_loop import sft_losses
+    from dgemma.train.objective import sample_noise
 
     cfg = preset("tiny")
     C = cfg.canvas_length
@@ -99,7 +99,7 @@ def test_chat_rendering_equals_the_template():
     prompt, answer = render_chat(tok, messages)
     assert prompt == tok.apply_chat_template(messages[:-1], add_generation_prompt=True)
     assert prompt + answer == tok.apply_chat_template(messages, add_generation_prompt=False).rstrip()
-    from dgemma.sft import Record
+    from dgemma.train.sft import Record
 
     p, a = encode_record(tok, Record("x", 1, messages=tuple(messages)))
     assert p == tok.encode(prompt) and p[0] == tok.bos_id
@@ -174,7 +174,7 @@ def test_function_examples_ask_for_the_function_from_its_signature_and_docstring
 
 
 def test_python_functions_is_split_by_document(tmp_path):
-    from dgemma.sft import python_function_records
+    from dgemma.train.sft import python_function_records
 
     records, origin = python_function_records()
     assert origin["examples"] == len(records) > 1000
@@ -209,7 +209,7 @@ def test_batches_are_length_grouped_deterministic_resumable_and_split_across_ran
 
 
 def test_data_prepare_command_line_reports_the_line_and_exits_2(tmp_path, capsys):
-    from dgemma.cli import main
+    from dgemma.cli.main import main
 
     f = tmp_path / "d.jsonl"
     f.write_text(GOOD + "\n" + '{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}\n')

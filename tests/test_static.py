@@ -6,9 +6,9 @@ import pytest
 import torch
 from oracle import CONFIGS
 
-from dgemma import static
-from dgemma.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
-from dgemma.memtrack import track_memory
+from dgemma.bench.memtrack import track_memory
+from dgemma.engine import static
+from dgemma.engine.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
 from dgemma.model import DiffusionGemma, init_weights
 from dgemma.sampler import sample_step
 

@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from dgemma import sudoku
-from dgemma.cli import main as cli_main
+from dgemma.cli.main import main as cli_main
+from dgemma.tasks import sudoku
 
 SOLVED6 = "123456456123231564564231312645645312"
 
@@ -139,7 +139,7 @@ def test_training_batches_supervise_the_solution_canvas_only(prepared):
 
 def test_tiny_model_trains_and_eval_runs(prepared, tmp_path, capsys):
     from dgemma.options import TrainConfig
-    from dgemma.train import train
+    from dgemma.train.pretrain import train
 
     run = tmp_path / "run"
     cfg = TrainConfig(out=str(run), data=str(prepared / "a"), preset="tiny", vocab_size=17, canvas_length=37,
@@ -164,8 +164,8 @@ def test_tiny_model_trains_and_eval_runs(prepared, tmp_path, capsys):
     # the givens clamped into the solution canvas: every output token at a given is that given, whatever the
     # (barely trained) weights
     from dgemma.api import load
-    from dgemma.generate import generate_ar, generate_diffusion
-    from dgemma.sudoku_eval import ar_params, diffusion_params, givens_template, prompt_ids
+    from dgemma.engine.generate import generate_ar, generate_diffusion
+    from dgemma.tasks.sudoku_eval import ar_params, diffusion_params, givens_template, prompt_ids
 
     lm = load(str(result.checkpoint))
     puzzles = [line.split()[0] for line in (prepared / "a" / "test.txt").read_text().splitlines()[:3]]
@@ -176,7 +176,7 @@ def test_tiny_model_trains_and_eval_runs(prepared, tmp_path, capsys):
         for toks, t in zip(out.tokens, templates):
             assert all(toks[i] == x for i, x in enumerate(t) if x >= 0)
     assert (tmp_path / "p.png").stat().st_size > 0
-    from dgemma.sudoku_eval import main as sudoku_eval_main
+    from dgemma.tasks.sudoku_eval import main as sudoku_eval_main
 
     (result.checkpoint / "test_puzzles.txt").write_text((prepared / "a" / "test.txt").read_text())
     assert sudoku_eval_main(["demo", str(result.checkpoint)]) == 0  # what `make run` prints
@@ -199,7 +199,7 @@ def test_training_losses_skip_unsupervised_canvases_exactly():
 
     from dgemma.config import preset
     from dgemma.model import DiffusionGemma, init_weights
-    from dgemma.objective import (
+    from dgemma.train.objective import (
         denoise_all_canvases,
         encode_clean,
         sample_noise,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from oracle import CONFIGS
 
-from dgemma.engine import Engine
-from dgemma.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
+from dgemma.engine.engine import Engine
+from dgemma.engine.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
 from dgemma.model import DiffusionGemma, init_weights
 from dgemma.params import EngineConfig, Request, RequestError, SamplingParams
 from dgemma.sampler import FREE, clamp_fixed, entropy
@@ -187,7 +187,7 @@ def test_generate_cli_template_and_suffix(capsys):
     """The CLI and the API: the fixed text comes back as it stands, the holes filled; bad syntax is exit 2."""
     import json
 
-    from dgemma.cli import main
+    from dgemma.cli.main import main
 
     assert main(["generate", "--model", "random:tiny", "--template", "x = {{5}} # done", "--format", "jsonl",
                  "--stats", "none", "--seed", "0", "a"]) == 0

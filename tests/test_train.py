@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from dgemma.checkpoint import load_checkpoint, save_checkpoint
 from dgemma.config import preset
 from dgemma.model import DiffusionGemma, init_weights
-from dgemma.objective import ObjectiveError
-from dgemma.train import (
+from dgemma.train.objective import ObjectiveError
+from dgemma.train.pretrain import (
     DataSource,
     TrainConfig,
     TrainError,
@@ -155,7 +155,7 @@ def test_resume_equals_uninterrupted_and_ctrl_c_stops_cleanly(tmp_path):
 
 def test_ctrl_c_on_the_command_line_exits_0_with_a_checkpoint(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dgemma.train", "--synthetic-data", "--preset", "tiny", "--seq-len", "32",
+    cmd = [sys.executable, "-m", "dgemma.train.pretrain", "--synthetic-data", "--preset", "tiny", "--seq-len", "32",
            "--batch-size", "2", "--steps", "100000", "--out", str(out), "--no-bf16", "--threads", "1",
            "--progress", "lines", "--log-every", "1", "--val-every", "0", "--ckpt-every", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -175,7 +175,7 @@ def test_ctrl_c_on_the_command_line_exits_0_with_a_checkpoint(tmp_path):
 
 KILL_SCRIPT = """
 import os, signal, sys, torch
-import dgemma.train as T
+import dgemma.train.pretrain as T
 real_save = torch.save
 def dying_save(obj, f, *a, **k):
     if isinstance(obj, dict) and obj.get("step") == 4:  # the second checkpoint: write half, then die
@@ -262,7 +262,7 @@ def test_seq_len_must_hold_whole_canvases(tmp_path):
 
 
 def test_resume_with_nothing_to_resume_is_an_error(tmp_path, capsys):
-    from dgemma.cli import main
+    from dgemma.cli.main import main
 
     with pytest.raises(TrainError, match=r"--resume: nothing to resume, .*new does not exist; drop --resume"):
         train(tiny_cfg(tmp_path / "new", resume=True))
@@ -285,8 +285,8 @@ def test_resume_with_nothing_to_resume_is_an_error(tmp_path, capsys):
 def test_data_of_another_tokenizer_than_the_checkpoint_is_an_error(tmp_path, capsys):
     """Fine-tuning (or resuming) on data tokenized with another tokenizer than the checkpoint's: the ids would
     mean other tokens, even at the same vocabulary size."""
-    from dgemma.cli import main
-    from dgemma.data import prepare
+    from dgemma.cli.main import main
+    from dgemma.train.data import prepare
 
     for name, words in (("a", ["alpha", "beta", "gamma", "delta"]), ("b", ["one", "two", "three", "four"])):
         (tmp_path / f"src-{name}").mkdir()
@@ -375,7 +375,7 @@ def test_two_processes_match_one(tmp_path, fsdp):
 def test_prepared_data_folder_end_to_end(tmp_path):
     """`dgemma data prepare` output -> training with the tokenizer's special ids -> a checkpoint that carries the
     tokenizer and stop ids; a time budget stops cleanly."""
-    from dgemma.data import prepare
+    from dgemma.train.data import prepare
 
     words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far", "away", "and", "then", "slept"]
     src = tmp_path / "src"

@@ -1,4 +1,4 @@
-"""Recorded trajectories (dgemma/trajectory.py): a recording replays to exactly the tokens the run produced, the
+"""Recorded trajectories (dgemma/engine/trajectory.py): a recording replays to exactly the tokens the run produced, the
 file round-trips, and a truncated or foreign file is refused with the line at fault. random:tiny, CPU."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from dgemma import cli
 from dgemma.api import generate_text, load
-from dgemma.trajectory import FORMAT, VERSION, Recorder, TrajectoryError, plot, read, replay, settle_steps
+from dgemma.cli import main as cli
+from dgemma.engine.trajectory import FORMAT, VERSION, Recorder, TrajectoryError, plot, read, replay, settle_steps
 
 
 @pytest.fixture(scope="module")

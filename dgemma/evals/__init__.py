@@ -1,0 +1,1 @@
+"""`dgemma eval`: quality of diffusion against AR decoding of the same weights (eval.py)."""
