@@ -32,7 +32,12 @@ __all__ = ["ARParams", "DiffusionGemma", "DiffusionParams", "Engine", "EngineCon
 
 def __getattr__(name: str):
     if name not in _PUBLIC:
-        raise AttributeError(f"module 'dgemma' has no attribute {name!r}")
+        try:  # a submodule or folder: dgemma.checkpoint, dgemma.engine, ...
+            return importlib.import_module(f"dgemma.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"dgemma.{name}":
+                raise
+            raise AttributeError(f"module 'dgemma' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(_PUBLIC[name]), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value

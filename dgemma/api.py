@@ -11,7 +11,9 @@ above the id-only generation code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -242,8 +244,6 @@ def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
     if record is not None and (template is not None or suffix is not None):
         raise ValueError("a template or suffix cannot be recorded yet; drop record (or the template)")
     if record is not None:
-        from dgemma.engine.trajectory import generate_recorded
-
         return generate_recorded(lm, prompts, mode, params, [s for s in (stop or []) if s], chat, on_step, record)
     tpl = None
     if template is not None or suffix is not None:
@@ -277,3 +277,74 @@ def _template_for(lm: LoadedModel, params, template: str | None, suffix: str | N
     tpl = encode(lm.tokenizer, template) if template is not None else with_suffix(lm.tokenizer, suffix,
                                                                                    params.max_new_tokens)
     return tpl, replace(params, max_new_tokens=len(tpl))
+
+
+def generate_recorded(lm, prompts: list[str], mode: str, params, stops: list[str], chat: bool, on_step, path):
+    """`api.generate_text(..., record=path)`: one prompt on a one-row stepped engine, every step recorded to
+    `path`. The same engine, settings and seed as `generate_text` without a recording, so the same tokens."""
+    from dgemma.engine.engine import PREFILL_SPAN, Engine, KVPool
+    from dgemma.engine.outputs import GenerationStats
+    from dgemma.engine.trajectory import Recorder
+    from dgemma.params import EngineConfig, RequestError
+    from dgemma.params import Request as EngineRequest
+
+    if len(prompts) != 1:
+        raise ValueError(f"--record records one prompt at a time (got {len(prompts)}); run one prompt per file")
+    if getattr(params, "compat", False) or getattr(params, "engine", "fast") != "fast":
+        raise ValueError("--record needs the stepped engine: drop --compat and --engine reference")
+    params.validate()
+    model, tok = lm.model, lm.tokenizer
+    ids, mask = encode_prompts(lm, prompts, chat)
+    prompt_ids = ids[0][mask[0].bool()].tolist()
+    sp = params.sampling(0).with_(drafts=True)
+    C = model.config.canvas_length
+    need = len(prompt_ids) + (math.ceil(sp.max_new_tokens / C) * C if mode == "diffusion" else sp.max_new_tokens)
+    if need > model.config.max_position_embeddings:
+        raise RequestError(f"the prompt plus max_new_tokens needs {need} positions, over the model's "
+                           f"max_position_embeddings={model.config.max_position_embeddings}; lower max_new_tokens")
+    room = max(PREFILL_SPAN, C)
+    nbytes = KVPool.nbytes(model.config, 1, need, room, model.dtype)
+    eng = Engine(model, EngineConfig(max_batch=1, max_model_len=need, kv_memory_mb=nbytes / 2**20 + 1,
+                                     prefill_chunk=PREFILL_SPAN, max_queue=1, compile=params.compile,
+                                     sampler_chunk=getattr(params, "sampler_chunk", None)))
+    stop_fn = _stop_cut(tok, stops) if stops else None
+    t0 = time.perf_counter()
+    with Recorder(path) as rec:
+        rec.header(lm.name, mode, prompts[0], prompt_ids, C,
+                   {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(sp).items()})
+        eng.add(EngineRequest("0", prompt_ids, sp))
+        out: list[int] = []
+        reason, passes, steps, first, canvas = "length", 0, [], None, 0
+        while eng.has_work():
+            for ev in eng.step():
+                passes = ev.decoder_passes
+                if ev.draft is not None:
+                    d = ev.draft
+                    canvas = d.canvas_index
+                    rec.step(d)
+                    if on_step is not None:
+                        on_step(d.canvas_index, d.step - 1, [0], torch.tensor([d.ids]), torch.tensor([d.accepted]))
+                new = list(ev.new_ids)
+                if new:
+                    first = first if first is not None else time.perf_counter() - t0
+                    before = len(out)
+                    out.extend(new)
+                    cut = stop_fn(0, out) if stop_fn is not None else None
+                    if cut is not None:
+                        del out[cut:]
+                        reason = "stop"
+                    rec.commit(canvas if mode == "diffusion" else None, before, out[before:])
+                    if cut is not None:
+                        steps = list(eng.by_id["0"].steps) if "0" in eng.by_id else list(ev.steps_per_canvas)
+                        eng.abort("0")
+                        break
+                if ev.finished:
+                    if ev.finish_reason == "error":
+                        raise RequestError(ev.error)
+                    reason, steps = ev.finish_reason, ev.steps_per_canvas
+        stats = GenerationStats(decoder_passes=[passes], encoder_passes=eng.counters["encoder_passes"],
+                                steps_per_canvas=[steps] if mode == "diffusion" else [], new_tokens=[len(out)],
+                                seconds=time.perf_counter() - t0, first_token_seconds=first)
+        rec.end(tok, reason, out, decoder_passes=passes, encoder_passes=stats.encoder_passes,
+                steps_per_canvas=steps)
+    return [TextResult(_trim(tok.decode(out), stops), out, reason, stats)]

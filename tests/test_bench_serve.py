@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dgemma import bench_serve as bs
+from dgemma.bench import serve as bs
 
 
 def test_percentile_interpolates_like_numpy():

@@ -606,9 +606,3 @@ def _print(r: dict) -> None:
         print("note: this machine's bf16 matmul is slower than its fp32 one (no fast bf16), so an fp32 step can run "
               "above 100% of the bf16 peak: that is a fact about the machine, not an error")
     print("seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in r["section_s"].items()))
-
-
-if __name__ == "__main__":  # python -m dgemma.bench.speed ...: the same as `dgemma bench ...`
-    from dgemma.cli.main import main
-
-    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -738,9 +738,3 @@ def _plot(r: dict, path: str) -> str:
     plt.close(fig)
     tmp.replace(path)
     return path
-
-
-if __name__ == "__main__":  # python -m dgemma.bench.train ...: the same as `dgemma bench train ...`
-    from dgemma.cli.main import main
-
-    sys.exit(main(["bench", "train", *sys.argv[1:]]))

@@ -383,9 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dgemma.train import finetune  # torch-free flags; the loop (finetune_loop) loads when the command runs
 
     finetune.add_cli(sub)
-    from dgemma.engine import trajectory  # torch-free; replay and plot import rich and matplotlib when they run
+    from dgemma.cli import replay  # torch-free; replay and plot import rich and matplotlib when they run
 
-    trajectory.add_cli(sub)
+    replay.add_cli(sub)
     return parser
 
 

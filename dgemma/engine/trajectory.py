@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -230,82 +229,6 @@ class Recorder:
         self.tmp.unlink(missing_ok=True)
 
 
-# ---- generating with a recording -----------------------------------------------------------------------------------
-
-
-def generate_recorded(lm, prompts: list[str], mode: str, params, stops: list[str], chat: bool, on_step, path):
-    """`api.generate_text(..., record=path)`: one prompt on a one-row stepped engine, every step recorded to
-    `path`. The same engine, settings and seed as `generate_text` without a recording, so the same tokens."""
-    import torch
-
-    from dgemma.api import TextResult, _stop_cut, _trim, encode_prompts
-    from dgemma.engine.engine import PREFILL_SPAN, Engine, KVPool
-    from dgemma.engine.outputs import GenerationStats
-    from dgemma.params import EngineConfig, RequestError
-    from dgemma.params import Request as EngineRequest
-
-    if len(prompts) != 1:
-        raise ValueError(f"--record records one prompt at a time (got {len(prompts)}); run one prompt per file")
-    if getattr(params, "compat", False) or getattr(params, "engine", "fast") != "fast":
-        raise ValueError("--record needs the stepped engine: drop --compat and --engine reference")
-    params.validate()
-    model, tok = lm.model, lm.tokenizer
-    ids, mask = encode_prompts(lm, prompts, chat)
-    prompt_ids = ids[0][mask[0].bool()].tolist()
-    sp = params.sampling(0).with_(drafts=True)
-    C = model.config.canvas_length
-    need = len(prompt_ids) + (math.ceil(sp.max_new_tokens / C) * C if mode == "diffusion" else sp.max_new_tokens)
-    if need > model.config.max_position_embeddings:
-        raise RequestError(f"the prompt plus max_new_tokens needs {need} positions, over the model's "
-                           f"max_position_embeddings={model.config.max_position_embeddings}; lower max_new_tokens")
-    room = max(PREFILL_SPAN, C)
-    nbytes = KVPool.nbytes(model.config, 1, need, room, model.dtype)
-    eng = Engine(model, EngineConfig(max_batch=1, max_model_len=need, kv_memory_mb=nbytes / 2**20 + 1,
-                                     prefill_chunk=PREFILL_SPAN, max_queue=1, compile=params.compile,
-                                     sampler_chunk=getattr(params, "sampler_chunk", None)))
-    stop_fn = _stop_cut(tok, stops) if stops else None
-    t0 = time.perf_counter()
-    with Recorder(path) as rec:
-        rec.header(lm.name, mode, prompts[0], prompt_ids, C,
-                   {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(sp).items()})
-        eng.add(EngineRequest("0", prompt_ids, sp))
-        out: list[int] = []
-        reason, passes, steps, first, canvas = "length", 0, [], None, 0
-        while eng.has_work():
-            for ev in eng.step():
-                passes = ev.decoder_passes
-                if ev.draft is not None:
-                    d = ev.draft
-                    canvas = d.canvas_index
-                    rec.step(d)
-                    if on_step is not None:
-                        on_step(d.canvas_index, d.step - 1, [0], torch.tensor([d.ids]), torch.tensor([d.accepted]))
-                new = list(ev.new_ids)
-                if new:
-                    first = first if first is not None else time.perf_counter() - t0
-                    before = len(out)
-                    out.extend(new)
-                    cut = stop_fn(0, out) if stop_fn is not None else None
-                    if cut is not None:
-                        del out[cut:]
-                        reason = "stop"
-                    rec.commit(canvas if mode == "diffusion" else None, before, out[before:])
-                    if cut is not None:
-                        steps = list(eng.by_id["0"].steps) if "0" in eng.by_id else list(ev.steps_per_canvas)
-                        eng.abort("0")
-                        break
-                if ev.finished:
-                    if ev.finish_reason == "error":
-                        raise RequestError(ev.error)
-                    reason, steps = ev.finish_reason, ev.steps_per_canvas
-        stats = GenerationStats(decoder_passes=[passes], encoder_passes=eng.counters["encoder_passes"],
-                                steps_per_canvas=[steps] if mode == "diffusion" else [], new_tokens=[len(out)],
-                                seconds=time.perf_counter() - t0, first_token_seconds=first)
-        rec.end(tok, reason, out, decoder_passes=passes, encoder_passes=stats.encoder_passes,
-                steps_per_canvas=steps)
-    return [TextResult(_trim(tok.decode(out), stops), out, reason, stats)]
-
-
 # ---- the server's `record` request field ---------------------------------------------------------------------------
 
 
@@ -467,40 +390,3 @@ def plot(traj: Trajectory, out: str | Path, title: str | None = None) -> Path:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
     return out
-
-
-# ---- CLI ----------------------------------------------------------------------------------------------------------
-
-
-def add_cli(sub) -> None:
-    """Register `replay` and `plot` on argparse subparsers; imports nothing heavy."""
-    from dgemma.options import float_in
-
-    p = sub.add_parser("replay", help="play a recorded trajectory back in the terminal",
-                       description="Play back a file from `dgemma generate --record` as the --live view showed it "
-                                   "(on stderr); the completion goes to stdout.")
-    p.add_argument("file", help="a trajectory .jsonl file")
-    p.add_argument("--speed", type=float_in(0, 1000), default=1.0,
-                   help="playback speed, 1 = as recorded, 0 = no waiting (default 1)")
-    p.set_defaults(func=_run_replay)
-    p = sub.add_parser("plot", help="plot a recorded trajectory (PNG; needs matplotlib)",
-                       description="Accepted positions per step, mean entropy per step, and the step at which each "
-                                   "position of each canvas was finally accepted.")
-    p.add_argument("file", help="a trajectory .jsonl file")
-    p.add_argument("--out", default=None, help="PNG to write (default: FILE with .png)")
-    p.add_argument("--title", default=None)
-    p.set_defaults(func=_run_plot)
-
-
-def _run_replay(args) -> int:
-    traj = read(args.file)
-    replay(traj, speed=args.speed)
-    sys.stdout.write(traj.end.get("text", "".join(traj.piece(i) for i in traj.tokens())))
-    sys.stdout.write("\n")
-    return 0
-
-
-def _run_plot(args) -> int:
-    out = plot(read(args.file), args.out or Path(args.file).with_suffix(".png"), args.title)
-    print(f"wrote {out}", file=sys.stderr)
-    return 0

@@ -450,9 +450,3 @@ def _print(s: dict, cfg: EvalConfig) -> None:
         tmp.write_text(json.dumps(s, indent=2) + "\n")
         os.replace(tmp, out)
     print(line)
-
-
-if __name__ == "__main__":  # python -m dgemma.evals.eval ...: the same as `dgemma eval ...`
-    from dgemma.cli.main import main
-
-    sys.exit(main(["eval", *sys.argv[1:]]))

@@ -2,7 +2,7 @@
 
 import sys
 
-from dgemma.train.pretrain import main
+from dgemma.cli.main import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))
