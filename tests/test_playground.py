@@ -13,6 +13,7 @@ why, only where no Chromium is installed. The route tests need no browser.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ pytest.importorskip("fastapi")
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "dgemma-py-small"
+SUDOKU = ROOT / "models" / "dgemma-sudoku-6x6"
 STARTUP_S = 120
 RACE_S = 420  # both panes; the CPU is shared, and AR takes one forward per token
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -41,18 +43,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@contextlib.contextmanager
+def _serve(model: str, folder: Path, *extra: str):
+    """A live `dgemma serve` on 127.0.0.1 (bounded start-up), stopped by its pid when the block ends."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    folder = tmp_path_factory.mktemp("playground")
     log = folder / "server.log"
-    model = str(MODEL) if (MODEL / "config.json").is_file() else "random:tiny"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dgemma.serve.main", "--model", model, "--host", "127.0.0.1",
-                                 "--port", str(port), "--max-model-len", "1024", "--record-dir",
-                                 str(folder / "records")], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "dgemma.serve", "--model", model, "--host", "127.0.0.1",
+                                 "--port", str(port), *extra], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + STARTUP_S
         while True:
@@ -66,7 +65,7 @@ def served(tmp_path_factory):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not healthy after {STARTUP_S} s:\n{log.read_text()}")
             time.sleep(0.2)
-        yield url, folder / "records"
+        yield url
     finally:
         proc.terminate()
         try:
@@ -74,6 +73,14 @@ def served(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("playground")
+    model = str(MODEL) if (MODEL / "config.json").is_file() else "random:tiny"
+    with _serve(model, folder, "--max-model-len", "1024", "--record-dir", str(folder / "records")) as url:
+        yield url, folder / "records"
 
 
 def test_routes(served):
@@ -312,3 +319,43 @@ def test_replay_a_trajectory(served, browser, tmp_path):
     _wait(d, lambda d: "foreign.jsonl line 1 is not a trajectory record" in d.find_element("id", "message").text, 10,
           lambda: d.find_element("id", "message").text)
     assert _js_errors(d) == []
+
+
+def test_sudoku_race(browser, tmp_path_factory):
+    """A Sudoku model: the page draws two grids, diffusion filling every cell over a few passes and AR cell by cell,
+    and says whether each grid is solved; the verdicts agree with dgemma's own checker on the same completions."""
+    if not (SUDOKU / "config.json").is_file():
+        pytest.skip(f"{SUDOKU} is missing")
+    from dgemma.tasks.sudoku import check_solution
+
+    puzzle = (SUDOKU / "test_puzzles.txt").read_text().split()[0]
+    d = browser
+    with _serve(str(SUDOKU), tmp_path_factory.mktemp("sudoku")) as url:
+        d.get(url + "/")
+        _wait(d, lambda d: "Sudoku 6x6" in d.find_element("id", "model-info").text, 30, "no Sudoku view")
+        assert d.find_element("id", "max-tokens").get_attribute("value") == "36"
+        prompt = d.find_element("id", "prompt")
+        prompt.clear()
+        prompt.send_keys(puzzle)
+        givens = sum(c.isdigit() for c in puzzle)
+        assert len(d.find_elements("css selector", "#diffusion-out .cell.given")) == givens
+        d.find_element("id", "run").click()
+        _wait(d, lambda d: (_state(d, "diffusion"), _state(d, "ar")) == ("done", "done") or "error" in
+              (_state(d, "diffusion"), _state(d, "ar")), RACE_S, lambda: d.find_element("id", "message").text)
+        assert (_state(d, "diffusion"), _state(d, "ar")) == ("done", "done"), d.find_element("id", "message").text
+        for kind in ("diffusion", "ar"):
+            cells = d.find_elements("css selector", f"#{kind}-out .cell")
+            assert len(cells) == 36 and all(c.text.strip() for c in cells), kind  # every cell filled
+            grid = "".join(c.text.strip() for c in cells)
+            r = httpx.post(f"{url}/v1/completions", timeout=120,
+                           json={"prompt": puzzle, "max_tokens": 36, "seed": 0, "mode": kind}).json()
+            assert grid == r["choices"][0]["text"].strip(), kind  # the page shows the served completion
+            shown = d.find_element("id", f"{kind}-solved").text
+            assert shown == ("yes" if check_solution(puzzle, grid) is None else "no"), (kind, grid, shown)
+        diffusion, ar = _figures(d, "diffusion"), _figures(d, "ar")
+        assert int(diffusion["passes"]) < int(ar["passes"]), (diffusion, ar)
+        assert "solved" in d.find_element("id", "message").text
+        shot = os.environ.get("DGEMMA_PLAYGROUND_SUDOKU_SCREENSHOT")
+        if shot:
+            d.save_screenshot(shot)
+        assert _js_errors(d) == []

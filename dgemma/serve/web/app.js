@@ -10,6 +10,8 @@ const TRAJECTORY_VERSION = 1;
 let vocab = null; // token id -> its text (GET /playground/vocab.json), for drawing draft canvases token by token
 let modelId = null;
 let running = null; // {controller, panes} while a race or a replay runs
+let sudoku = null; // {n, boxRows, boxCols} when the served model solves Sudoku (detected from its vocabulary)
+const SUDOKU_EXAMPLE = { 6: "...2343....1..35.26...4.1.53........" }; // a held-out puzzle of the shipped 6x6 model
 const KEY_STORE = "dgemma-api-key"; // the server's API key (`dgemma serve --api-key`), kept in this browser only
 
 // The key field's value (or `?key=` in the address, read once, stored and removed from the address).
@@ -54,6 +56,8 @@ class Pane {
     this.draft = null; // the last dgemma_draft of the open canvas
     this.held = []; // per canvas position: accepted at an earlier step of the open canvas
     this.done = false;
+    this.solved = null;
+    if (sudoku) $(`${this.kind}-solved`).textContent = "–";
     this.replaying = false; // a trajectory replay sets the clock from the file
     this.setState("idle");
     this.status("waiting");
@@ -94,6 +98,10 @@ class Pane {
   }
 
   render() {
+    if (sudoku) {
+      this.out.replaceChildren(sudokuGrid(this));
+      return;
+    }
     const frag = document.createDocumentFragment();
     const solid = document.createElement("span");
     solid.className = "committed";
@@ -158,6 +166,10 @@ class Pane {
     this.setState("done");
     const canvases = this.kind === "diffusion" ? `, ${Math.max(this.canvasIndex + 1, 0)} canvases` : "";
     this.status(`finished (${reason || "done"}): ${this.tokens} tokens${canvases}`);
+    if (sudoku) {
+      this.solved = sudokuSolved(cellsOf(this.committed), puzzleCells($("prompt").value));
+      $(`${this.kind}-solved`).textContent = this.solved ? "yes" : "no";
+    }
     this.render();
     this.figures();
   }
@@ -174,6 +186,80 @@ function piece(id, pieces, i) {
   if (pieces) return pieces[i];
   if (vocab && id >= 0 && id < vocab.length) return vocab[id];
   return `‹${id}›`;
+}
+
+// ---- Sudoku: the same race drawn as two grids --------------------------------------------------------------------
+
+// A Sudoku model's vocabulary is its special tokens, the digits and "."; its canvas is the n x n cells plus EOS.
+function sudokuShape(pieces, canvasLength) {
+  const plain = pieces.filter((p) => p !== "" && !/^<[^<>]*>$/.test(p)); // specials decode to "" or <name>
+  if (!plain.length || plain.length > 11 || !plain.every((p) => /^[0-9.]$/.test(p))) return null;
+  const n = Math.round(Math.sqrt(canvasLength - 1));
+  if (n * n !== canvasLength - 1 || n < 4 || n > 9) return null;
+  let boxRows = Math.floor(Math.sqrt(n));
+  while (n % boxRows) boxRows -= 1;
+  return { n, boxRows, boxCols: n / boxRows };
+}
+
+// The puzzle typed in the prompt: n*n cells, a digit for a given and null for a blank ("." or "0").
+function puzzleCells(text) {
+  const chars = [...text].filter((c) => /[0-9.]/.test(c));
+  return Array.from({ length: sudoku.n * sudoku.n }, (_, i) => (chars[i] && /[1-9]/.test(chars[i]) ? chars[i] : null));
+}
+
+// The digits of committed text, one per cell, in row-major order.
+function cellsOf(text) {
+  return [...text].filter((c) => !/\s/.test(c)).slice(0, sudoku.n * sudoku.n);
+}
+
+function sudokuSolved(cells, givens) {
+  const { n, boxRows, boxCols } = sudoku;
+  if (cells.length !== n * n || cells.some((c, i) => givens[i] !== null && c !== givens[i])) return false;
+  const want = Array.from({ length: n }, (_, i) => String(i + 1)).join("");
+  const ok = (idx) => idx.map((i) => cells[i]).sort().join("") === want;
+  for (let k = 0; k < n; k++) {
+    const row = [], col = [], box = [];
+    const r0 = Math.floor(k / (n / boxCols)) * boxRows, c0 = (k % (n / boxCols)) * boxCols;
+    for (let j = 0; j < n; j++) {
+      row.push(k * n + j);
+      col.push(j * n + k);
+      box.push((r0 + Math.floor(j / boxCols)) * n + c0 + (j % boxCols));
+    }
+    if (!ok(row) || !ok(col) || !ok(box)) return false;
+  }
+  return true;
+}
+
+// The grid of one pane: givens bold, committed digits solid, and for diffusion the open canvas's draft digits
+// (accepted this step highlighted, accepted earlier in this canvas shaded, the rest muted).
+function sudokuGrid(pane) {
+  const { n, boxRows, boxCols } = sudoku;
+  const givens = puzzleCells($("prompt").value);
+  const cells = Array.from({ length: n * n }, (_, i) => (givens[i] ? { text: givens[i], cls: "given" } : null));
+  cellsOf(pane.committed).forEach((c, i) => {
+    cells[i] = { text: c, cls: givens[i] ? (c === givens[i] ? "given" : "wrong") : "committed" };
+  });
+  if (pane.draft && !pane.done) {
+    const d = pane.draft;
+    d.ids.forEach((id, j) => {
+      const i = d.offset + j;
+      if (i >= n * n || givens[i]) return; // past the grid (EOS), or a given (drawn as the given)
+      const cls = d.accepted[j] ? "tok acc" : pane.held[j] ? "tok held" : "tok draft";
+      cells[i] = { text: piece(id, d.pieces, j).trim() || "·", cls };
+    });
+  }
+  const grid = document.createElement("div");
+  grid.className = "grid";
+  grid.style.gridTemplateColumns = `repeat(${n}, 2.2em)`;
+  cells.forEach((cell, i) => {
+    const el = document.createElement("span");
+    const r = Math.floor(i / n), c = i % n;
+    el.className = "cell" + (cell ? ` ${cell.cls}` : " blank") + (c % boxCols === boxCols - 1 && c < n - 1 ? " box-r" : "") +
+      (r % boxRows === boxRows - 1 && r < n - 1 ? " box-b" : "");
+    el.textContent = cell ? cell.text : "";
+    grid.appendChild(el);
+  });
+  return grid;
 }
 
 const panes = { diffusion: new Pane("diffusion"), ar: new Pane("ar") };
@@ -310,8 +396,9 @@ async function race() {
     if (failed) message(failed.reason.message);
     else if (kinds.length === 2) {
       const d = panes.diffusion, a = panes.ar;
-      message(`diffusion: ${d.passes} forward passes for ${d.tokens} tokens; AR: ${a.passes} for ${a.tokens} ` +
-        `(${(a.passes / Math.max(d.passes, 1)).toFixed(1)}× more)`, true);
+      const verdict = (p) => (sudoku ? (p.solved ? ", solved" : ", not solved") : "");
+      message(`diffusion: ${d.passes} forward passes for ${d.tokens} tokens${verdict(d)}; AR: ${a.passes} for ` +
+        `${a.tokens}${verdict(a)} (${(a.passes / Math.max(d.passes, 1)).toFixed(1)}× more passes)`, true);
     }
   } catch (err) {
     message(err.message);
@@ -454,6 +541,16 @@ async function loadModel() {
     modelId = card.id;
     $("model-name").textContent = card.id;
     $("model-info").textContent = `canvas ${card.canvas_length} tokens, context ${card.max_model_len}`;
+    await loadVocab();
+    sudoku = sudokuShape(vocab, card.canvas_length);
+    document.body.classList.toggle("sudoku", sudoku !== null);
+    if (sudoku) {
+      const { n } = sudoku;
+      $("model-info").textContent += ` · Sudoku ${n}x${n}: the prompt is the puzzle row by row, "." for a blank`;
+      if ($("prompt").value === $("prompt").defaultValue) $("prompt").value = SUDOKU_EXAMPLE[n] || ".".repeat(n * n);
+      $("max-tokens").value = String(n * n);
+      for (const p of Object.values(panes)) p.reset();
+    }
   } catch (err) {
     message(`the server did not answer /v1/models (${err.message})`);
   }
