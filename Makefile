@@ -2,10 +2,11 @@
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+JOBS ?= auto
 # `make run` generates with the bundled model (random weights if its folder is missing).
 MODEL ?= $(if $(wildcard models/dgemma-py-small/config.json),--model models/dgemma-py-small,--model random:small)
 
-.PHONY: install test run lint bench clean browser
+.PHONY: install test test-fast run lint bench clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,12 +24,16 @@ browser:
 	  >/dev/null 2>&1 || echo "make: no chromium (apt-get install -y chromium chromium-driver needs root and Debian);" \
 	  "the playground browser test will skip"; }
 
-# The tests, then `dgemma bench --quick` and `dgemma bench train --quick` as smoke tests of the benchmarks (their
-# figures are printed, not asserted).
+# Every test (pytest-xdist spreads them over the cores), then `dgemma bench --quick` and `dgemma bench train --quick`
+# as smoke tests of the benchmarks (their figures are printed, not asserted). This is what CI runs.
 test: install browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile
 	$(BIN)/dgemma bench --quick
 	$(BIN)/dgemma bench train --quick
+
+# Everything but the tests marked slow (servers, browsers, compiles, several processes, training end to end).
+test-fast: install
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile -m "not slow"
 
 run: install
 	$(BIN)/dgemma generate $(MODEL) --max-new-tokens 64 "def fibonacci(n):"

@@ -5,17 +5,16 @@ path (generate.py over model.py + cache.py + sampler.py) gives it alone, with it
 
 import pytest
 import torch
+from helpers import random_model
 from oracle import CONFIGS
 
 from dgemma.engine.engine import Engine
 from dgemma.engine.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
-from dgemma.model import DiffusionGemma, init_weights
 from dgemma.params import EngineConfig, QueueFull, Request, RequestError, SamplingParams
 
 
 def _model(name="tiny", seed=0, scale=0.5, dtype=torch.float32):
-    cfg = CONFIGS[name]
-    return init_weights(DiffusionGemma(cfg), std=scale, seed=seed).eval().to(dtype), cfg
+    return random_model(CONFIGS[name], seed, scale, dtype), CONFIGS[name]
 
 
 def _ids(cfg, T, seed):

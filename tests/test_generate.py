@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from helpers import random_model
 from oracle import CONFIGS, dgemma_from_hf, hf_model
 
 from dgemma.cache import KVCache
 from dgemma.engine.generate import ARParams, DiffusionParams, GenerationError, generate_ar, generate_diffusion
-from dgemma.model import DiffusionGemma, init_weights
 
 pytest.importorskip("transformers")
 
@@ -82,8 +82,7 @@ def test_compat_adaptive_stopping_fires_with_confident_weights():
 
 
 def _model(name="tiny", seed=0, scale=0.5):
-    cfg = CONFIGS[name]
-    return init_weights(DiffusionGemma(cfg), std=scale, seed=seed).eval(), cfg
+    return random_model(CONFIGS[name], seed, scale), CONFIGS[name]
 
 
 def test_default_mode_returns_exactly_max_new_tokens():

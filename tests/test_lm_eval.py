@@ -16,13 +16,12 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import LiveServer
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -31,44 +30,12 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'dg
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 LOGLIKELIHOOD_TASKS = ("dgemma_py_mc", "dgemma_py_ppl")
-STARTUP_S, RUN_S = 90, 600
+RUN_S = 600
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
+class _Server(LiveServer):
     def __init__(self, log: Path, *args: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dgemma.serve.main", "--model", "random:tiny", "--host",
-                                          "127.0.0.1", "--port", str(self.port), "--max-model-len", "1024", *args],
-                                         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server not healthy after {STARTUP_S} s:\n{log.read_text()}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(log, "--max-model-len", "1024", *args)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import random_model
 from oracle import CONFIGS, dgemma_from_hf, hf_model
 
 from dgemma.cache import KVCache
@@ -21,11 +22,11 @@ from dgemma.lora import (
     save_adapter,
     trainable_parameters,
 )
-from dgemma.model import DiffusionGemma, init_weights
+from dgemma.model import DiffusionGemma
 
 
 def _model(name="tiny", seed=0) -> DiffusionGemma:
-    return init_weights(DiffusionGemma(CONFIGS[name]), std=0.3, seed=seed).eval()
+    return random_model(CONFIGS[name], seed, scale=0.3)
 
 
 def _logits(model, ids, canvas, sc=None):

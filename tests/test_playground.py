@@ -17,13 +17,12 @@ import contextlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import LiveServer
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -31,48 +30,16 @@ pytest.importorskip("fastapi")
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "dgemma-py-small"
 SUDOKU = ROOT / "models" / "dgemma-sudoku-6x6"
-STARTUP_S = 120
 RACE_S = 420  # both panes; the CPU is shared, and AR takes one forward per token
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _serve(model: str, folder: Path, *extra: str):
-    """A live `dgemma serve` on 127.0.0.1 (bounded start-up), stopped by its pid when the block ends."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = folder / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dgemma.serve", "--model", model, "--host", "127.0.0.1",
-                                 "--port", str(port), *extra], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy after {STARTUP_S} s:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """A live `dgemma serve` of `model` on 127.0.0.1, stopped by its pid when the block ends."""
+    with LiveServer(folder / "server.log", *extra, model=model) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

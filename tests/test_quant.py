@@ -6,13 +6,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_model
 from torch import nn
 
 from dgemma import quant
 from dgemma.cache import KVCache
 from dgemma.config import preset
 from dgemma.engine.generate import ARParams, DiffusionParams, generate_ar, generate_diffusion
-from dgemma.model import DiffusionGemma, Experts, Router, init_weights
+from dgemma.model import DiffusionGemma, Experts, Router
 from dgemma.quant import (
     Int8Experts,
     Int8Linear,
@@ -33,7 +34,7 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _model(seed: int = 0) -> DiffusionGemma:
     # std 0.3 (as in test_model) gives peaky logits, so argmax agreement means something.
-    return init_weights(DiffusionGemma(CFG), std=0.3, seed=seed).eval()
+    return random_model(CFG, seed, scale=0.3)
 
 
 def _inputs():

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
+from helpers import STARTUP_S, LiveServer, free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai.types import Completion, CompletionChoice
@@ -42,42 +42,16 @@ ENGINE_PY = ROOT / "dgemma" / "engine" / "engine.py"
 REAL_ENGINE = (ENGINE_PY.is_file() and re.search(r"^STEP_API\s*=\s*1\b", ENGINE_PY.read_text(), re.MULTILINE) is not None
                and not os.environ.get("DGEMMA_TEST_FAKE_ENGINE"))  # set it to run the live tests on the fake
 FAST = {"denoising_steps": 4}  # keeps the real tiny model quick
-STARTUP_S = 90
 
 
 # ---- servers -------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(LiveServer):
+    """A `random:tiny` server with the client helpers these tests use."""
 
-
-class Server:
     def __init__(self, tmp: Path, *args: str, env: dict | None = None):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp / f"server-{self.port}.log"
-        environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-                   **(env or {})}
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dgemma.serve.main", "--model", "random:tiny", "--host", "127.0.0.1",
-                 "--port", str(self.port), *args], cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server not healthy after {STARTUP_S} s:\n{self.log.read_text()}")
-            time.sleep(0.2)
+        super().__init__(tmp / f"server-{time.monotonic_ns()}.log", *args, env=env)
         key = args[args.index("--api-key") + 1] if "--api-key" in args else None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.model = httpx.get(f"{self.url}/v1/models", headers=headers).json()["data"][0]["id"]
@@ -101,14 +75,6 @@ class Server:
                 return m
             assert time.monotonic() < deadline, f"rows still busy: {m}"
             time.sleep(0.02)
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -802,7 +768,7 @@ def test_keyed_server_alive_after_fuzz(keyed):
 
 def test_public_host_without_a_key_warns(tmp_path):
     """--host 0.0.0.0 without a key: one warning line at start (the server is stopped at once)."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "warn.log"
     env = {k: v for k, v in os.environ.items() if k != "DGEMMA_API_KEY"}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])

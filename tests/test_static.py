@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from helpers import random_model
 from oracle import CONFIGS
 
 from dgemma.bench.memtrack import track_memory
@@ -14,8 +15,7 @@ from dgemma.sampler import sample_step
 
 
 def _model(name="tiny", seed=0, scale=0.5, dtype=torch.float32):
-    cfg = CONFIGS[name]
-    return init_weights(DiffusionGemma(cfg), std=scale, seed=seed).eval().to(dtype), cfg
+    return random_model(CONFIGS[name], seed, scale, dtype), CONFIGS[name]
 
 
 def _prompt(cfg, B, T, pad=0, seed=0):
