@@ -12,6 +12,8 @@ import pytest
 
 from dgemma.bench import serve as bs
 
+pytestmark = pytest.mark.slow  # live servers
+
 
 def test_percentile_interpolates_like_numpy():
     xs = [5.0, 1.0, 3.0, 2.0, 4.0]

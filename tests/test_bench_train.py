@@ -116,6 +116,7 @@ def test_plain_step_trains_on_a_fixed_batch():
     assert losses[-1] < losses[0] - 0.3 and all(math.isfinite(v) for v in losses)
 
 
+@pytest.mark.slow
 def test_compiled_run_reports_graphs_and_recompiles():
     """The trainer's --compile path on a 1-layer model, 2 warm-up steps and 1 timed one (cold compile: a minute or
     two on a 2-core CPU)."""

@@ -15,7 +15,8 @@ from dgemma.engine.compiled import CompiledLayers, CompiledSampler, compiler_ava
 from dgemma.engine.static import position_stats
 from dgemma.model import rope_cos_sin
 
-pytestmark = pytest.mark.skipif(compiler_available() is not None, reason=str(compiler_available()))
+pytestmark = [pytest.mark.slow,  # inductor compiles
+              pytest.mark.skipif(compiler_available() is not None, reason=str(compiler_available()))]
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 

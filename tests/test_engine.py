@@ -407,6 +407,7 @@ def test_t_min_zero_is_refused_before_it_divides_by_zero():
         SamplingParams(t_min=0.0).validate()
 
 
+@pytest.mark.slow
 def test_compiled_layers_agree_with_eager_and_stop_compiling():
     """EngineConfig(compile=True): the layer pieces and the diffusion sampler run as compiled graphs (compiled.py) at
     bucketed row counts. The hidden states of the same ragged pass agree with the eager modules to float rounding

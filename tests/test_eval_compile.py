@@ -19,7 +19,8 @@ from dgemma.engine import engine
 from dgemma.engine.compiled import compiler_available
 from dgemma.evals.eval import EvalConfig, evaluate
 
-pytestmark = pytest.mark.skipif(compiler_available() is not None, reason=str(compiler_available()))
+pytestmark = [pytest.mark.slow,  # inductor compiles
+              pytest.mark.skipif(compiler_available() is not None, reason=str(compiler_available()))]
 
 
 def _spy(monkeypatch, run_eager: bool = False) -> dict[str, list]:

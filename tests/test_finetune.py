@@ -129,6 +129,7 @@ def _worker(rank: int, world: int, port: int, cfg: FinetuneConfig) -> None:
     finetune(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_two_processes_match_one(setup, tmp_path, lora_rank, fsdp):

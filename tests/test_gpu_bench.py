@@ -76,6 +76,7 @@ def test_small_scale_run_on_cpu(tmp_path, capsys, one_thread):
         assert "error" not in t, t
 
 
+@pytest.mark.slow
 def test_gpu_sh_runs_the_benchmark_on_cpu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "BENCH_TIMEOUT": "300",
            "OMP_NUM_THREADS": "1"}

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from helpers import LiveServer
 
+pytestmark = pytest.mark.slow  # lm-eval against live servers
+
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'dgemma[eval]')")

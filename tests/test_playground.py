@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 from helpers import LiveServer
 
+pytestmark = pytest.mark.slow  # live servers and a browser
+
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 

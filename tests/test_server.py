@@ -36,6 +36,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from dgemma.serve.text import TextStream
 
+pytestmark = pytest.mark.slow  # live servers
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 ENGINE_PY = ROOT / "dgemma" / "engine" / "engine.py"

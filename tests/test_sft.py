@@ -173,6 +173,7 @@ def test_function_examples_ask_for_the_function_from_its_signature_and_docstring
     assert function == source.split("\n\n\n")[0]
 
 
+@pytest.mark.slow
 def test_python_functions_is_split_by_document(tmp_path):
     from dgemma.train.sft import python_function_records
 

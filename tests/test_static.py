@@ -130,6 +130,7 @@ def _compile_works() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _compile_works(), reason="torch.compile is not available on this machine")
 def test_compiled_engine_matches_eager():
     """Compiled passes fuse and reorder float math: compare their outputs with tolerances, then run both modes."""

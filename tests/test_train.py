@@ -106,6 +106,7 @@ def test_cli_flags_mirror_the_config():
     assert (cfg.bf16, cfg.val_t, cfg.preset, cfg.grad_accum) == (False, (0.1, 0.9), "tiny", 3)
 
 
+@pytest.mark.slow
 def test_overfits_a_small_batch(tmp_path):
     cfg = tiny_cfg(tmp_path, batch_size=2, steps=300, lr=5e-3, warmup_steps=10, weight_decay=0.0, seed=2)
     result = train(cfg, data=data_for(cfg, num_batches=1))
@@ -153,6 +154,7 @@ def test_resume_equals_uninterrupted_and_ctrl_c_stops_cleanly(tmp_path):
     assert (second.checkpoint / "generation_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_the_command_line_exits_0_with_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dgemma.train.pretrain", "--synthetic-data", "--preset", "tiny", "--seq-len", "32",
@@ -349,6 +351,7 @@ def _worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
         Path(cfg.out, "history.json").write_text(json.dumps([result.history, result.validations]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_processes_match_one(tmp_path, fsdp):
     # lr 3e-4: Adam turns roundoff-sized gradient differences into update differences of up to ~lr
