@@ -40,6 +40,16 @@ class LoadedModel:
     tokenizer: Tokenizer
     name: str
     generation_config: dict = field(default_factory=dict)
+    _grammars: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def grammars(self):
+        """The tokenizer's grammar compiler (engine/constrain.Grammars), built on first use and kept."""
+        if self._grammars is None:
+            from dgemma.engine.constrain import Grammars
+
+            self._grammars = Grammars.from_tokenizer(self.tokenizer, self.model.config.vocab_size)
+        return self._grammars
 
     def eos_ids(self) -> tuple[int, ...] | None:
         """The ids that end generation: generation_config.json's eos_token_id, else the model config's, else the
@@ -218,6 +228,7 @@ def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
                   params: DiffusionParams | ARParams | None = None, stop: list[str] | None = None,
                   chat: bool = False, on_step: StepFn | None = None, record: str | Path | None = None,
                   logprobs: int | None = None, template: str | None = None, suffix: str | None = None,
+                  json_schema: dict | str | None = None, regex: str | None = None,
                   **overrides) -> list[TextResult]:
     """Continue each prompt. `params` None: the model's defaults (`lm.defaults(mode, **overrides)`), e.g.
     `generate_text(lm, ["def f():"], max_new_tokens=64, seed=0)`. `record`: write every denoising step of the
@@ -227,7 +238,11 @@ def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
 
     `template` (dgemma/template.py syntax, e.g. "x = {{8}}\\n") fixes the output's text around holes; `suffix` is
     fill-in-the-middle: a hole of max_new_tokens tokens, then the suffix. Either one makes the output exactly the
-    template's span; TextResult.text is the filled template and TextResult.holes what each hole received."""
+    template's span; TextResult.text is the filled template and TextResult.holes what each hole received.
+
+    `json_schema` (a dict, or its JSON text) or `regex` constrains the output to the grammar's language
+    (dgemma/engine/constrain.py); so does `grammar={"json_object": True}` (any SamplingParams.grammar). A cut at
+    max_new_tokens (finish_reason "length") leaves a prefix of a word of the language."""
     if mode not in ("ar", "diffusion"):
         raise ValueError(f"unknown mode {mode!r}; use 'diffusion' or 'ar'")
     if logprobs is not None:
@@ -235,12 +250,22 @@ def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
             raise RequestError("logprobs are not available in diffusion mode yet; use mode='ar'")
         if record is not None:
             raise ValueError("logprobs and record cannot be combined; record a run without logprobs")
+    grammar = grammar_of(json_schema, regex)
+    if grammar is not None:
+        if overrides.get("grammar") is not None or (params is not None and params.grammar is not None):
+            raise ValueError("give json_schema, regex or grammar, not several")
+        if params is None:
+            overrides["grammar"] = grammar
+        else:
+            params = replace(params, grammar=grammar)
     if params is None:
         params = lm.defaults(mode, **overrides, **({} if logprobs is None else {"logprobs": logprobs}))
     elif overrides:
         raise ValueError(f"give either params or keyword settings ({', '.join(overrides)}), not both")
     elif logprobs is not None:
         params = replace(params, logprobs=logprobs)
+    if record is not None and params.grammar is not None:
+        raise ValueError("a constrained run cannot be recorded yet; drop record (or the grammar)")
     if record is not None and (template is not None or suffix is not None):
         raise ValueError("a template or suffix cannot be recorded yet; drop record (or the template)")
     if record is not None:
@@ -252,11 +277,12 @@ def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
     stops = [s for s in (stop or []) if s]
     stop_fn = _stop_cut(lm.tokenizer, stops) if stops else None
     templates = None if tpl is None else [tpl.ids] * len(prompts)
+    grammars = lm.grammars if params.grammar is not None else None
     if mode == "ar":
-        out = generate_ar(lm.model, ids, params, mask, stop_fn=stop_fn, templates=templates)
+        out = generate_ar(lm.model, ids, params, mask, stop_fn=stop_fn, templates=templates, grammars=grammars)
     else:
         out = generate_diffusion(lm.model, ids, params, mask, stop_fn=None if params.compat else stop_fn,
-                                 on_step=on_step, templates=templates)
+                                 on_step=on_step, templates=templates, grammars=grammars)
     results = []
     filler = {*(params.eos_token_ids or ()), *([lm.tokenizer.pad_id] if lm.tokenizer.pad_id is not None else [])}
     for row, toks in enumerate(out.tokens):
@@ -266,6 +292,26 @@ def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
         holes = None if tpl is None else hole_texts(lm.tokenizer, toks, tpl, filler)
         results.append(TextResult(text, toks, out.finish_reasons[row], out.stats, lps, holes))
     return results
+
+
+def grammar_of(json_schema: dict | str | None = None, regex: str | None = None) -> dict | None:
+    """SamplingParams.grammar for a JSON schema (a dict or its JSON text) or a regex; None for neither. RequestError
+    for both, or for schema text that is not JSON."""
+    import json
+
+    if json_schema is not None and regex is not None:
+        raise RequestError("give either a JSON schema or a regex, not both")
+    if regex is not None:
+        return {"regex": regex}
+    if json_schema is None:
+        return None
+    if isinstance(json_schema, str):
+        try:
+            json_schema = json.loads(json_schema)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"the JSON schema is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                               "pass a JSON object such as '{\"type\": \"object\"}'") from None
+    return {"json_schema": json_schema}
 
 
 def _template_for(lm: LoadedModel, params, template: str | None, suffix: str | None) -> tuple:

@@ -20,6 +20,9 @@ MODES = ("diffusion", "ar")
 SAMPLERS = ("entropy_bound", "confidence")
 MAX_STEPS = 1024  # denoising steps per canvas: far past any useful schedule (the release uses 48 per 256 tokens)
 MAX_LOGPROBS = 20  # most alternatives reported per token (SamplingParams.logprobs, Request.prompt_logprobs), as OpenAI
+# SamplingParams.grammar's kinds (engine/constrain.py compiles them): a JSON Schema, any JSON object, a regular
+# expression, or an llguidance Lark grammar
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "lark")
 
 
 class RequestError(ValueError):
@@ -60,6 +63,10 @@ class SamplingParams:
     # emits them as they come. EOS inside the template's span does not end the request (a hole may fill with it);
     # max_new_tokens must cover the template.
     template: tuple[int, ...] | None = None
+    # Grammar-constrained decoding (engine/constrain.py): one of {"json_schema": {...}}, {"json_object": True},
+    # {"regex": "..."}, {"lark": "..."}; every output is then in the grammar's language (cut at max_new_tokens:
+    # finish_reason "length"). Needs an engine built with the tokenizer's `Grammars`. Not hashed: a dict.
+    grammar: dict | None = field(default=None, hash=False, compare=True)
 
     @classmethod
     def from_generation_config(cls, g: dict | None, **overrides) -> SamplingParams:
@@ -124,6 +131,10 @@ class SamplingParams:
         num("seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)", integer=True)
         if self.eos_token_ids is not None and not all(isinstance(t, int) and t >= 0 for t in self.eos_token_ids):
             raise RequestError(f"eos_token_ids must be non-negative token ids (got {self.eos_token_ids!r})")
+        if self.grammar is not None:
+            check_grammar(self.grammar)
+            if self.template is not None:
+                raise RequestError("a grammar and a template cannot be combined; give one of them")
         if self.template is not None:
             if not all(isinstance(t, int) and not isinstance(t, bool) and t >= -1 for t in self.template):
                 raise RequestError("template must hold token ids (>= 0) and -1 for the positions to fill")
@@ -131,6 +142,23 @@ class SamplingParams:
                 raise RequestError(f"the template spans {len(self.template)} tokens, over max_new_tokens="
                                    f"{self.max_new_tokens}; raise max_new_tokens to at least {len(self.template)}")
         return self
+
+
+def check_grammar(grammar) -> None:
+    """RequestError unless `grammar` has SamplingParams.grammar's shape (the library checks the contents)."""
+    shapes = ('{"json_schema": {...}}, {"json_object": true}, {"regex": "..."} or {"lark": "..."}')
+    if not isinstance(grammar, dict) or len(grammar) != 1:
+        raise RequestError(f"grammar must be one of {shapes} (got {grammar!r:.80})")
+    (kind, value), = grammar.items()
+    if kind not in GRAMMAR_KINDS:
+        raise RequestError(f"unknown grammar kind {kind!r}: use one of {', '.join(GRAMMAR_KINDS)}")
+    if kind == "json_schema" and not isinstance(value, dict):
+        raise RequestError(f"json_schema must be a JSON object (a schema such as {{\"type\": \"object\"}}), got "
+                           f"{type(value).__name__}")
+    if kind in ("regex", "lark") and (not isinstance(value, str) or not value):
+        raise RequestError(f"{kind} must be a non-empty string (got {value!r:.80})")
+    if kind == "json_object" and value is not True:
+        raise RequestError(f"json_object must be true (got {value!r:.80})")
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,11 @@ def _add_generate(sub) -> None:
                         "{{ (a file's path reads the file); diffusion fills every hole seeing the text on both sides")
     p.add_argument("--suffix", default=None, metavar="TEXT",
                    help="fill in the middle: a hole of --max-new-tokens tokens between the prompt and TEXT")
+    p.add_argument("--json-schema", default=None, metavar="FILE_OR_TEXT",
+                   help="constrain the output to JSON valid under this JSON Schema (a file's path reads the file); "
+                        "a cut at --max-new-tokens reports finish_reason length")
+    p.add_argument("--regex", default=None, metavar="PATTERN",
+                   help="constrain the output to text matching this regular expression (whole output)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -147,6 +152,14 @@ def _check_generate_args(args) -> None:
         raise ValueError("give either --template or --suffix, not both (a suffix is the template '{{N}}SUFFIX')")
     if (args.template is not None or args.suffix is not None) and (args.record or args.compat):
         raise ValueError("--template/--suffix cannot be combined with --record or --compat; drop one")
+    constrained = [f for f, v in (("--json-schema", args.json_schema), ("--regex", args.regex)) if v is not None]
+    if len(constrained) > 1:
+        raise ValueError("give either --json-schema or --regex, not both")
+    if constrained:
+        clash = [f for f, v in (("--template", args.template), ("--suffix", args.suffix), ("--record", args.record),
+                                ("--compat", args.compat)) if v]
+        if clash:
+            raise ValueError(f"{constrained[0]} cannot be combined with {clash[0]}; drop one")
     if args.logprobs is not None and args.format == "text":
         raise ValueError("--logprobs prints a `logprobs` field per prompt: pass --format jsonl")
     if len(args.prompt) > 1 and args.format == "text":
@@ -194,7 +207,8 @@ def _run_generate(args) -> int:
         on_step, live = _live_view(lm.tokenizer, len(args.prompt))
     try:
         results = generate_text(lm, args.prompt, args.mode, params, stop=args.stop, chat=args.chat, on_step=on_step,
-                                record=args.record, template=_template_text(args.template), suffix=args.suffix)
+                                record=args.record, template=_template_text(args.template), suffix=args.suffix,
+                                json_schema=_template_text(args.json_schema, "--json-schema"), regex=args.regex)
     finally:
         if live is not None:
             live.stop()
@@ -223,8 +237,8 @@ def _run_generate(args) -> int:
     return 0
 
 
-def _template_text(value: str | None) -> str | None:
-    """--template: a file's text when the value names a file, else the value itself."""
+def _template_text(value: str | None, flag: str = "--template") -> str | None:
+    """--template (or --json-schema): a file's text when the value names a file, else the value itself."""
     if value is None:
         return None
     path = Path(value)
@@ -232,7 +246,7 @@ def _template_text(value: str | None) -> str | None:
         if len(value) < 4096 and path.is_file():
             return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--template {value}: cannot read it as UTF-8 text ({e})") from None
+        raise ValueError(f"{flag} {value}: cannot read it as UTF-8 text ({e})") from None
     return value
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dgemma.engine.constrain import Grammars, Matcher, choose_ar, guide_run, walk
 from dgemma.engine.outputs import GenerationOutput, GenerationStats
 from dgemma.engine.static import PositionStats, chunk_rows, position_stats
 from dgemma.model import DiffusionGemma, rope_cos_sin
@@ -271,6 +272,7 @@ class Row:
     canvas_len: int = 0
     passes: int = 0  # decoder passes (diffusion) or logit-producing encoder passes (AR) this row took part in
     steps: list[int] = field(default_factory=list)  # denoising steps per committed canvas
+    matcher: Matcher | None = None  # params.grammar's state after `out` (constrain.py); None: unconstrained
 
     @property
     def p(self) -> SamplingParams:
@@ -288,8 +290,11 @@ class Row:
 class Engine:
     """Continuous batching over one model. Not thread-safe: one thread calls add / abort / step."""
 
-    def __init__(self, model: DiffusionGemma, config: EngineConfig | None = None):
+    def __init__(self, model: DiffusionGemma, config: EngineConfig | None = None, grammars: Grammars | None = None):
+        """`grammars`: the tokenizer's grammar compiler (constrain.Grammars), needed by requests with a grammar."""
         self.model = model
+        self.grammars = grammars
+        self._matchers: dict[str, Matcher] = {}  # request id -> its grammar matcher, until admitted
         self.config = cfg = (config or EngineConfig()).validate()
         mc = model.config
         self.C, self.V = mc.canvas_length, mc.vocab_size
@@ -370,10 +375,17 @@ class Engine:
         top = request.prompt_logprobs
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
             raise RequestError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}] (got {top!r})")
+        if p.grammar is not None:
+            if self.grammars is None:
+                raise RequestError("this engine was built without a tokenizer's grammars, so it cannot constrain "
+                                   "output; build it with Engine(model, config, grammars=Grammars.from_tokenizer(...))")
+            matcher = self.grammars.matcher(p.grammar)  # RequestError naming the problem
         if len(self.waiting) >= self.config.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.config.max_queue})")
         self.waiting.append(request)
         self.by_id[request.request_id] = request
+        if p.grammar is not None:
+            self._matchers[request.request_id] = matcher
         self.counters["requests"] += 1
 
     def abort(self, request_id: str) -> bool:
@@ -381,6 +393,7 @@ class Engine:
         item = self.by_id.pop(request_id, None)
         if item is None:
             return False
+        self._matchers.pop(request_id, None)
         if isinstance(item, Row):
             self._release(item)
         else:
@@ -427,7 +440,7 @@ class Engine:
             seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 2
             gen = torch.Generator(device=self.model.device).manual_seed(seed)
             self._admitted += 1
-            row = Row(req, slot, gen, self._admitted)
+            row = Row(req, slot, gen, self._admitted, matcher=self._matchers.pop(req.request_id, None))
             self.rows[slot] = row
             self.by_id[req.request_id] = row
             self.pool.free(slot)
@@ -523,6 +536,13 @@ class Engine:
                 tokens[j] = int(sample_next_token(logits[j:j + 1], r.p.temperature, r.p.top_k, r.p.top_p, r.gen))
             if r.p.template is not None and len(r.out) < len(r.p.template) and r.p.template[len(r.out)] != FREE:
                 tokens[j] = r.p.template[len(r.out)]  # a fixed position: emitted as it stands (after the draw)
+        ended = [False] * len(rows)
+        for j, r in enumerate(rows):
+            if r.matcher is not None and finite[j]:
+                t, ended[j] = choose_ar(r.matcher, tokens[j], logits[j], r.p.temperature, r.p.top_k, r.p.top_p, r.gen)
+                tokens[j] = next(iter(r.matcher.eos)) if t is None else t  # an EOS: nothing is emitted
+                if t is None:
+                    ended[j] = "eos"
         # log-probabilities of the tokens as emitted, under the model's raw distribution (not the sampler's)
         asked = [j for j, r in enumerate(rows) if r.p.logprobs is not None and finite[j]]
         chosen: dict[int, TokenLogprob] = {}
@@ -538,7 +558,9 @@ class Engine:
             if not finite[j]:
                 self._fail(r, events)
                 continue
-            self._commit(r, [tokens[j]], events, keep_going=lambda r=r, t=tokens[j]: setattr(r, "pending", [t]))
+            new = [] if ended[j] == "eos" else [tokens[j]]
+            self._commit(r, new, events, keep_going=lambda r=r, t=tokens[j]: setattr(r, "pending", [t]),
+                         ended=bool(ended[j]))
             ev = events[r.req.request_id]
             if j in chosen and len(ev.new_logprobs) < len(ev.new_ids):  # not an EOS (cut, never reported)
                 ev.new_logprobs.append(chosen[j])
@@ -646,6 +668,9 @@ class Engine:
             self.run_len[s] = run
             done = self.early[s] & (mean_h < self.conf_thr[s]) & (run >= self.stab[s])
         done = done | (steps_done >= n)
+        logit_rows = {}
+        if any(r.matcher is not None for r in rows):
+            logit_rows = self._guide(rows, hidden, temp, accepted, new_canvas, draft if confidence else None)
         self.canvas[s], self.draft[s], self.soft[s], self.step_i[s] = new_canvas, draft, st.soft, steps_done
         done_l, finite_l, steps_l = done.tolist(), finite.tolist(), steps_done.tolist()
         draft_l = draft.tolist() if (any(r.p.drafts for r in rows) or any(done_l)) else None
@@ -668,8 +693,40 @@ class Engine:
                 r.steps.append(steps_l[j])
                 tokens = draft_l[j]
                 want = r.p.max_new_tokens - len(r.out)
+                ended = False
+                if r.matcher is not None:  # the committed canvas: the draft walked through the grammar
+                    tokens, ended = walk(r.matcher, tokens[:want], logit_rows[j])
                 self._commit(r, tokens[:want], events,
-                             keep_going=lambda r=r, t=tokens: setattr(r, "pending", t))
+                             keep_going=lambda r=r, t=tokens: setattr(r, "pending", t), ended=ended)
+
+    def _guide(self, rows: list[Row], hidden: torch.Tensor, temp: torch.Tensor, accepted: torch.Tensor,
+               canvas: torch.Tensor, draft: torch.Tensor | None) -> dict:
+        """Constrained rows (constrain.py, 1.): the leading accepted run of each row's next canvas (and of the
+        confidence sampler's draft) made a valid prefix of its grammar, in place. Returns {row index: logits_at}
+        for the commit walk: position i's processed logits [V] fp32, computed on first use (one canvas's head,
+        the reference's own matmul, divided by the step's temperature as the sampler divides them)."""
+        out = {}
+        acc = accepted.tolist()
+        for j, r in enumerate(rows):
+            if r.matcher is None:
+                continue
+            cache = []
+
+            def logits_at(i: int, j=j, cache=cache) -> torch.Tensor:
+                if not cache:
+                    with torch.inference_mode():
+                        cache.append(self.model.logits(hidden[j]) / temp[j])
+                return cache[0][i]
+
+            out[j] = logits_at
+            run = next((i for i, a in enumerate(acc[j]) if not a), len(acc[j]))
+            tokens = canvas[j, :run].tolist()
+            fixed = guide_run(r.matcher, tokens, logits_at)
+            if fixed != tokens[:len(fixed)]:
+                canvas[j, :len(fixed)] = torch.tensor(fixed, device=canvas.device)
+                if draft is not None:
+                    draft[j, :len(fixed)] = canvas[j, :len(fixed)]
+        return out
 
     # ---- update: commits, finishes ----------------------------------------------------------------------------
     def _event(self, r: Row, events: dict[str, Event]) -> Event:
@@ -679,9 +736,9 @@ class Engine:
         ev.completion_tokens, ev.decoder_passes = len(r.out), r.passes
         return ev
 
-    def _commit(self, r: Row, new: list[int], events: dict[str, Event], keep_going) -> None:
-        """Append committed tokens (cut at the first EOS); finish the row on EOS or at max_new_tokens, else call
-        `keep_going` (which schedules the commit pass)."""
+    def _commit(self, r: Row, new: list[int], events: dict[str, Event], keep_going, ended: bool = False) -> None:
+        """Append committed tokens (cut at the first EOS); finish the row on EOS, at the end of its grammar (`ended`)
+        or at max_new_tokens, else call `keep_going` (which schedules the commit pass)."""
         eos = r.p.eos_token_ids or ()
         # inside a template's span EOS is filler, not the end (a hole may be shorter than its room)
         start = max(0, len(r.p.template) - len(r.out)) if r.p.template is not None else 0
@@ -690,7 +747,7 @@ class Engine:
         self.counters["tokens"] += len(new) if cut is None else cut
         ev = self._event(r, events)
         ev.new_ids.extend(new if cut is None else new[:cut])
-        if cut is not None:
+        if cut is not None or ended:
             self._finish(r, ev, "stop")
         elif len(r.out) >= r.p.max_new_tokens:
             self._finish(r, ev, "length")
@@ -753,10 +810,12 @@ def _memory_limit() -> int:
 
 
 def generate_batch(model: DiffusionGemma, prompts: list[list[int]], params: list[SamplingParams],
-                   stop_fn=None, on_step=None, compile: bool = False, sampler_chunk: int | None = None):
+                   stop_fn=None, on_step=None, compile: bool = False, sampler_chunk: int | None = None,
+                   grammars: Grammars | None = None):
     """Run every prompt as its own request on a fresh engine sized for exactly these requests; returns a
     GenerationOutput (rows in prompt order). `stop_fn(row, tokens) -> cut | None` runs after each commit;
-    `on_step(canvas, step, [row], argmax [1, C], accepted [1, C])` after each denoising step."""
+    `on_step(canvas, step, [row], argmax [1, C], accepted [1, C])` after each denoising step. `grammars`: the
+    tokenizer's grammar compiler, for params with a grammar."""
     t0 = time.perf_counter()
     mc = model.config
     C = mc.canvas_length
@@ -774,7 +833,7 @@ def generate_batch(model: DiffusionGemma, prompts: list[list[int]], params: list
                            "machine's memory; lower max_new_tokens or the batch size")
     eng = Engine(model, EngineConfig(max_batch=B, max_model_len=need, kv_memory_mb=nbytes / 2**20 + 1,
                                      prefill_chunk=PREFILL_SPAN, max_queue=B, compile=compile,
-                                     sampler_chunk=sampler_chunk))
+                                     sampler_chunk=sampler_chunk), grammars=grammars)
     if on_step is not None:
         params = [p.with_(drafts=True) for p in params]
     for i, (ids, p) in enumerate(zip(prompts, params)):

@@ -24,6 +24,7 @@ import torch
 
 from dgemma.cache import KVCache
 from dgemma.engine import engine, static
+from dgemma.engine.constrain import Grammars, Matcher, choose_ar, guide_run, walk
 from dgemma.engine.outputs import (
     GenerationOutput,
     GenerationStats,
@@ -87,6 +88,7 @@ class DiffusionParams:
     # stability/confidence thresholds of adaptive stopping apply to entropy_bound only).
     sampler: str = _SP.sampler
     commit_threshold: float = _SP.commit_threshold
+    grammar: dict | None = None  # SamplingParams.grammar for every row (constrain.py; needs `grammars=`)
 
     _RUN = ("pad_token_id", "compat", "engine", "compile", "sampler_chunk")
 
@@ -118,6 +120,9 @@ class DiffusionParams:
         if self.sampler != "entropy_bound" and self.compat:
             raise GenerationError(f"sampler={self.sampler!r} needs the default mode; compat mode is the reference's "
                                   "entropy-bound sampler (drop compat, or use sampler='entropy_bound')")
+        if self.grammar is not None and self.compat:
+            raise GenerationError("a grammar needs the default mode (compat mode reproduces transformers, which has "
+                                  "none); drop compat")
         self.sampling().validate()
 
 
@@ -132,6 +137,7 @@ class ARParams:
     seed: int | None = None  # row r of a batch draws from its own generator seeded `seed + r` (fast engine)
     # each token's raw log-probability and its N most probable alternatives (GenerationOutput.logprobs; fast engine)
     logprobs: int | None = None
+    grammar: dict | None = None  # SamplingParams.grammar for every row (constrain.py; needs `grammars=`)
     engine: str = "fast"  # "fast" (engine.py) or "reference" (model.py's KVCache)
     compile: bool = False  # torch.compile the fast engine's layer passes
 
@@ -186,8 +192,10 @@ def _prepare(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, model
 @torch.inference_mode()
 def generate_diffusion(model: DiffusionGemma, input_ids: torch.Tensor, params: DiffusionParams,
                        attention_mask: torch.Tensor | None = None, stop_fn: StopFn | None = None,
-                       on_step: StepFn | None = None, templates: Templates = None) -> GenerationOutput:
-    """`templates`: per row, None or the fixed output positions (`SamplingParams.template`: ids, -1 to fill)."""
+                       on_step: StepFn | None = None, templates: Templates = None,
+                       grammars: Grammars | None = None) -> GenerationOutput:
+    """`templates`: per row, None or the fixed output positions (`SamplingParams.template`: ids, -1 to fill).
+    `grammars`: the tokenizer's grammar compiler (constrain.Grammars), needed when params.grammar is set."""
     params.validate()
     input_ids, attention_mask = _prepare(input_ids, attention_mask, model)
     templates = _check_templates(templates, len(input_ids), params)
@@ -197,10 +205,21 @@ def generate_diffusion(model: DiffusionGemma, input_ids: torch.Tensor, params: D
         if params.compat:
             return static.diffusion_compat(model, input_ids, attention_mask, params, on_step)
         return engine.generate_batch(model, _rows(input_ids, attention_mask), _with_templates(params, templates),
-                                     stop_fn, on_step, params.compile, params.sampler_chunk)
+                                     stop_fn, on_step, params.compile, params.sampler_chunk, grammars)
     if params.compat:
         return _diffusion_compat(model, input_ids, attention_mask, params, on_step)
-    return _diffusion_default(model, input_ids, attention_mask, params, stop_fn, on_step, templates)
+    return _diffusion_default(model, input_ids, attention_mask, params, stop_fn, on_step, templates,
+                              _matchers(params, len(input_ids), grammars))
+
+
+def _matchers(params, batch: int, grammars: Grammars | None) -> list[Matcher | None]:
+    """One grammar matcher per row (reference loops), or Nones without a grammar."""
+    if params.grammar is None:
+        return [None] * batch
+    if grammars is None:
+        raise GenerationError("a grammar needs the tokenizer's grammar compiler: pass grammars=Grammars.from_tokenizer"
+                              "(tokenizer, vocab_size)")
+    return [grammars.matcher(params.grammar) for _ in range(batch)]
 
 
 Templates = list[tuple[int, ...] | None] | None
@@ -300,9 +319,11 @@ def _keep_rows(keep: list[int], rows: list[int], cache: KVCache, last: torch.Ten
 
 
 def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, stop_fn, on_step,
-                       templates: list[tuple[int, ...] | None]) -> GenerationOutput:
+                       templates: list[tuple[int, ...] | None], matchers: list[Matcher | None]) -> GenerationOutput:
     """Same algorithm, quirks fixed: exact length, EOS/stop honoured, finished rows dropped from the batch. Fixed
-    template positions are point masses of the processed logits (`sampler.clamp_fixed`) at every step."""
+    template positions are point masses of the processed logits (`sampler.clamp_fixed`) at every step. Rows with
+    a grammar: the leading accepted run of every step's canvas is walked through it, and the committed canvas is
+    the last step's argmax walked through it (constrain.py)."""
     t0 = time.perf_counter()
     cfg = model.config
     B = input_ids.shape[0]
@@ -333,6 +354,7 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         committed = torch.zeros(b, C, dtype=torch.bool, device=input_ids.device)
         row_steps = [0] * b
+        last: dict[int, torch.Tensor] = {}  # constrained rows: processed logits [C, V] of their latest step
         for n in range(N, 0, -1):
             live = (~done).nonzero().squeeze(-1)
             all_live = live.numel() == b
@@ -366,6 +388,18 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
                             history = torch.full((h_new.shape[0], b, C), -1, dtype=h_new.dtype, device=h_new.device)
                         history[:, live] = h_new
                     done[live] |= stop
+            for k, j in enumerate(live.tolist()):
+                m = matchers[rows[j]]
+                if m is None:
+                    continue
+                last[j] = proc[k]
+                run = next((i for i, a in enumerate(accepted[k].tolist()) if not a), C)
+                tokens = new_canvas[k, :run].tolist()
+                good = guide_run(m, tokens, lambda i, k=k, proc=proc: proc[k, i])
+                if good != tokens[:len(good)]:
+                    new_canvas[k, :len(good)] = torch.tensor(good, device=new_canvas.device)
+                    if p.sampler == "confidence":
+                        new_argmax[k, :len(good)] = new_canvas[k, :len(good)]
             canvas[live], argmax[live] = new_canvas, new_argmax
             if on_step is not None:
                 on_step(ci, N - n, [rows[j] for j in live.tolist()], new_argmax, accepted)
@@ -375,7 +409,11 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
         for j, r in enumerate(rows):
             steps[r].append(row_steps[j])
             new = argmax[j, :p.max_new_tokens - len(out[r])].tolist()
-            if commit_tokens(r, new, out, reasons, eos, stop_fn, p.max_new_tokens, len(templates[r] or ())):
+            ended = False
+            if matchers[r] is not None:
+                new, ended = walk(matchers[r], new, lambda i, row=last[j]: row[i])
+                argmax[j, :len(new)] = torch.tensor(new, dtype=argmax.dtype, device=argmax.device)
+            if commit_tokens(r, new, out, reasons, eos, stop_fn, p.max_new_tokens, len(templates[r] or ()), ended):
                 keep.append(j)
         if first is None:
             first = time.perf_counter() - t0
@@ -393,7 +431,7 @@ def _diffusion_default(model, input_ids, attention_mask, p: DiffusionParams, sto
 @torch.inference_mode()
 def generate_ar(model: DiffusionGemma, input_ids: torch.Tensor, params: ARParams,
                 attention_mask: torch.Tensor | None = None, stop_fn: StopFn | None = None,
-                templates: Templates = None) -> GenerationOutput:
+                templates: Templates = None, grammars: Grammars | None = None) -> GenerationOutput:
     """Next-token decoding through the encoder (spec part C): prefill, then one token per pass with the cache.
     A template's fixed positions are emitted as they come (after the draw); AR cannot look ahead to them."""
     params.validate()
@@ -401,10 +439,11 @@ def generate_ar(model: DiffusionGemma, input_ids: torch.Tensor, params: ARParams
     if params.engine == "fast":
         input_ids, attention_mask = _prepare(input_ids, attention_mask, model)
         return engine.generate_batch(model, _rows(input_ids, attention_mask), _with_templates(params, templates),
-                                     stop_fn, compile=params.compile)
+                                     stop_fn, compile=params.compile, grammars=grammars)
     t0 = time.perf_counter()
     input_ids, attention_mask = _prepare(input_ids, attention_mask, model)
     B = input_ids.shape[0]
+    matchers = _matchers(params, B, grammars)
     gen = generator_for(params.seed, input_ids.device)
     eos = set(params.eos_token_ids or ())
     cache = KVCache.empty(model.config)
@@ -416,16 +455,24 @@ def generate_ar(model: DiffusionGemma, input_ids: torch.Tensor, params: ARParams
     passes = [1] * B  # per row: forwards whose next-token logits it used (prefill included)
     first = None
     while True:
-        nxt = sample_next_token(model.logits(h[:, -1]), params.temperature, params.top_k, params.top_p, gen)
+        logits = model.logits(h[:, -1])
+        nxt = sample_next_token(logits, params.temperature, params.top_k, params.top_p, gen)
         if first is None:
             first = time.perf_counter() - t0
         for j, r in enumerate(rows):
             t = templates[r]
             if t is not None and len(out[r]) < len(t) and t[len(out[r])] != FREE:
                 nxt[j] = t[len(out[r])]
+        new, ended = [[int(t)] for t in nxt.tolist()], [False] * len(rows)
+        for j, r in enumerate(rows):
+            if matchers[r] is not None:
+                t, ended[j] = choose_ar(matchers[r], new[j][0], logits[j], params.temperature, params.top_k,
+                                        params.top_p, gen)
+                new[j] = [] if t is None else [t]
+                nxt[j] = t if t is not None else nxt[j]
         keep = [j for j, r in enumerate(rows)
-                if commit_tokens(r, [int(nxt[j])], out, reasons, eos, stop_fn, params.max_new_tokens,
-                                 len(templates[r] or ()))]
+                if commit_tokens(r, new[j], out, reasons, eos, stop_fn, params.max_new_tokens,
+                                 len(templates[r] or ()), ended[j])]
         if not keep:
             break
         rows, cache, nxt = _keep_rows(keep, rows, cache, nxt)

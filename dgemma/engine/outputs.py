@@ -94,10 +94,10 @@ def compat_output(seq: torch.Tensor, prompt_len: int, eos: torch.Tensor | None, 
 
 
 def commit_tokens(row: int, new: list[int], out: list[list[int]], reasons: list[str], eos: set[int],
-            stop_fn: StopFn | None, limit: int, template_len: int = 0) -> bool:
+            stop_fn: StopFn | None, limit: int, template_len: int = 0, ended: bool = False) -> bool:
     """Append a row's newly committed tokens, cutting at the first EOS or where `stop_fn` says. EOS within the
-    first `template_len` generated tokens (a template's span) is filler, not the end. Returns whether the row goes
-    on."""
+    first `template_len` generated tokens (a template's span) is filler, not the end; `ended`: the row's grammar
+    has ended (constrain.walk), so it stops after these tokens. Returns whether the row goes on."""
     start = max(0, template_len - len(out[row]))
     cut = next((i for i, t in enumerate(new) if i >= start and t in eos), None)
     if cut is not None:
@@ -105,6 +105,9 @@ def commit_tokens(row: int, new: list[int], out: list[list[int]], reasons: list[
         reasons[row] = "stop"
         return False
     out[row].extend(new)
+    if ended:
+        reasons[row] = "stop"
+        return False
     if stop_fn is not None and (cut := stop_fn(row, out[row])) is not None:
         del out[row][cut:]
         reasons[row] = "stop"

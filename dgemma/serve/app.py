@@ -36,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dgemma.params import MAX_LOGPROBS, QueueFull, RequestError, SamplingParams
+from dgemma.params import MAX_LOGPROBS, QueueFull, RequestError, SamplingParams, check_grammar
 from dgemma.params import Request as EngineRequest
 from dgemma.serve.loop import EngineFailure, EngineLoop
 from dgemma.serve.text import TextStream, Token, TokenStream, token_bytes, token_label
@@ -87,6 +87,8 @@ class DgemmaSettings(_Strict):
         None, description="dgemma: adaptive stopping, mean entropy (nats) below which a canvas may stop")
     top_k: int | None = Field(None, description="ar mode: sample from the k most probable tokens")
     ignore_eos: bool | None = Field(None, description="dgemma: do not stop at the end-of-sequence token")
+    regex: str | None = Field(None, description="dgemma: constrain the output to text matching this regular "
+                                                "expression (whole output; not with response_format)")
     record: bool | None = Field(None, description="dgemma: write each choice's trajectory (every denoising step) to "
                                                   "the server's --record-dir as ID-INDEX.jsonl (dgemma.engine.trajectory)")
 
@@ -104,6 +106,10 @@ class _Common(DgemmaSettings):
     presence_penalty: float | None = None  # accepted only as 0
     frequency_penalty: float | None = None  # accepted only as 0
     logit_bias: dict[str, float] | None = None  # accepted only when empty
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text"} (default), {"type": "json_object"} or {"type": "json_schema", '
+                          '"json_schema": {"name": ..., "schema": {...}, "strict": ...}}: the output is constrained '
+                          "to JSON (valid under the schema), in either mode")
 
 
 class CompletionRequest(_Common):
@@ -140,7 +146,6 @@ class ChatRequest(_Common):
                                                        f"token, 0 <= N <= {MAX_LOGPROBS}")
     tools: list[Any] | None = None  # accepted only when empty
     functions: list[Any] | None = None  # accepted only when empty
-    response_format: dict[str, Any] | None = None  # accepted only as {"type": "text"}
 
 
 _UNION_MESSAGES = {
@@ -740,9 +745,6 @@ def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | 
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         _unsupported(body.tools, "tools", "tools are not supported by this server")
         _unsupported(body.functions, "functions", "functions are not supported by this server")
-        if body.response_format not in (None, {"type": "text"}):
-            raise ApiError(400, "response_format other than text (structured output) is not supported by "
-                                "diffusion decoding", param="response_format")
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.content if not isinstance(m.content, list) else [p.model_dump() for p in m.content]}
                     for m in body.messages]
@@ -818,6 +820,46 @@ def _completion_prompts(state: _State, prompt) -> list[list[int]]:
     return out
 
 
+def _grammar(body: _Common) -> tuple[dict | None, str | None]:
+    """(SamplingParams.grammar, the request field it came from) for response_format / regex."""
+    rf = body.response_format
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if rf is not None and kind not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, f"response_format.type must be \"text\", \"json_object\" or \"json_schema\" (got "
+                            f"{kind!r:.60})", param="response_format")
+    if body.regex is not None and kind in ("json_object", "json_schema"):
+        raise ApiError(400, "give either regex or a JSON response_format, not both", param="regex")
+    if body.regex is not None:
+        return {"regex": body.regex}, "regex"
+    if kind == "json_object":
+        return {"json_object": True}, "response_format"
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ApiError(400, 'response_format json_schema needs "json_schema": {"name": ..., "schema": {...}}',
+                           param="response_format")
+        schema = spec.get("schema")
+        if schema is None:  # OpenAI's schema is optional: then any JSON object
+            return {"json_object": True}, "response_format"
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format.json_schema.schema must be a JSON object (a JSON Schema)",
+                           param="response_format")
+        return {"json_schema": schema}, "response_format"
+    return None, None
+
+
+async def _check_grammar(state: _State, grammar: dict, param: str) -> None:
+    """A 400 naming the problem for a grammar the engine cannot enforce; never a silently unconstrained answer."""
+    grammars = getattr(state.engine.engine, "grammars", None)
+    if grammars is None:
+        raise ApiError(400, "this server's engine cannot constrain output (no grammar support); drop "
+                            f"{param}", param=param)
+    try:
+        await asyncio.to_thread(grammars.compile, grammar)
+    except RequestError as e:
+        raise ApiError(400, str(e), param=param) from None
+
+
 def _sampling(state: _State, body: _Common, max_new: int, seed: int | None, drafts: bool) -> SamplingParams:
     over: dict[str, Any] = {
         "mode": body.mode or state.default_mode, "max_new_tokens": max_new, "seed": seed, "drafts": drafts,
@@ -855,6 +897,16 @@ async def _serve(request: HTTPRequest, state: _State, body: _Common, wire, promp
     include_drafts = bool(options.include_drafts)
     probe = _sampling(state, body, 1, body.seed, include_drafts)  # settings errors first, whatever the prompt
     score_only = max_tokens == 0
+    grammar, grammar_param = _grammar(body)
+    if grammar is not None and not score_only:
+        if body.record:
+            raise ApiError(400, "a constrained request cannot be recorded yet; drop record", param="record")
+        try:
+            check_grammar(grammar)
+        except RequestError as e:
+            raise ApiError(400, str(e), param=grammar_param) from None
+        await _check_grammar(state, grammar, grammar_param)
+        probe = probe.with_(grammar=grammar)
     if score_only:
         probe = probe.with_(mode="ar", temperature=0.0, top_k=None, top_p=None)
     elif top is not None and probe.mode == "diffusion":

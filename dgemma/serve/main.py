@@ -215,7 +215,10 @@ def run(args) -> int:
 
             load_adapter(lm.model, args.adapter)
         keys = api_keys(getattr(args, "api_key", []), os.environ.get(API_KEY_ENV))
-        engine = factory(lm.model, config)
+        # the real engine constrains output (response_format, regex) with the tokenizer's grammars; a factory's
+        # engine without a `grammars` attribute makes the server refuse constrained requests with a 400
+        engine = factory(lm.model, config, grammars=lm.grammars) if args.engine_factory is None else factory(
+            lm.model, config)
         app = build_app(lm, engine, args.model_name or _model_name(args.model, lm.name),
                         record_dir=getattr(args, "record_dir", None), api_keys=keys,
                         default_mode=getattr(args, "mode", None))
