@@ -499,3 +499,45 @@ def bench_train_config(args: argparse.Namespace) -> BenchTrainConfig:
         except argparse.ArgumentTypeError as e:
             raise ValueError(str(e)) from None
     return BenchTrainConfig(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dgemma bench structured
+@dataclass
+class BenchStructuredConfig:
+    """The flags of `dgemma bench structured` (dgemma/bench/structured.py)."""
+
+    model: str | None = None  # default: the bundled model
+    schemas: int = 48  # random bounded JSON Schemas
+    regexes: int = 16  # random regexes
+    prompts: int = 4  # prompts per case (one batch), at most len(structured.PROMPTS)
+    max_new_tokens: int = 256
+    steps: int | None = None  # diffusion steps per canvas (None: the model's generation_config)
+    seed: int = 0
+    threads: int = 1
+    quick: bool = False  # 8 schemas + 4 regexes, 4 diffusion steps unless --steps
+    out: str | None = None  # also write the JSON here
+
+
+def add_bench_structured(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `bench structured` on the `bench` subparsers (flags mirror BenchStructuredConfig)."""
+    d = BenchStructuredConfig()
+    p = subparsers.add_parser(
+        "structured", help="grammar-constrained decoding: validity, tokens per forward and tokens/s, constrained vs "
+                           "unconstrained, diffusion vs AR",
+        description="Random bounded JSON Schemas and regexes, each run on a batch of prompts with and without its "
+                    "grammar in both modes: validity rate, stop rate, tokens per forward, tokens/s. A table, then "
+                    "one JSON line last on stdout.")
+    p.add_argument("--model", default=None, help="checkpoint folder or random:PRESET (default: the bundled model)")
+    p.add_argument("--schemas", type=int_in(1, 100000), default=d.schemas, help="random JSON Schemas")
+    p.add_argument("--regexes", type=int_in(0, 100000), default=d.regexes, help="random regexes")
+    p.add_argument("--prompts", type=int_in(1, 4), default=d.prompts, help="prompts per case, 1 to 4")
+    p.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens)
+    p.add_argument("--steps", type=int_in(1, 1024), default=None,
+                   help="diffusion: denoising steps per canvas (default: the model's generation_config)")
+    p.add_argument("--seed", type=seed_int, default=d.seed)
+    p.add_argument("--threads", type=int_in(1, MAX_BENCH_THREADS), default=d.threads, help="torch threads")
+    p.add_argument("--quick", action="store_true",
+                   help="8 schemas and 4 regexes, 4 diffusion steps unless --steps (a smoke run)")
+    p.add_argument("--out", default=None, help="also write the JSON result here")
+    return p

@@ -8,6 +8,7 @@
     dgemma eval [--model PATH] [--data DIR]                  generation quality, diffusion vs AR (+ losses with --data)
     dgemma bench [--quick]                                   speed: vs transformers, diffusion vs AR, roofline
     dgemma bench train [--quick]                             one training step: ms split, FLOP/s, vs plain PyTorch
+    dgemma bench structured [--quick]                        constrained JSON/regex: validity, tokens per forward
     dgemma generate --record run.jsonl "prompt"              record every denoising step (dgemma/engine/trajectory.py)
     dgemma replay run.jsonl [--speed X] / dgemma plot run.jsonl --out run.png
 
@@ -360,6 +361,12 @@ def _run_bench_train(args) -> int:
     return run_cli(args)
 
 
+def _run_bench_structured(args) -> int:
+    from dgemma.bench.structured import run_cli
+
+    return run_cli(args)
+
+
 def _run_train(args) -> int:
     from dgemma.train.pretrain import run_cli
 
@@ -383,13 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_run_bench)
     from dgemma.bench import serve as bench_serve  # argparse only; the load generator imports httpx when it runs
 
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{serve,train}")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{serve,train,structured}")
     serve_bench = bench_sub.add_parser(
         "serve", help="load-test an OpenAI-compatible dgemma server: diffusion vs AR at several concurrencies",
         description=bench_serve.__doc__.split("\n", 1)[0])
     bench_serve.add_arguments(serve_bench)
     serve_bench.set_defaults(func=bench_serve.run_cli)
     options.add_bench_train(bench_sub).set_defaults(func=_run_bench_train)  # torch-free flags (options.py)
+    options.add_bench_structured(bench_sub).set_defaults(func=_run_bench_structured)
     options.add_train(sub).set_defaults(func=_run_train)
     from dgemma.serve import main as server  # argparse only: fastapi, uvicorn and torch load when the server starts
 

@@ -17,8 +17,14 @@ per choice, a last chunk with empty choices and the usage when `stream_options.i
 developer, user and assistant roles, through the tokenizer's chat template), max_tokens / max_completion_tokens
 (exact: never a token more; default the model's max_new_tokens, within the context), stop (up to 4 strings),
 seed, n (choice i uses seed + i), temperature / top_p (ar mode), stream, stream_options, logprobs and echo
-(completions), logprobs / top_logprobs (chat). Fields the server does not know are ignored; known fields of the
-wrong type, penalties, tools and structured output are 400.
+(completions), logprobs / top_logprobs (chat), response_format. Fields the server does not know are ignored; known
+fields of the wrong type, penalties and tools are 400.
+
+Structured output (both routes, both modes, streamed or not): `response_format` {"type": "json_object"} or
+{"type": "json_schema", "json_schema": {"name", "schema", "strict"}} (what `client.chat.completions.parse(...,
+response_format=PydanticModel)` sends) constrains the output to JSON valid under the schema, and the extra field
+`regex` to text matching it (dgemma/engine/constrain.py). An unsupported schema keyword or regex feature is a 400
+naming it, never a silently unconstrained answer; an output cut at max_tokens is a prefix, finish_reason "length".
 
 Log-probabilities (`logprobs: N` on completions, `logprobs: true, top_logprobs: N` on chat, N <= 20) are the
 model's raw next-token distribution (log-softmax of the logits at temperature 1, whatever temperature/top-k/top-p
@@ -47,6 +53,7 @@ dgemma's own request fields (extra body fields; the openai client sends them wit
     confidence_threshold  ... and the mean entropy below which a canvas may stop early
     top_k                 ar mode: sample among the k most probable tokens
     ignore_eos            keep going past the end-of-sequence token (benchmarks)
+    regex                 constrain the output to text matching this regular expression (not with response_format)
     record                true: write each choice's trajectory to --record-dir as ID-INDEX.jsonl (the response's
                           id, the choice's index; format in dgemma/engine/trajectory.py); 400 without --record-dir
 
