@@ -46,13 +46,13 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dgemma.model import DiffusionGemma, Experts, Layer
+from dgemma.model import DiffusionGemma, Experts, Layer, dense_mix_experts, uses_dense_experts
 from dgemma.quant import Int8Linear, int8_linear
 
 BUCKET_STEP = 32  # bucket granularity in rows (a canvas is 32 positions in the shipped presets)
-DENSE_MAX_EXPERTS = 8  # dense expert mixing only up to this many experts (and E <= 4 k): see the module docstring
-DENSE_MAX_ROWS = 32  # ... and only for buckets up to this many rows (above, the extra expert arithmetic costs more
-# than the eager per-expert loop's overhead: bundled model, 1 thread, dense = split at 64 rows, dense 1.17x slower at 512)
+DENSE_MAX_ROWS = 32  # dense expert mixing (model.uses_dense_experts) only for buckets up to this many rows (above,
+# the extra expert arithmetic costs more than the eager per-expert loop's overhead: bundled model, 1 thread,
+# dense = split at 64 rows, dense 1.17x slower at 512)
 
 
 def compiler_available() -> str | None:
@@ -128,22 +128,10 @@ def _ffn_out(r, m1, m2, scalar, lw: LayerW, eps: float):
     return (r + _rms(m1 + m2, lw.post_ff_ln, eps)) * scalar
 
 
-def _dense_experts(x, w, idx, dw: DenseW):
-    """mix_experts as two plain matmuls: x [N, H] through all E experts at once ([N, H] x [H, E*2I]), each
-    expert's activation weighted by its router weight (zero outside the token's top-k), then one [N, E*I] x
-    [E*I, H] product sums the experts. The same sums as mix_experts, in another order (float rounding).
-    (A batched [E, N, .] formulation was slower: inductor lowers a bmm with N = 1 to a scalar loop.)"""
-    N, E = x.shape[0], dw.num_experts
-    gate, up = F.linear(x, dw.gate_up).view(N, E, -1).chunk(2, dim=-1)  # [N, E, I] each
-    dense_w = torch.zeros(N, E, dtype=torch.float32, device=x.device).scatter(1, idx, w)  # [N, E] fp32
-    act = (F.gelu(gate, approximate="tanh") * up) * dense_w[:, :, None]  # fp32 as the reference's weighting
-    return F.linear(act.to(x.dtype).reshape(N, -1), dw.down)
-
-
 def _post_attention_dense(h, o, scalar, weights: tuple[LayerW, DenseW], eps: float):
     lw, dw = weights
     r, m1, x2, w, idx = _ffn_in(h, o, lw, eps)
-    return _ffn_out(r, m1, _dense_experts(x2, w, idx, dw), scalar, lw, eps)
+    return _ffn_out(r, m1, dense_mix_experts(x2, w, idx, dw.num_experts, dw.gate_up, dw.down), scalar, lw, eps)
 
 
 def _final_norm(h, w, eps: float):
@@ -223,10 +211,10 @@ def _dense_weights(experts: Experts) -> DenseW:
 
 
 def use_dense_experts(model: DiffusionGemma) -> bool:
-    """Dense expert mixing: float experts, at most DENSE_MAX_EXPERTS of them and at most 4x the top-k work."""
+    """Dense expert mixing: float experts, few of them (`model.uses_dense_experts`)."""
     cfg = model.config
     return (all(type(layer.experts) is Experts for layer in model.layers)
-            and cfg.num_experts <= DENSE_MAX_EXPERTS and cfg.num_experts <= 4 * cfg.top_k_experts)
+            and uses_dense_experts(cfg.num_experts, cfg.top_k_experts))
 
 
 class _Weights:
