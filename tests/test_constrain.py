@@ -260,24 +260,25 @@ def test_other_refusals(lm):
         Grammars("{}", 10, [])
 
 
-def test_cli_generate_json_schema_and_regex(tmp_path):
+def test_cli_generate_json_schema_and_regex(tmp_path, capsys):
+    from dgemma.cli.main import main
+
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
               "additionalProperties": False}
     f = tmp_path / "s.json"
     f.write_text(json.dumps(schema))
-    base = [sys.executable, "-m", "dgemma", "generate", "--model", "random:tiny", "--stats", "none", "--max-new-tokens",
-            "32"]
+    base = ["generate", "--model", "random:tiny", "--stats", "none", "--max-new-tokens", "32"]
     for extra in (["--json-schema", str(f)], ["--json-schema", json.dumps(schema), "--mode", "ar"]):
-        out = subprocess.run(base + extra + ["hi"], check=False, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        jsonschema.validate(json.loads(out.stdout), schema)
-    out = subprocess.run(base + ["--regex", "[a-c]{2}x", "hi"], check=False, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and re.fullmatch("[a-c]{2}x", out.stdout)
+        assert main(base + extra + ["hi"]) == 0
+        jsonschema.validate(json.loads(capsys.readouterr().out), schema)
+    assert main(base + ["--regex", "[a-c]{2}x", "hi"]) == 0
+    assert re.fullmatch("[a-c]{2}x", capsys.readouterr().out)
     for bad, msg in ((["--json-schema", '{"not": {}}'], "unsupported keyword(s) not"), (["--regex", "a(b"], "unclosed"),
-                     (["--json-schema", "{x"], "not valid JSON"), (["--regex", "a", "--json-schema", "{}"], "not both")):
-        out = subprocess.run(base + bad + ["hi"], check=False, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2 and out.stdout == ""
-        assert len(out.stderr.strip().splitlines()) == 1 and msg in out.stderr, out.stderr
+                     (["--json-schema", "{x"], "not valid JSON"), (["--regex", "a", "--json-schema", "{}"], "not both"),
+                     (["--regex", "a", "--suffix", "x"], "cannot be combined")):
+        assert main(base + bad + ["hi"]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and len(out.err.strip().splitlines()) == 1 and msg in out.err, out.err
 
 
 def test_help_imports_neither_llguidance_nor_torch():

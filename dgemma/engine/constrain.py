@@ -33,6 +33,18 @@ matcher in the state after every committed token (carried from canvas to canvas)
    The committed output is therefore a valid prefix by construction, whatever the model did. Every canvas commits
    up to C tokens in at most max_denoising_steps passes, so constrained requests end as unconstrained ones do.
 
+Why not freeze an accepted prefix (commit only a contiguous valid run, renoise the rest, force one token a step)?
+That changes the sampler itself (frozen positions have no entropy to spend, later positions lose the draft context
+the model settles them with), so a grammar that allows everything would no longer give the unconstrained tokens,
+and diffusion would pay for the grammar in steps. Here validity needs only step 2; step 1 steers the canvas toward
+it. Correctness argument: `walk` appends a token only after the matcher allowed it (the sampled/argmax token when
+`validate_tokens` accepts it, else the argmax over `compute_bitmask`'s allowed set), and a matcher that is not
+stopped always allows at least one token, so the committed sequence is always a prefix of a word.
+
+Cost: a mask is computed only at a position whose token the grammar refuses; the logits such a repair needs are the
+row's whole canvas through the LM head once per step (the reference's own matmul, so the engine and the reference
+repair identically), [C, V] fp32 for that row only.
+
 Ends: an EOS token (the tokenizer's stop ids) is allowed only where the grammar accepts; a walk that reaches an
 allowed EOS, or a matcher with nothing left but EOS (`is_stopped`, e.g. a closed JSON object), ends the request
 with finish_reason "stop" and the rest of the canvas is dropped. A canvas that ends mid-object continues in the
