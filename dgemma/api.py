@@ -328,10 +328,10 @@ def _template_for(lm: LoadedModel, params, template: str | None, suffix: str | N
 def generate_recorded(lm, prompts: list[str], mode: str, params, stops: list[str], chat: bool, on_step, path):
     """`api.generate_text(..., record=path)`: one prompt on a one-row stepped engine, every step recorded to
     `path`. The same engine, settings and seed as `generate_text` without a recording, so the same tokens."""
-    from dgemma.engine.engine import PREFILL_SPAN, Engine, KVPool
+    from dgemma.engine.engine import Engine, KVPool
     from dgemma.engine.outputs import GenerationStats
     from dgemma.engine.trajectory import Recorder
-    from dgemma.params import EngineConfig, RequestError
+    from dgemma.params import PREFILL_SPAN, EngineConfig, RequestError
     from dgemma.params import Request as EngineRequest
 
     if len(prompts) != 1:

@@ -294,8 +294,9 @@ _PEFT_KEY = re.compile(r"(?:base_model\.model\.)?(model\.decoder\.layers\.|model
                        r"(\d+\.(?:self_attn|mlp)\.\w+)\.(lora_[AB])(?:\.default)?\.weight")
 
 
-def load_adapter(model: DiffusionGemma, folder: str | os.PathLike[str]) -> DiffusionGemma:
-    """Apply the PEFT adapter in `folder` to a base model (in place; returns the model, adapter not merged)."""
+def read_adapter(model: DiffusionGemma, folder: str | os.PathLike[str]) -> tuple[LoRAConfig, dict[str, tuple]]:
+    """The PEFT adapter in `folder`, checked against `model` but not applied: its config (targets read from the
+    weight names) and dgemma module name -> (lora_A [r, in], lora_B [out, r]) for every module the file holds."""
     from safetensors.torch import load_file
 
     folder = Path(folder).expanduser()
@@ -322,12 +323,8 @@ def load_adapter(model: DiffusionGemma, folder: str | os.PathLike[str]) -> Diffu
     if set(copies) - expected:
         raise LoRAError(f"{folder}: the adapter names modules this model does not have "
                         f"({sorted(set(copies) - expected)[:3]}); it was trained for another architecture")
-    apply_lora(model, cfg)
-    # A module absent from the file keeps B = 0 (no update): PEFT skips modules without weights in the same way.
-    for name, module in lora_modules(model).items():
-        found = copies.get(name)
-        if not found:
-            continue
+    weights = {}
+    for name, found in copies.items():
         pairs = list(found.values())
         for kind in ("lora_A", "lora_B"):
             if any(kind not in p for p in pairs):
@@ -339,13 +336,116 @@ def load_adapter(model: DiffusionGemma, folder: str | os.PathLike[str]) -> Diffu
                                 "dgemma has one set of weights for both, so it can only apply adapters trained "
                                 "with both copies equal (as dgemma writes them)")
         a, b = first["lora_A"], first["lora_B"]
-        if tuple(a.shape) != tuple(module.lora_A.shape) or tuple(b.shape) != tuple(module.lora_B.shape):
+        base = model.get_submodule(name)
+        want_a, want_b = (cfg.rank, base.in_features), (base.out_features, cfg.rank)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise LoRAError(f"{folder}: {name} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} but this model "
-                            f"expects {tuple(module.lora_A.shape)} / {tuple(module.lora_B.shape)} (rank {cfg.rank})")
-        with torch.no_grad():
-            module.lora_A.copy_(a)
-            module.lora_B.copy_(b)
+                            f"expects {want_a} / {want_b} (rank {cfg.rank}); was the adapter trained on another "
+                            "base model?")
+        weights[name] = (a, b)
+    return cfg, weights
+
+
+def load_adapter(model: DiffusionGemma, folder: str | os.PathLike[str]) -> DiffusionGemma:
+    """Apply the PEFT adapter in `folder` to a base model (in place; returns the model, adapter not merged)."""
+    cfg, weights = read_adapter(model, folder)
+    apply_lora(model, cfg)
+    # A module absent from the file keeps B = 0 (no update): PEFT skips modules without weights in the same way.
+    for name, module in lora_modules(model).items():
+        if name in weights:
+            a, b = weights[name]
+            with torch.no_grad():
+                module.lora_A.copy_(a)
+                module.lora_B.copy_(b)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several adapters on one base, chosen per token row (serving: `dgemma serve --lora NAME=PATH`)
+class AdapterRows:
+    """Which rows of the next pass's flattened tokens belong to which adapter: [(adapter index, row indices)],
+    set by the engine before each pass and shared by every MultiLoRALinear of a model. Empty: the base model."""
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[int, torch.Tensor]] = []
+        self.min_rows = 0  # pad each adapter's rows to at least this many (the engine's batch-invariant mode)
+        self.names: dict[str, int] = {}  # adapter name -> index
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen bias-free linear with several LoRA adapters, applied per row and never merged:
+
+        y = x W^T;   y[rows of a] += (x[rows of a] A_a^T) B_a^T * scaling_a   for each adapter a
+
+    the arithmetic of `LoRALinear.forward` (base product, then the update added), so a row gets the values it gets
+    with that adapter alone. Rows of no adapter get the base product only."""
+
+    def __init__(self, base: nn.Module, rows: AdapterRows):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.rows = rows
+        self.lora: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # adapter index -> (A, B, scaling)
+
+    def add(self, index: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        w = self.weight
+        self.lora[index] = (a.to(w.device, w.dtype), b.to(w.device, w.dtype), scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        groups = [(self.lora[i], rows) for i, rows in self.rows.groups if i in self.lora]
+        if not groups:
+            return y
+        flat_x, flat_y = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
+        for (a, b, scaling), rows in groups:
+            xs = flat_x.index_select(0, rows)
+            n = xs.shape[0]
+            if n < self.rows.min_rows:
+                xs = torch.cat([xs, xs.new_zeros(self.rows.min_rows - n, xs.shape[1])])
+            flat_y.index_add_(0, rows, (F.linear(F.linear(xs, a), b) * scaling)[:n])
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, adapters={sorted(self.lora)}"
+
+
+@dataclass
+class ServedAdapter:
+    name: str
+    path: str
+    config: LoRAConfig
+    index: int  # 1, 2, ...: the AdapterRows index of its rows
+    nbytes: int  # memory of its A and B tensors
+
+
+def attach_adapters(model: DiffusionGemma, adapters: dict[str, str | os.PathLike[str]]) -> list[ServedAdapter]:
+    """Load several PEFT adapters onto one base model, unmerged (in place): every module any of them targets
+    becomes a MultiLoRALinear, and `model.adapter_rows` (an AdapterRows) chooses per row which one applies.
+    Refuses, naming the adapter, a folder that is not an adapter or one trained for another base; the model is
+    changed only once every adapter has loaded."""
+    if lora_modules(model) or hasattr(model, "adapter_rows"):
+        raise LoRAError("the model already carries adapters; --lora needs the plain base model (drop --adapter)")
+    loaded = []
+    for i, (name, folder) in enumerate(adapters.items(), start=1):
+        try:
+            cfg, weights = read_adapter(model, folder)
+        except LoRAError as e:
+            raise LoRAError(f"adapter {name!r}: {e}") from None
+        nbytes = sum(t.numel() * t.element_size() for pair in weights.values() for t in pair)
+        loaded.append((ServedAdapter(name, str(folder), cfg, i, nbytes), weights))
+    rows = AdapterRows()
+    modules: dict[str, MultiLoRALinear] = {}
+    for served, weights in loaded:
+        for module_name, (a, b) in weights.items():
+            if module_name not in modules:
+                modules[module_name] = MultiLoRALinear(model.get_submodule(module_name), rows)
+            modules[module_name].add(served.index, a, b, served.config.scaling)
+    for module_name, module in modules.items():
+        _set_module(model, module_name, module)
+    rows.names = {served.name: served.index for served, _ in loaded}
+    model.adapter_rows = rows
+    return [served for served, _ in loaded]
 
 
 def adapter_summary(model: DiffusionGemma) -> dict[str, Any]:

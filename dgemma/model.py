@@ -383,7 +383,7 @@ class DiffusionGemma(nn.Module):
         positions = torch.arange(L, L + T, device=ids.device)
         masks = {t: encoder_mask(cache, positions, self.config.sliding_window if t == SLIDING else None, i)
                  for t, i in self.type_layer.items()}
-        h = self._run_layers(self.embed(ids), positions, _fill(masks), cache.layer, cache.store, encoder=True)
+        h = self._run_layers(self.embed(ids), positions, fill_masks(masks), cache.layer, cache.store, encoder=True)
         cache.advance(T)
         return h
 
@@ -408,7 +408,7 @@ class DiffusionGemma(nn.Module):
             positions = torch.arange(cache.length, cache.length + canvas.shape[1], device=canvas.device)
         if masks is None:
             masks = {t: decoder_mask(cache, canvas.shape[1], i) for t, i in self.type_layer.items()}
-        return self._run_layers(h, positions, _fill(masks), cache.layer, None, encoder=False)
+        return self._run_layers(h, positions, fill_masks(masks), cache.layer, None, encoder=False)
 
     def denoise(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
                 **kw) -> torch.Tensor:
@@ -416,7 +416,8 @@ class DiffusionGemma(nn.Module):
         return self.logits(self.denoise_hidden(canvas, cache, sc_logits, **kw))
 
 
-def _fill(masks: Masks) -> Masks:
+def fill_masks(masks: Masks) -> Masks:
+    """Every layer kind's mask, None where `masks` has none."""
     return {SLIDING: masks.get(SLIDING), FULL: masks.get(FULL)}
 
 

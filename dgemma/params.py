@@ -67,6 +67,9 @@ class SamplingParams:
     # {"regex": "..."}, {"lark": "..."}; every output is then in the grammar's language (cut at max_new_tokens:
     # finish_reason "length"). Needs an engine built with the tokenizer's `Grammars`. Not hashed: a dict.
     grammar: dict | None = field(default=None, hash=False, compare=True)
+    # A LoRA adapter served beside the base weights (lora.attach_adapters, `dgemma serve --lora NAME=PATH`): its
+    # name. None: the base model.
+    adapter: str | None = None
 
     @classmethod
     def from_generation_config(cls, g: dict | None, **overrides) -> SamplingParams:
@@ -161,12 +164,15 @@ def check_grammar(grammar) -> None:
         raise RequestError(f"json_object must be true (got {value!r:.80})")
 
 
+PREFILL_SPAN = 256  # prompt tokens per encoder chunk: the engine's default, and the static cache's spare room
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 64  # rows (K/V slots) decoded at once; more requests wait in the queue
     max_model_len: int | None = None  # positions per slot (prompt + new tokens); None: the model's, within budget
     kv_memory_mb: float = 1024.0  # K/V pool budget; max_model_len shrinks to fit it
-    prefill_chunk: int = 256  # prompt tokens per encoder chunk, and the prompt tokens one step may prefill
+    prefill_chunk: int = PREFILL_SPAN  # prompt tokens per encoder chunk, and the prompt tokens one step may prefill
     max_queue: int = 1024  # waiting requests beyond this get QueueFull
     # Run the layer pieces between attention calls and the diffusion sampler as inductor-compiled graphs at bucketed
     # row counts (compiled.py; compiled once per bucket, on first use). Not bit-identical to eager: opt-in.

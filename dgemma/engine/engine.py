@@ -45,6 +45,7 @@ from dgemma.engine.static import PositionStats, chunk_rows, position_stats
 from dgemma.model import DiffusionGemma, rope_cos_sin
 from dgemma.params import (
     MAX_LOGPROBS,
+    PREFILL_SPAN,
     Draft,
     EngineConfig,
     Event,
@@ -140,9 +141,9 @@ def compiled_pieces(model: DiffusionGemma, min_rows: int):
     (one per one-shot call) reuses the graphs compiled so far. They hold the weight tensors they were built with, so
     the key includes every tensor's identity and dtype: a model quantised or cast since gets new pieces."""
     from dgemma.engine.compiled import CompiledLayers, CompiledSampler
-    from dgemma.lora import LoRALinear
+    from dgemma.lora import LoRALinear, MultiLoRALinear
 
-    if any(isinstance(m, LoRALinear) and not m.merged for m in model.modules()):
+    if any((isinstance(m, LoRALinear) and not m.merged) or isinstance(m, MultiLoRALinear) for m in model.modules()):
         raise RequestError("compile=True does not run unmerged LoRA adapters (the compiled graphs read the base "
                            "weights only); merge the adapter first (`dgemma lora merge`) or run without --compile")
     weights = tuple((id(t), t.dtype) for t in model.state_dict(keep_vars=True).values())
@@ -171,6 +172,10 @@ class Runner:
         # compile=True: the pieces between attention calls run as compiled graphs at bucketed row counts
         # (compiled.py; the eager modules below are their slow twin, tests/test_compiled.py).
         self.compiled, self.compiled_sampler = compiled_pieces(model, min_rows) if compile else (None, None)
+        # Served LoRA adapters (lora.attach_adapters): each slot's adapter index (0: the base), and the rows of each
+        # pass's tokens that every adapter's products apply to.
+        self.adapter_rows = getattr(model, "adapter_rows", None)
+        self.slot_adapter: dict[int, int] = {}
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, ...] with zero rows appended up to min_rows (for the LM head of a few AR rows)."""
@@ -191,6 +196,30 @@ class Runner:
             h = torch.cat([h, h[:, -1:].expand(1, rows - real, h.shape[2])], dim=1)
             pos = torch.cat([pos, pos[-1:].expand(rows - real)])
         rope = {t: (cos[pos], sin[pos]) for t, (cos, sin) in self.rope.items()}
+        if self.adapter_rows is not None:
+            self._route_adapters(pieces)
+        try:
+            return self._layers(pieces, h, pos, rope, real, encoder)
+        finally:
+            if self.adapter_rows is not None:
+                self.adapter_rows.groups = []
+
+    def _route_adapters(self, pieces: list[Piece]) -> None:
+        """Tell the adapters' linears which of this pass's rows are whose (contiguous per piece)."""
+        by_adapter: dict[int, list[torch.Tensor]] = {}
+        off = 0
+        for p in pieces:
+            index = self.slot_adapter.get(p.slot, 0)
+            if index:
+                by_adapter.setdefault(index, []).append(torch.arange(off, off + p.count))
+            off += p.count
+        dev = self.model.device
+        self.adapter_rows.groups = [(i, torch.cat(parts).to(dev)) for i, parts in sorted(by_adapter.items())]
+        self.adapter_rows.min_rows = self.min_rows
+
+    def _layers(self, pieces: list[Piece], h: torch.Tensor, pos: torch.Tensor, rope: dict, real: int,
+                encoder: bool) -> torch.Tensor:
+        comp = self.compiled
         pool = self.pool
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
@@ -380,6 +409,12 @@ class Engine:
                 raise RequestError("this engine was built without a tokenizer's grammars, so it cannot constrain "
                                    "output; build it with Engine(model, config, grammars=Grammars.from_tokenizer(...))")
             matcher = self.grammars.matcher(p.grammar)  # RequestError naming the problem
+        if p.adapter is not None:
+            names = self.runner.adapter_rows.names if self.runner.adapter_rows is not None else {}
+            if p.adapter not in names:
+                raise RequestError(f"no adapter named {p.adapter!r} is loaded"
+                                   + (f" (loaded: {', '.join(names)})" if names else " (this engine serves the base "
+                                      "model only; load adapters with lora.attach_adapters or serve --lora)"))
         if len(self.waiting) >= self.config.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.config.max_queue})")
         self.waiting.append(request)
@@ -445,6 +480,8 @@ class Engine:
             self.by_id[req.request_id] = row
             self.pool.free(slot)
             p = req.params
+            if p.adapter is not None:
+                self.runner.slot_adapter[slot] = self.runner.adapter_rows.names[p.adapter]
             if p.mode == "diffusion":
                 self.n_steps[slot] = p.max_denoising_steps
                 self.t_min[slot] = p.t_min
@@ -771,6 +808,7 @@ class Engine:
     def _release(self, r: Row) -> None:
         if self.rows.get(r.slot) is r:
             del self.rows[r.slot]
+            self.runner.slot_adapter.pop(r.slot, None)
             self.pool.free(r.slot)
             self.free_slots.append(r.slot)
 
@@ -798,7 +836,6 @@ def _as_token_logprobs(ids: list[int], chosen: torch.Tensor, values: torch.Tenso
 
 # ---------------------------------------------------------------------------------------------------------------
 # One-shot generation on the engine (generate.generate_diffusion / generate_ar with engine="fast")
-PREFILL_SPAN = 256  # prompt tokens per encoder chunk in one-shot calls
 
 
 def _memory_limit() -> int:

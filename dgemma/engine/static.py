@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from dgemma.cache import KVCache
-from dgemma.config import FULL, SLIDING
+from dgemma.config import SLIDING
 from dgemma.engine.outputs import compat_append, compat_output, generator_for
-from dgemma.model import DiffusionGemma, decoder_mask, encoder_mask
+from dgemma.model import DiffusionGemma, decoder_mask, encoder_mask, fill_masks
+from dgemma.params import PREFILL_SPAN
 from dgemma.sampler import (
     accept_entropy_bound,
     draw_uniforms,
@@ -158,7 +159,7 @@ class StaticPasses:
             view = cache.view(c)
             masks = {t: encoder_mask(view, positions, self.cfg.sliding_window if t == SLIDING else None, i)
                      for t, i in self.model.type_layer.items()}
-            h = self._pass(cache, self.model.embed(chunk), _fill(masks), True)
+            h = self._pass(cache, self.model.embed(chunk), fill_masks(masks), True)
             cache.length += c
         return h[:, -1]
 
@@ -166,7 +167,7 @@ class StaticPasses:
         """The decoder's masks for a canvas of C at the cache's end (the same for every step of the canvas)."""
         cache.make_room(C)
         view = cache.view()
-        return _fill({t: decoder_mask(view, C, i) for t, i in self.model.type_layer.items()})
+        return fill_masks({t: decoder_mask(view, C, i) for t, i in self.model.type_layer.items()})
 
     def denoise_hidden(self, cache: StaticCache, canvas: torch.Tensor, soft: torch.Tensor | None,
                        masks: dict) -> torch.Tensor:
@@ -180,10 +181,6 @@ class StaticPasses:
                 masks: dict) -> torch.Tensor:
         """`denoise_hidden`, then the LM head: logits [n, C, V] fp32."""
         return self.model.logits(self.denoise_hidden(cache, canvas, soft, masks))
-
-
-def _fill(masks: dict) -> dict:
-    return {SLIDING: masks.get(SLIDING), FULL: masks.get(FULL)}
 
 
 def chunk_rows(vocab_size: int, budget_bytes: int = 1 << 21, at_least: int = 64) -> int:
@@ -307,7 +304,6 @@ def sample_chunked(raw: torch.Tensor | None, temperature: torch.Tensor, canvas: 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Compat mode on the static cache (dispatched from generate.py; same tokens as generate._diffusion_compat)
-PREFILL_SPAN = 256  # prompt tokens per encoder chunk, and the ring's spare room in sliding layers
 
 
 def get_passes(model: DiffusionGemma, compile: bool = False) -> StaticPasses:

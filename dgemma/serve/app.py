@@ -528,6 +528,8 @@ class _State:
     started: int = field(default_factory=lambda: int(time.time()))
     record_dir: str | None = None  # where requests with `record: true` write their trajectories
     default_mode: str | None = None  # the mode of requests that name none (None: SamplingParams' default)
+    adapters: dict[str, str] = field(default_factory=dict)  # served LoRA adapters: name -> folder (model: NAME)
+    model_requests: Counter | None = None  # completion requests per model name (the base and each adapter)
 
 
 class _EngineCollector:
@@ -637,12 +639,14 @@ class _Guard:
 def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | None = None,
                eos_token_ids: Sequence[int] | None = None, canvas_length: int = 1, vocab_size: int | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, record_dir: str | None = None,
-               api_keys: Sequence[str] = (), default_mode: str | None = None) -> FastAPI:
+               api_keys: Sequence[str] = (), default_mode: str | None = None,
+               adapters: dict[str, str] | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine` (the add/step/abort contract of dgemma/engine/engine.py).
 
     `api_keys`: when any, every /v1 route, /metrics and the page's vocabulary need `Authorization: Bearer KEY`
     (401 otherwise); /health and the page's files stay open. `default_mode`: "diffusion" or "ar" for requests that
-    send no `mode` (None: the engine's default, diffusion).
+    send no `mode` (None: the engine's default, diffusion). `adapters`: name -> folder of the LoRA adapters the
+    engine's model carries (lora.attach_adapters); a request chooses one with `model: NAME`.
 
     The engine thread starts with the app (lifespan startup) and stops with it. `eos_token_ids` defaults to the
     generation config's, else the tokenizer's stop ids; `canvas_length` is the model's C (a diffusion request
@@ -660,7 +664,9 @@ def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | 
     registry.register(_EngineCollector(loop))
     state = _State(loop, tokenizer, model_name, g, tuple(eos_token_ids), canvas_length,
                    vocab_size or tokenizer.vocab_size, SamplingParams.from_generation_config(g).max_new_tokens,
-                   registry, aborts)
+                   registry, aborts, adapters=dict(adapters or {}))
+    state.model_requests = Counter("dgemma_model_requests", "completion requests by model (the base or an adapter)",
+                                   ["model"], registry=registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -714,17 +720,17 @@ def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [_model_card(state)]}
+        return {"object": "list", "data": [_model_card(state, name) for name in (state.model_name, *state.adapters)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         _check_model(state, model_id)
-        return _model_card(state)
+        return _model_card(state, model_id)
 
     @app.post("/v1/completions", openapi_extra=body_schema("CompletionRequest"))
     async def completions(request: HTTPRequest):
         body = await _read_json(request, CompletionRequest)
-        _check_model(state, body.model)
+        _check_model(state, body.model, count=True)
         _check_top(body.logprobs, "logprobs")
         if body.max_tokens == 0 and not body.echo:
             raise ApiError(400, "max_tokens must be >= 1 (0 only with echo: true, to score the prompt alone)",
@@ -739,7 +745,7 @@ def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | 
     @app.post("/v1/chat/completions", openapi_extra=body_schema("ChatRequest"))
     async def chat_completions(request: HTTPRequest):
         body = await _read_json(request, ChatRequest)
-        _check_model(state, body.model)
+        _check_model(state, body.model, count=True)
         _check_top(body.top_logprobs, "top_logprobs")
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -776,15 +782,21 @@ def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | 
     return app
 
 
-def _model_card(state: _State) -> dict:
-    return {"id": state.model_name, "object": "model", "created": state.started, "owned_by": "dgemma",
+def _model_card(state: _State, name: str) -> dict:
+    card = {"id": name, "object": "model", "created": state.started, "owned_by": "dgemma",
             "max_model_len": state.engine.max_model_len, "canvas_length": state.canvas_length}
+    if name in state.adapters:  # a LoRA adapter on the base weights (vLLM's shape: root and parent)
+        card.update(root=state.adapters[name], parent=state.model_name)
+    return card
 
 
-def _check_model(state: _State, name: str | None) -> None:
-    if name is not None and name != state.model_name:
-        raise ApiError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
+def _check_model(state: _State, name: str | None, count: bool = False) -> None:
+    if name is not None and name != state.model_name and name not in state.adapters:
+        served = ", ".join(repr(n) for n in (state.model_name, *state.adapters))
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {served}",
                        param="model", code="model_not_found")
+    if count and state.model_requests is not None:
+        state.model_requests.labels(model=name or state.model_name).inc()
 
 
 def _check_top(value: int | None, param: str) -> None:
@@ -866,7 +878,8 @@ def _sampling(state: _State, body: _Common, max_new: int, seed: int | None, draf
         "max_denoising_steps": body.denoising_steps, "entropy_bound": body.entropy_bound, "t_min": body.t_min,
         "t_max": body.t_max, "sampler": body.sampler, "commit_threshold": body.commit_threshold,
         "stability_threshold": body.stability_threshold, "confidence_threshold": body.confidence_threshold,
-        "eos_token_ids": () if body.ignore_eos else state.eos_token_ids}
+        "eos_token_ids": () if body.ignore_eos else state.eos_token_ids,
+        "adapter": body.model if body.model in state.adapters else None}
     if over["mode"] == "ar":
         over.update(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k)
     try:

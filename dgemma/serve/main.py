@@ -108,6 +108,10 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: the checkpoint's where this CPU computes it fast, else float32)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="serve with a LoRA adapter applied unmerged (PEFT format, e.g. `dgemma finetune --lora-rank`)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", type=_lora_spec,
+                   help="also serve the LoRA adapter in DIR (PEFT format) as model NAME, beside the base (repeatable): "
+                        "a request picks it with `model: NAME`; requests for different adapters share every engine "
+                        "step, and the base weights are never merged")
     # engine settings: None keeps EngineConfig's default (its one home)
     p.add_argument("--max-batch", type=int_in(1, 4096), default=None, help="rows decoded at once")
     p.add_argument("--kv-memory-mb", type=float_in(0, None, lo_open=True), default=None, help="K/V pool budget in MB")
@@ -182,6 +186,13 @@ def _engine_factory(spec: str | None):
         raise RuntimeError(f"--engine-factory {spec!r}: {e}") from None
 
 
+def _lora_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"--lora wants NAME=DIR (got {text!r}), e.g. --lora sql=runs/sql-lora/latest")
+    return name.strip(), path.strip()
+
+
 def build_app(lm, engine, model_name: str | None = None, **kwargs):
     """The FastAPI app serving `engine` for a loaded model (dgemma.api.load); kwargs go to create_app."""
     from dgemma.serve.app import create_app
@@ -221,6 +232,7 @@ def run(args) -> int:
             from dgemma.lora import load_adapter
 
             load_adapter(lm.model, args.adapter)
+        adapters = _attach(args, lm, args.model_name or _model_name(args.model, lm.name))
         keys = api_keys(getattr(args, "api_key", []), os.environ.get(API_KEY_ENV))
         # the real engine constrains output (response_format, regex) with the tokenizer's grammars; a factory's
         # engine without a `grammars` attribute makes the server refuse constrained requests with a 400
@@ -228,7 +240,7 @@ def run(args) -> int:
             lm.model, config)
         app = build_app(lm, engine, args.model_name or _model_name(args.model, lm.name),
                         record_dir=getattr(args, "record_dir", None), api_keys=keys,
-                        default_mode=getattr(args, "mode", None))
+                        default_mode=getattr(args, "mode", None), adapters=adapters)
     except (ModelLoadError, RequestError, RuntimeError, OSError, ValueError, argparse.ArgumentTypeError) as e:
         print(f"dgemma serve: {e}", file=sys.stderr)
         return 2
@@ -249,6 +261,27 @@ def run(args) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _attach(args, lm, base_name: str) -> dict[str, str]:
+    """`--lora NAME=DIR ...`: the adapters attached to the model (unmerged), one line each on stderr with its
+    memory; name -> folder."""
+    specs = getattr(args, "lora", None) or []
+    if not specs:
+        return {}
+    if getattr(args, "adapter", None):
+        raise ValueError("--adapter and --lora cannot be combined: --adapter changes the base model; serve it as "
+                         "one more --lora NAME=DIR instead")
+    names = [n for n, _ in specs]
+    if len(set(names)) != len(names) or base_name in names:
+        raise ValueError(f"--lora names must be distinct and differ from the base model's name {base_name!r} "
+                         f"(got {', '.join(names)})")
+    from dgemma.lora import attach_adapters
+
+    for a in attach_adapters(lm.model, dict(specs)):
+        print(f"dgemma serve: adapter {a.name} ({a.path}): rank {a.config.rank}, {', '.join(a.config.targets)}, "
+              f"{a.nbytes / 2**20:.2f} MiB", file=sys.stderr, flush=True)
+    return dict(specs)
 
 
 def _exit_quietly(signum, frame) -> None:
