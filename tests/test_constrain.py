@@ -286,3 +286,15 @@ def test_help_imports_neither_llguidance_nor_torch():
             "print('llguidance' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_bench_structured_smoke(capsys):
+    from dgemma.cli.main import main
+
+    assert main(["bench", "structured", "--model", "random:tiny", "--schemas", "2", "--regexes", "1", "--prompts", "2",
+                 "--max-new-tokens", "40", "--steps", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bench"] == "structured" and result["constrained_outputs"] == 12
+    for side in ("diffusion_constrained", "ar_constrained"):
+        assert result["sides"][side]["validity"] == 1.0
+    assert set(result["sides"]) == {"diffusion_constrained", "diffusion_free", "ar_constrained", "ar_free"}

@@ -180,3 +180,18 @@ def test_alive_after_fuzz(server):
     deadline = time.monotonic() + 30
     while httpx.get(f"{server.url}/metrics").text.count("dgemma_engine_running 1.0") and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def test_an_engine_without_grammars_refuses_instead_of_answering_unconstrained(tmp_path):
+    """`--engine-factory` engines that cannot constrain (the scripted fake): a 400 naming the field, in both routes."""
+    with LiveServer(tmp_path / "fake.log", "--engine-factory", "fake_engine:FakeEngine") as s:
+        for path, base in (("/v1/completions", {"prompt": "x"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+            for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                                 ({"regex": "[0-9]+"}, "regex")):
+                r = httpx.post(f"{s.url}{path}", json={"max_tokens": 4, **base, **extra}, timeout=60)
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+                assert "cannot constrain" in r.json()["error"]["message"]
+        ok = httpx.post(f"{s.url}/v1/completions", json={"prompt": "x", "max_tokens": 2,
+                                                          "response_format": {"type": "text"}}, timeout=60)
+        assert ok.status_code == 200, ok.text
