@@ -182,8 +182,9 @@ class Matcher:
 
 
 def masked_argmax(logits: torch.Tensor, mask: torch.Tensor) -> int:
-    """The most probable allowed token of logits [V] (the first of equals, as torch.argmax)."""
-    return int(torch.where(mask, logits, torch.finfo(logits.dtype).min).argmax())
+    """The most probable allowed token of logits [V] (the first of equals, as torch.argmax); mask [V] bool on the CPU
+    (the logits may live on another device)."""
+    return int(torch.where(mask.to(logits.device), logits, torch.finfo(logits.dtype).min).argmax())
 
 
 def walk(m: Matcher, tokens: list[int], logits_at: Callable[[int], torch.Tensor]) -> tuple[list[int], bool]:
@@ -237,7 +238,7 @@ def choose_ar(m: Matcher, token: int, logits: torch.Tensor, temperature: float, 
         if temperature <= 0:
             token = masked_argmax(logits, mask)
         else:
-            masked = logits.masked_fill(~mask, float("-inf"))[None]
+            masked = logits.masked_fill(~mask.to(logits.device), float("-inf"))[None]
             token = int(sample_next_token(masked, temperature, top_k, top_p, generator))
     if token in m.eos:
         return None, True
