@@ -298,3 +298,29 @@ def test_bench_structured_smoke(capsys):
     for side in ("diffusion_constrained", "ar_constrained"):
         assert result["sides"][side]["validity"] == 1.0
     assert set(result["sides"]) == {"diffusion_constrained", "diffusion_free", "ar_constrained", "ar_free"}
+
+
+def test_walk_repairs_refused_tokens_and_allows_eos_only_where_the_grammar_accepts(lm):
+    """Hand-made logits: the walk keeps allowed tokens, turns a refused one (EOS too early included) into the best
+    allowed token, and ends at an EOS the grammar accepts."""
+    from dgemma.engine.constrain import guide_run, walk
+
+    tok, V = lm.tokenizer, lm.model.config.vocab_size
+    eos = tok.eos_id
+    a, b, x = (tok.encode(c)[0] for c in "abx")
+
+    def logits(best: int) -> torch.Tensor:
+        v = torch.zeros(V)
+        v[best], v[eos] = 5.0, 4.0  # EOS second best everywhere
+        return v
+
+    m = lm.grammars.matcher({"regex": "(ab)+"})
+    # a (kept); EOS (refused: "a" is no word yet) -> b; x (refused) -> a, preferred to the now allowed EOS; a -> b
+    tokens = [a, eos, x, a]
+    per_position = [logits(a), logits(b), logits(a), logits(b)]
+    assert guide_run(m, tokens, lambda i: per_position[i]) == [a, b, a, b]
+    assert m.ll.validate_tokens([b]) == 0 and m.ll.validate_tokens([a]) == 1  # rolled back to the start
+    out, ended = walk(m, tokens, lambda i: per_position[i])
+    assert out == [a, b, a, b] and not ended
+    out, ended = walk(m, [eos, a], lambda i: logits(a))  # "abab" accepts: EOS ends the word
+    assert out == [] and ended
