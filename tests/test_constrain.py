@@ -238,6 +238,8 @@ def test_rows_without_a_grammar_are_untouched_beside_constrained_ones(lm):
     ({"json_object": False}, "json_object must be true"),
     ({"yaml": "x"}, "unknown grammar kind 'yaml'"),
     ({"regex": "a", "json_object": True}, "grammar must be one of"),
+    ({"json_schema": {"enum": [float("nan")]}}, "plain JSON data"),
+    ({"json_schema": {"enum": [{1, 2}]}}, "plain JSON data"),
 ])
 def test_bad_grammars_are_clear_request_errors(lm, grammar, message):
     with pytest.raises(RequestError, match=re.escape(message)):

@@ -61,6 +61,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -74,6 +76,7 @@ from dgemma.sampler import sample_next_token
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 JSON_OVERRIDES = {"lenient": False}
 ANY_GRAMMAR = {"lark": "start: <[*]>*"}  # every token, EOS included, anywhere: the always-true grammar
+CACHE_SIZE = 256  # compiled grammars kept (a server sees many schemas; the least recently used go first)
 
 
 def _llguidance():
@@ -87,14 +90,17 @@ def _llguidance():
 
 class Grammars:
     """Compiles grammars against one tokenizer's vocabulary (token bytes from its tokenizer.json) for a model of
-    `vocab_size` ids (ids past the tokenizer's are never allowed). Grammars are cached by their JSON text."""
+    `vocab_size` ids (ids past the tokenizer's are never allowed). Grammars are cached by their JSON text (the
+    CACHE_SIZE most recently used). Thread-safe: a server compiles in its handlers while the engine thread builds
+    matchers."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: Sequence[int]):
         self.tokenizer_json, self.vocab_size, self.eos = tokenizer_json, vocab_size, frozenset(int(t) for t in eos_ids)
         if not self.eos:
             raise RequestError("constrained decoding needs an end-of-sequence token; the tokenizer has none")
         self._tok = None
-        self._cache: dict[str, str] = {}
+        self._cache: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
 
     @classmethod
     def from_tokenizer(cls, tok, vocab_size: int, eos_ids: Sequence[int] | None = None) -> Grammars:
@@ -103,16 +109,23 @@ class Grammars:
 
     @property
     def lltokenizer(self):
-        if self._tok is None:
-            ll = _llguidance()
-            self._tok = ll.LLTokenizer(self.tokenizer_json, n_vocab=self.vocab_size, eos_token=sorted(self.eos))
-        return self._tok
+        with self._lock:
+            if self._tok is None:
+                ll = _llguidance()
+                self._tok = ll.LLTokenizer(self.tokenizer_json, n_vocab=self.vocab_size, eos_token=sorted(self.eos))
+            return self._tok
 
     def compile(self, grammar: dict) -> str:
         """llguidance's grammar text for a SamplingParams.grammar; RequestError naming what is wrong."""
-        key = json.dumps(grammar, sort_keys=True)
-        if key in self._cache:
-            return self._cache[key]
+        try:
+            key = json.dumps(grammar, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise RequestError(f"the grammar must be plain JSON data (objects, arrays, strings, finite numbers): {e}"
+                               ) from None
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         ll = _llguidance()
         M = ll.LLMatcher
         (kind, value), = grammar.items()
@@ -131,7 +144,10 @@ class Grammars:
         is_error, messages = M.validate_grammar_with_warnings(text, self.lltokenizer)
         if is_error:
             raise RequestError(_explain(kind, messages[0] if messages else "rejected"))
-        self._cache[key] = text
+        with self._lock:
+            self._cache[key] = text
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
         return text
 
     def matcher(self, grammar: dict) -> Matcher:
