@@ -112,3 +112,21 @@ def test_an_adapter_of_another_base_is_refused(tmp_path):
                           timeout=120, check=False)
     assert proc.returncode == 2 and "adapter 'x'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_bench_serve_with_adapters(adapters, tmp_path):
+    """`dgemma bench serve --lora ...`: each level also runs spread over the base and the adapters, and the JSON
+    line reports that level's tokens/s over the base-only level's."""
+    import json
+
+    specs = [a for name, path in adapters.items() for a in ("--lora", f"{name}={path}")]
+    proc = subprocess.run([sys.executable, "-m", "dgemma.bench.serve", "--quick", "--concurrency", "4", "--modes",
+                           "diffusion", *specs, "--out", str(tmp_path), "--name", "lora"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["lost_requests"] == 0
+    (row,) = r["lora_levels"]
+    assert row["models"] == ["random:tiny", *adapters] and row["complete"] == row["planned"]
+    assert r["lora_tokens_per_s_vs_base"]["diffusion@4"] == pytest.approx(row["tokens_per_s_vs_base"])
+    assert row["tokens_per_s_vs_base"] > 0

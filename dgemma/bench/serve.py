@@ -84,6 +84,8 @@ class ServeBenchConfig:
     kv_memory_mb: float | None = None
     dtype: str | None = None
     batch_invariant: bool = True  # the server's default; False passes --no-batch-invariant
+    lora: tuple[str, ...] = ()  # NAME=DIR adapters for the server (--lora): each level also runs with requests
+    # spread over the base and every adapter, beside the base-only level
     out: str = DEFAULT_OUT
     name: str | None = None  # output files NAME.json / NAME.png; None: "quick", or the model folder's name
     quick: bool = False
@@ -259,9 +261,10 @@ async def send_request(client, url: str, body: dict, ignore_eos: bool, timeout_s
     return r
 
 
-async def run_level(client, base: str, cfg: ServeBenchConfig, model_name: str | None, mode: str,
+async def run_level(client, base: str, cfg: ServeBenchConfig, model_name: str | None | list[str], mode: str,
                     concurrency: int) -> LevelResult:
-    """`concurrency` clients in a closed loop over the level's requests, within the level's time cap."""
+    """`concurrency` clients in a closed loop over the level's requests, within the level's time cap. A list of
+    model names spreads the requests over them (request i asks for the (i mod n)-th)."""
     level = LevelResult(mode, concurrency, cfg.requests_for(concurrency))
     todo = list(range(level.planned))
     t0 = time.perf_counter()
@@ -272,7 +275,8 @@ async def run_level(client, base: str, cfg: ServeBenchConfig, model_name: str | 
         nonlocal last_end
         while todo and time.perf_counter() < deadline:
             i = todo.pop(0)
-            body = _payload(cfg, model_name, mode, i, cfg.max_tokens)
+            name = model_name[i % len(model_name)] if isinstance(model_name, list) else model_name
+            body = _payload(cfg, name, mode, i, cfg.max_tokens)
             level.results.append(await send_request(client, f"{base}/v1/completions", body, cfg.ignore_eos,
                                                     cfg.request_timeout_s))
             last_end = time.perf_counter()
@@ -361,6 +365,8 @@ class Server:
                 cmd += [flag, str(value)]
         if not cfg.batch_invariant:
             cmd.append("--no-batch-invariant")
+        for spec in cfg.lora:
+            cmd += ["--lora", spec]
         self.cmd = cmd
         # lives as long as the child (closed, and so deleted, in stop())
         self.log = tempfile.NamedTemporaryFile("w+b", prefix="dgemma-bench-serve-", suffix=".log")  # noqa: SIM115
@@ -549,34 +555,50 @@ async def _bench(cfg: ServeBenchConfig, server: Server | None, log) -> dict:
                     raise BenchError(f"the {mode} warm-up request failed: {w.error}")
         # the modes alternate at each concurrency, so that the two figures compared are measured close in time
         # (this machine is shared: its load drifts over a run)
+        adapters = [spec.partition("=")[0] for spec in cfg.lora]
+        lora_rows = []
         for c in cfg.concurrency:
             for mode in cfg.modes:
-                before = await scrape(client, base)
-                cpu0, own0 = read_cpu_s(server.pid if server else None), time.process_time()
-                rss.start_level()
-                level = await run_level(client, base, cfg, model_name, mode, c)
-                level.peak_rss_mb = await rss.end_level()
-                cpu1, own1 = read_cpu_s(server.pid if server else None), time.process_time()
-                after = await scrape(client, base)
-                # the machine is shared: how many cores the server and this client got, and the load around them
-                wall = level.wall_s or None
-                level.load = {"server_cores": (cpu1 - cpu0) / wall if cpu0 is not None and wall else None,
-                              "client_cores": (own1 - own0) / wall if wall else None,
-                              "load_avg_1m": os.getloadavg()[0]}
-                level.metrics = {
-                    "decoder_passes": _delta(after, before, "dgemma_decoder_passes_total", "dgemma_decoder_passes"),
-                    "encoder_passes": _delta(after, before, "dgemma_encoder_passes_total", "dgemma_encoder_passes"),
-                    "server_tokens": _delta(after, before, "dgemma_tokens_total", "dgemma_tokens")}
-                row = summarize(level, canvas)
-                rows.append(row)
-                log(f"{mode:9s} c={c:<3d} {row['complete']}/{row['planned']} complete, {row['lost']} lost, "
-                    f"{_fmt(row['tokens_per_s'], '.1f')} tok/s, p50 {_fmt(row['latency_p50_s'], '.2f')} s "
-                    f"({row['wall_s']:.1f} s)")
+                rows.append(await _measure(client, base, cfg, server, rss, model_name, mode, c, canvas, log))
+                if adapters:  # the same level with the requests spread over the base and every adapter
+                    row = await _measure(client, base, cfg, server, rss, [model_name, *adapters], mode, c, canvas,
+                                         log)
+                    row["tokens_per_s_vs_base"] = _ratio(row["tokens_per_s"], rows[-1]["tokens_per_s"])
+                    lora_rows.append(row)
         peak = rss.peak
         if server is not None:
             _, hwm = read_rss_mb(server.pid)
             peak = max(peak or 0.0, hwm or 0.0) or None
-    return {"rows": rows, "model_name": model_name, "canvas_length": canvas, "peak_rss_mb": peak, "url": base}
+    return {"rows": rows, "lora_rows": lora_rows, "model_name": model_name, "canvas_length": canvas,
+            "peak_rss_mb": peak, "url": base}
+
+
+async def _measure(client, base: str, cfg: ServeBenchConfig, server: Server | None, rss: RssWatch, model_name,
+                   mode: str, c: int, canvas: int | None, log) -> dict:
+    """One level (its requests for `model_name`, or spread over a list of names), with the server's metrics, CPU
+    and memory around it."""
+    before = await scrape(client, base)
+    cpu0, own0 = read_cpu_s(server.pid if server else None), time.process_time()
+    rss.start_level()
+    level = await run_level(client, base, cfg, model_name, mode, c)
+    level.peak_rss_mb = await rss.end_level()
+    cpu1, own1 = read_cpu_s(server.pid if server else None), time.process_time()
+    after = await scrape(client, base)
+    # the machine is shared: how many cores the server and this client got, and the load around them
+    wall = level.wall_s or None
+    level.load = {"server_cores": (cpu1 - cpu0) / wall if cpu0 is not None and wall else None,
+                  "client_cores": (own1 - own0) / wall if wall else None,
+                  "load_avg_1m": os.getloadavg()[0]}
+    level.metrics = {
+        "decoder_passes": _delta(after, before, "dgemma_decoder_passes_total", "dgemma_decoder_passes"),
+        "encoder_passes": _delta(after, before, "dgemma_encoder_passes_total", "dgemma_encoder_passes"),
+        "server_tokens": _delta(after, before, "dgemma_tokens_total", "dgemma_tokens")}
+    row = summarize(level, canvas)
+    row["models"] = model_name if isinstance(model_name, list) else [model_name]
+    spread = f" over {len(model_name)} models" if isinstance(model_name, list) else ""
+    log(f"{mode:9s} c={c:<3d}{spread} {row['complete']}/{row['planned']} complete, {row['lost']} lost, "
+        f"{_fmt(row['tokens_per_s'], '.1f')} tok/s, p50 {_fmt(row['latency_p50_s'], '.2f')} s ({row['wall_s']:.1f} s)")
+    return row
 
 
 def run(cfg: ServeBenchConfig, log=None) -> dict:
@@ -604,7 +626,11 @@ def run(cfg: ServeBenchConfig, log=None) -> dict:
         "canvas_latency_p50_s": _by_mode([r for r in rows if r["mode"] == "diffusion"], "canvas_latency_p50_s"),
         "tokens_per_forward": _by_mode(rows, "tokens_per_forward"),
         "decoder_passes": _by_mode(rows, "decoder_passes"),
-        "lost_requests": sum(r["lost"] for r in rows),
+        "lost_requests": sum(r["lost"] for r in rows + got["lora_rows"]),
+        # --lora: aggregate tokens/s with the requests spread over the base and the adapters, over the base alone
+        "lora_tokens_per_s_vs_base": {f"{r['mode']}@{r['concurrency']}": r["tokens_per_s_vs_base"]
+                                      for r in got["lora_rows"]} or None,
+        "lora_levels": got["lora_rows"],
         "skipped_requests": sum(r["skipped"] for r in rows),
         "peak_rss_mb": got["peak_rss_mb"],
         "diffusion_vs_ar_latency_c1": _ratio(d1 and d1["latency_p50_s"], a1 and a1["latency_p50_s"]),
@@ -649,6 +675,10 @@ def print_table(r: dict) -> None:
     print("(times in s: ttft = first committed token, lat = whole request, /canvas = diffusion latency per committed "
           "canvas, tpot = per token after the first; tok/fwd = committed tokens per encoder+decoder pass;\n"
           " srv.cpu = cores the server used on average; load = 1-minute load average at the level's end)")
+    for x in r.get("lora_levels") or []:
+        print(f"{x['mode']:9s} {x['concurrency']:4d} spread over {len(x['models'])} models (base + adapters): "
+              f"{x['complete']}/{x['planned']} complete, {_fmt(x['tokens_per_s'], '.1f')} tok/s, "
+              f"{_fmt(x['tokens_per_s_vs_base'], '.2f', 'x')} the base alone's")
     print(f"diffusion/AR latency p50 at concurrency 1: {_fmt(r['diffusion_vs_ar_latency_c1'], '.2f', 'x')}   "
           f"diffusion tokens/s at 16 vs 1: {_fmt(r['diffusion_tokens_per_s_c16_vs_c1'], '.2f', 'x')}   "
           f"lost requests: {r['lost_requests']}   skipped (level time cap): {r['skipped_requests']}   "
@@ -757,6 +787,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=c.dtype, help="server: weights dtype")
     p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
                    help="server: --no-batch-invariant (no padding of small matmuls; AR at low concurrency is faster)")
+    p.add_argument("--lora", action="append", default=list(c.lora), metavar="NAME=DIR",
+                   help="server: serve this LoRA adapter too (repeatable); every level then also runs with its requests "
+                        "spread over the base and the adapters (JSON: lora_tokens_per_s_vs_base)")
     p.add_argument("--out", default=c.out, help=f"folder for NAME.json and NAME.png (default {c.out})")
     p.add_argument("--name", default=c.name, help="output file stem (default: 'quick' or the model folder's name)")
     p.add_argument("--quick", action="store_true",
