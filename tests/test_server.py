@@ -512,7 +512,7 @@ def test_bad_completion_requests(live, body, param):
     ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
      "response_format"),
 ])
 def test_bad_chat_requests(live, body, param):

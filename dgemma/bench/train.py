@@ -339,11 +339,11 @@ def dgemma_step(model: DiffusionGemma, optimizer, params, loader, index: int, cl
     """One `dgemma train` step (single process, grad_accum 1), its parts timed into `clock`. Returns the loss and
     the shape figures the FLOP count needs."""
     from dgemma.train.objective import sample_noise, training_losses
-    from dgemma.train.pretrain import _unpack, example_generators
+    from dgemma.train.pretrain import example_generators, unpack_batch
 
     c = model.config
     with clock("data"):
-        x, mask = _unpack(next(loader))
+        x, mask = unpack_batch(next(loader))
         B, T = x.shape
         noise = sample_noise(x, c.vocab_size, example_generators(seed, "train", index * B, B), eps=T_EPS, sc_prob=0.5)
     with clock("forward"), autocast, timed_model(model, clock):

@@ -153,7 +153,7 @@ def folder_data(path: str | os.PathLike[str], batch_size: int, seq_len: int, can
         special_ids=dict(meta.get("special_ids", {})), name=str(path))
 
 
-def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(batch, torch.Tensor):
         return batch, None
     if isinstance(batch, dict):
@@ -773,7 +773,7 @@ def _train(cfg: TrainConfig, data: DataSource | None, on_step, env: Distributed)
         with torch.no_grad(), autocast:
             for b in range(cfg.val_batches):
                 try:
-                    x, mask = _unpack(next(val_loader))
+                    x, mask = unpack_batch(next(val_loader))
                 except StopIteration:
                     break
                 x = x.to(env.device)
@@ -798,7 +798,7 @@ def _train(cfg: TrainConfig, data: DataSource | None, on_step, env: Distributed)
         with stop.installed():
             while step < cfg.steps:
                 t0 = time.perf_counter()
-                micro = [_unpack(next(loader)) for _ in range(cfg.grad_accum)]
+                micro = [unpack_batch(next(loader)) for _ in range(cfg.grad_accum)]
                 for x, mask in micro:
                     if x.dim() != 2 or x.shape != (rows, cfg.seq_len):
                         raise TrainError(f"the loader yielded a batch of shape {tuple(x.shape)}; expected "
