@@ -44,7 +44,7 @@ from dgemma.model import DiffusionGemma
 from dgemma.train.finetune import FinetuneConfig
 from dgemma.train.finetune_loop import enable_gradient_checkpointing, prepare_model, sft_losses, sft_masks
 from dgemma.train.objective import sample_noise
-from dgemma.train.pretrain import example_generators
+from dgemma.train.objective import example_generators
 from dgemma.train.sft import SFTBatches, SFTSplit
 
 GiB = 1024**3

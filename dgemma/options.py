@@ -105,20 +105,17 @@ class TrainError(ValueError):
 
 
 @dataclass
-class TrainConfig:
+class LoopConfig:
+    """The settings of the one training loop (train/loop.py), shared by `dgemma train` (TrainConfig) and `dgemma
+    finetune` (train/finetune.py's FinetuneConfig); each subclass adds its own and may change a default."""
+
     out: str = "runs/dgemma"  # run folder
-    data: str | None = None  # folder made by `dgemma data prepare`
-    synthetic_data: bool = False  # uniform random tokens instead of --data (speed checks, smoke tests)
-    preset: str | None = None  # model preset for training from scratch (default "small")
-    init_from: str | None = None  # checkpoint folder to fine-tune
-    vocab_size: int | None = None  # override the preset's vocabulary (must equal the tokenizer's)
-    canvas_length: int | None = None  # override the preset's or checkpoint's canvas length (no weight depends on it)
     resume: bool = False  # continue from the newest checkpoint in --out (an error if there is none)
     steps: int = 1000  # total optimizer steps
     batch_size: int = 16  # sequences per micro-step, all processes together
     grad_accum: int = 1  # micro-steps per optimizer step
-    seq_len: int = 256  # tokens per sequence, a multiple of the model's canvas_length
-    lr: float = 1e-3
+    seq_len: int = 256  # tokens per sequence (the longest row for fine-tuning), a multiple of the canvas length
+    lr: float | None = 1e-3  # peak learning rate (None: the subclass's default, see learning_rate)
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     warmup_steps: int = 100  # linear warmup from 0
     schedule: str = "cosine"  # cosine (warmup, cosine to the floor at --steps) | wsd (warmup, constant, linear decay)
@@ -128,17 +125,14 @@ class TrainConfig:
     weight_decay: float = 0.1  # on matrices only (not norms and scales)
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
     ar_weight: float = 1.0  # total = diffusion + ar_weight * AR
-    ar_only: bool = False  # AR loss only, no decoder passes (the autoregressive control)
     sc_prob: float = 0.5  # probability that an example's second pass reads the first pass's logits
     t_eps: float = 1e-3  # t ~ U(t_eps, 1)
     ce_chunk: int = 0  # compute the LM-head CE this many positions at a time (0 = all at once)
     bf16: bool | None = None  # bf16 autocast, weights and optimizer stay fp32 (None: where the hardware has bf16)
-    compile: bool = False  # torch.compile each layer
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when running on several processes
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch CPU threads per process (default: cores / local processes)
     seed: int = 0  # initialisation, data order and noise
-    init_std: float = 0.02
     val_every: int = 200  # steps between validations (0 = only at the end; there is always one at the end)
     val_batches: int = 4  # micro-batches per validation
     val_t: tuple[float, ...] = (0.25, 0.5, 0.75)  # noise levels of the validation diffusion loss
@@ -148,24 +142,26 @@ class TrainConfig:
     max_minutes: float | None = None  # stop cleanly (with a checkpoint) after this much training time
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
 
-    def validate(self) -> None:
-        """Raise TrainError naming every impossible setting."""
+    @property
+    def learning_rate(self) -> float:
+        return self.lr
+
+    def loop_problems(self) -> list[str]:
+        """Every impossible setting of the loop's own fields, one message each."""
         problems = []
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "val_batches", "log_every")
         problems += [f"--{n.replace('_', '-')} must be >= 1 (got {getattr(self, n)})" for n in positive
                      if getattr(self, n) < 1]
-        non_negative = ("warmup_steps", "decay_steps", "weight_decay", "grad_clip", "ar_weight", "ce_chunk", "val_every",
-                        "ckpt_every", "keep_checkpoints")
+        non_negative = ("warmup_steps", "decay_steps", "weight_decay", "grad_clip", "ar_weight", "ce_chunk",
+                        "val_every", "ckpt_every", "keep_checkpoints")
         problems += [f"--{n.replace('_', '-')} must be >= 0 (got {getattr(self, n)})" for n in non_negative
                      if getattr(self, n) < 0]
         floats = ("lr", "min_lr_ratio", "beta1", "beta2", "weight_decay", "grad_clip", "ar_weight", "sc_prob", "t_eps",
-                  "init_std", "max_minutes")
+                  "max_minutes")
         problems += [f"--{n.replace('_', '-')} must be a finite number (got {getattr(self, n)})" for n in floats
                      if not _finite(getattr(self, n))]
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             problems.append(f"--lr must be > 0 (got {self.lr})")
-        if not self.init_std > 0:
-            problems.append(f"--init-std must be > 0 (got {self.init_std})")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"--min-lr-ratio must be in [0, 1] (got {self.min_lr_ratio})")
         if self.schedule not in ("cosine", "wsd"):
@@ -182,7 +178,38 @@ class TrainConfig:
             problems.append(f"--t-eps must be in [0, 1) (got {self.t_eps})")
         if any(not 0 <= t <= 1 for t in self.val_t):
             problems.append(f"--val-t values must be in [0, 1] (got {list(self.val_t)})")
-        for name in ("canvas_length", "vocab_size", "threads"):
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"--threads must be >= 1 (got {self.threads})")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"--device must be auto, cpu or cuda (got {self.device!r})")
+        if self.progress not in ("auto", "bar", "lines", "none"):
+            problems.append(f"--progress must be auto, bar, lines or none (got {self.progress!r})")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            problems.append(f"--max-minutes must be > 0 (got {self.max_minutes})")
+        return problems
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """`dgemma train`: the loop's settings plus the data and the model to train."""
+
+    data: str | None = None  # folder made by `dgemma data prepare`
+    synthetic_data: bool = False  # uniform random tokens instead of --data (speed checks, smoke tests)
+    preset: str | None = None  # model preset for training from scratch (default "small")
+    init_from: str | None = None  # checkpoint folder to fine-tune
+    vocab_size: int | None = None  # override the preset's vocabulary (must equal the tokenizer's)
+    canvas_length: int | None = None  # override the preset's or checkpoint's canvas length (no weight depends on it)
+    lr: float = 1e-3
+    ar_only: bool = False  # AR loss only, no decoder passes (the autoregressive control)
+    compile: bool = False  # torch.compile each layer
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        """Raise TrainError naming every impossible setting."""
+        problems = self.loop_problems()
+        if not _finite(self.init_std) or not self.init_std > 0:
+            problems.append(f"--init-std must be a finite number > 0 (got {self.init_std})")
+        for name in ("canvas_length", "vocab_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
@@ -192,12 +219,6 @@ class TrainConfig:
             problems.append("no training data: pass --data DIR (made by `dgemma data prepare`) or --synthetic-data")
         if self.data is not None and self.synthetic_data:
             problems.append("give either --data or --synthetic-data, not both")
-        if self.device not in ("auto", "cpu", "cuda"):
-            problems.append(f"--device must be auto, cpu or cuda (got {self.device!r})")
-        if self.progress not in ("auto", "bar", "lines", "none"):
-            problems.append(f"--progress must be auto, bar, lines or none (got {self.progress!r})")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            problems.append(f"--max-minutes must be > 0 (got {self.max_minutes})")
         if problems:
             raise TrainError("; ".join(problems))
 
@@ -311,6 +332,9 @@ class EvalConfig:
     sweep: bool = True  # --task sudoku: also sweep step budgets and entropy bounds
     sweep_puzzles: int | None = None  # --task sudoku: the sweep uses the first N puzzles (None: all)
     compile: bool = False  # every generation (diffusion and AR) with compile=True; not bit-identical, tokens may differ
+    cases_file: str | None = None  # --task infill: JSONL cases (default: the model folder's infill_cases.jsonl)
+    cases: int = 100  # --task infill: at most this many cases
+    write_cases: str | None = None  # --task infill: write held-out cases (from --data's split) to this file and stop
 
 
 def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -344,8 +368,10 @@ def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--write-prompts", default=None, metavar="FILE",
                    help="write the prompts eval would use (e.g. from --data) to FILE as a prompts JSON and stop; "
                         f"this is how a model folder's {EVAL_PROMPTS_FILE} is made")
+    p.add_argument("--task", choices=["sudoku", "infill"], default=None,
+                   help="sudoku: exact solving by a task model; infill: fill in the middle on held-out Python "
+                        "(default: free generation from prompts)")
     g = p.add_argument_group("--task sudoku (exact solving of held-out puzzles, see dgemma/tasks/sudoku_eval.py)")
-    g.add_argument("--task", choices=["sudoku"], default=None, help="evaluate a task model instead of free text")
     g.add_argument("--control", default=None, help="AR-only control model (dgemma train --ar-only)")
     g.add_argument("--puzzles-file", default=None, help="lines 'PUZZLE [SOLUTION]' (default: --data's test split, "
                                                         "else the model folder's test_puzzles.txt)")
@@ -354,6 +380,13 @@ def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=d.sweep,
                    help="also sweep diffusion step budgets and entropy bounds")
     g.add_argument("--sweep-puzzles", type=positive_int, default=None, help="the sweep uses the first N puzzles")
+    g = p.add_argument_group("--task infill (a removed line or span of held-out functions, diffusion with the suffix "
+                             "against AR; see dgemma/evals/infill.py)")
+    g.add_argument("--cases-file", default=None, help="JSONL cases (default: the model folder's infill_cases.jsonl)")
+    g.add_argument("--cases", type=positive_int, default=d.cases, help="at most this many cases, evenly spaced")
+    g.add_argument("--write-cases", default=None, metavar="FILE",
+                   help="cut cases from the functions of the validation split's Python files (--data's, else the "
+                        "python-stdlib recipe's default split) and write them to FILE, then stop")
     return p
 
 

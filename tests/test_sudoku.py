@@ -145,9 +145,10 @@ def test_tiny_model_trains_and_eval_runs(prepared, tmp_path, capsys):
     cfg = TrainConfig(out=str(run), data=str(prepared / "a"), preset="tiny", vocab_size=17, canvas_length=37,
                       seq_len=74, batch_size=4, steps=3, warmup_steps=1, val_every=0, val_batches=1,
                       progress="none", threads=1)
-    result = train(cfg)
+    data = sudoku.sudoku_data_source(cfg.data, cfg.batch_size, cfg.seq_len, cfg.canvas_length)  # as `dgemma train`
+    result = train(cfg, data)
     assert result.step == 3 and result.checkpoint is not None
-    control = train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "ar"), "ar_only": True}))
+    control = train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "ar"), "ar_only": True}), data)
     assert control.history[-1]["diffusion"] == 0.0
     capsys.readouterr()
     code = cli_main(["eval", "--task", "sudoku", "--model", str(result.checkpoint), "--data", str(prepared / "a"),

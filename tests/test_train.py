@@ -20,19 +20,19 @@ from safetensors.torch import load_file
 
 from dgemma.checkpoint import load_checkpoint, save_checkpoint
 from dgemma.config import preset
+from dgemma.options import add_train
 from dgemma.model import DiffusionGemma, init_weights
 from dgemma.train.objective import ObjectiveError
 from dgemma.train.pretrain import (
     DataSource,
     TrainConfig,
     TrainError,
-    add_cli,
     config_from_args,
-    latest_checkpoint,
-    lr_factor,
     synthetic_data,
     train,
 )
+from dgemma.train.loop import lr_factor
+from dgemma.train.runs import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_cli_flags_mirror_the_config():
     import argparse
 
     parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
+    add_train(parser.add_subparsers(dest="command"))
     assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
     args = parser.parse_args(["train", "--no-bf16", "--val-t", "0.1", "0.9", "--preset", "tiny", "--grad-accum", "3"])
     cfg = config_from_args(args)
@@ -157,7 +157,7 @@ def test_resume_equals_uninterrupted_and_ctrl_c_stops_cleanly(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_on_the_command_line_exits_0_with_a_checkpoint(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dgemma.train.pretrain", "--synthetic-data", "--preset", "tiny", "--seq-len", "32",
+    cmd = [sys.executable, "-m", "dgemma.train", "--synthetic-data", "--preset", "tiny", "--seq-len", "32",
            "--batch-size", "2", "--steps", "100000", "--out", str(out), "--no-bf16", "--threads", "1",
            "--progress", "lines", "--log-every", "1", "--val-every", "0", "--ckpt-every", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

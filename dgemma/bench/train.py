@@ -339,7 +339,8 @@ def dgemma_step(model: DiffusionGemma, optimizer, params, loader, index: int, cl
     """One `dgemma train` step (single process, grad_accum 1), its parts timed into `clock`. Returns the loss and
     the shape figures the FLOP count needs."""
     from dgemma.train.objective import sample_noise, training_losses
-    from dgemma.train.pretrain import example_generators, unpack_batch
+    from dgemma.train.objective import example_generators
+    from dgemma.train.pretrain import unpack_batch
 
     c = model.config
     with clock("data"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -367,10 +368,39 @@ def _run_bench_structured(args) -> int:
     return run_cli(args)
 
 
-def _run_train(args) -> int:
-    from dgemma.train.pretrain import run_cli
+def _run_data(args) -> int:
+    """`dgemma data`: corpora and SFT sets (train/data.py, train/sft.py), or a generated task (tasks/sudoku.py)."""
+    from dgemma.train import data
 
-    return run_cli(args)
+    if args.data_command != "prepare" or "sudoku" not in args.source:
+        return data.run_cli(args)
+    from dgemma.tasks import sudoku
+
+    if len(args.source) > 1:
+        raise data.DataError("--source sudoku cannot be combined with other sources; prepare it into its own --out")
+    counts = {k: v for k, v in (("train", args.count), ("val", args.val_count), ("test", args.test_count))
+              if v is not None}
+    meta = sudoku.prepare(args.out, size=args.size, counts=counts, seed=args.seed,
+                          givens=tuple(args.givens) if args.givens else None, force=args.force,
+                          log=lambda message: print(message, file=sys.stderr, flush=True))
+    print(sudoku.summary(meta, args.out))
+    return 0
+
+
+def _run_train(args) -> int:
+    """`dgemma train`: the run, with a task's own batches when --data holds a generated task (Sudoku)."""
+    from dgemma.tasks.sudoku import is_sudoku_data, sudoku_data_source
+    from dgemma.train.pretrain import config_from_args, model_canvas_length, train
+
+    cfg = config_from_args(args)
+    cfg.validate()
+    data = None
+    if cfg.data is not None and is_sudoku_data(cfg.data):
+        data = sudoku_data_source(cfg.data, cfg.batch_size, cfg.seq_len, model_canvas_length(cfg), seed=cfg.seed)
+    result = train(cfg, data)
+    if result.stopped is None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"dgemma train: done, {result.step} steps; model in {result.checkpoint}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["generate"].set_defaults(func=_run_generate)
     _add_info(sub)
     sub.choices["info"].set_defaults(func=_run_info)
-    data.add_cli(sub)
+    data.add_cli(sub).set_defaults(func=_run_data)
     options.add_eval(sub).set_defaults(func=_run_eval)
     bench = options.add_bench(sub)
     bench.set_defaults(func=_run_bench)

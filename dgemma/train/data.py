@@ -2,8 +2,8 @@
 
 Prepare shards once (downloads are cached in ~/.cache/dgemma/corpora, or $DGEMMA_CACHE, or --cache-dir):
 
-    python -m dgemma.train.data prepare --source python-stdlib --source python-docs --out data/py --vocab-size 8192
-    python -m dgemma.train.data list          # the recipes and their licences
+    dgemma data prepare --source python-stdlib --source python-docs --out data/py --vocab-size 8192
+    dgemma data list          # the recipes and their licences
     (`dgemma data prepare ...` takes the same flags)
 
 A source is a recipe name (`python-stdlib`, `python-docs`, `shakespeare`) or a path to your own file or folder
@@ -692,6 +692,11 @@ def read_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read {path} ({e}); run `dgemma data prepare` again") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        other = meta.get("format") if isinstance(meta, dict) else None
+        if isinstance(other, str) and other.startswith("dgemma-"):
+            raise DataError(f"{data_dir} holds {other} data, not packed training tokens: `dgemma train --data` "
+                            "reads Sudoku folders itself (from Python, pass train(cfg, data=sudoku_data_source(...)) "
+                            "from dgemma.tasks.sudoku), and SFT data is for `dgemma finetune`")
         raise DataError(f"{path} is not a {FORMAT} meta.json; run `dgemma data prepare` again")
     return meta
 
@@ -942,18 +947,8 @@ def run_cli(args: argparse.Namespace) -> int:
                           seed=args.seed, max_examples=args.max_documents, cache_dir=args.cache_dir, force=args.force,
                           log=lambda message: print(message, file=sys.stderr, flush=True)).summary())
         return 0
-    if "sudoku" in args.source:  # a generated task, not a corpus: its own recipe module
-        from dgemma.tasks import sudoku
-
-        if len(args.source) > 1:
-            raise DataError("--source sudoku cannot be combined with other sources; prepare it into its own --out")
-        counts = {k: v for k, v in (("train", args.count), ("val", args.val_count), ("test", args.test_count))
-                  if v is not None}
-        meta = sudoku.prepare(args.out, size=args.size, counts=counts, seed=args.seed,
-                              givens=tuple(args.givens) if args.givens else None, force=args.force,
-                              log=lambda message: print(message, file=sys.stderr, flush=True))
-        print(sudoku.summary(meta, args.out))
-        return 0
+    if "sudoku" in args.source:
+        raise DataError("--source sudoku is prepared by the command line (`dgemma data prepare --source sudoku`)")
     report = prepare(
         args.source,
         args.out,
@@ -968,14 +963,3 @@ def run_cli(args: argparse.Namespace) -> int:
     )
     print(report.summary())
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m dgemma.train.data ...`: the same as `dgemma data ...`."""
-    from dgemma.cli.main import main as cli_main  # the command line's one error handler
-
-    return cli_main(["data", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

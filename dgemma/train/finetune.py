@@ -5,7 +5,7 @@ answers without importing torch; the loop is in finetune_loop.py, the adapters i
     dgemma finetune --model models/dgemma-py-small --data data/pyfn --out runs/pyfn-lora --lora-rank 8
     dgemma finetune --model models/dgemma-py-small --data data/pyfn --out runs/pyfn-full        # full fine-tuning
     dgemma finetune ... --resume                                   # continue the run in --out exactly
-    torchrun --nproc-per-node 2 -m dgemma.train.finetune_loop ...        # data parallel (DDP)
+    torchrun --nproc-per-node 2 -m dgemma.train finetune ...            # data parallel (DDP)
     dgemma generate --model models/dgemma-py-small --adapter runs/pyfn-lora/latest --chat "..."
     dgemma lora merge --model models/dgemma-py-small --adapter runs/pyfn-lora/latest --out models/pyfn-merged
 
@@ -20,6 +20,7 @@ import argparse
 from dataclasses import dataclass, fields
 
 from dgemma.options import (
+    LoopConfig,
     below_one,
     non_negative_float,
     non_negative_int,
@@ -33,47 +34,31 @@ DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # l
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(LoopConfig):
+    """`dgemma finetune`: the loop's settings (options.LoopConfig, some defaults changed) plus the base model, the SFT
+    data and LoRA."""
+
     model: str = ""  # base checkpoint folder
     data: str = ""  # SFT folder made by `dgemma data prepare --format ...` (or --source python-functions)
     out: str = ""  # run folder
-    resume: bool = False
     steps: int = 200
     batch_size: int = 8  # examples per micro-step, all processes together
-    grad_accum: int = 1
     seq_len: int = 384  # longest row (tokens, a multiple of the canvas); batches are as long as their longest row
     overflow: str = "truncate"  # examples longer than seq_len: truncate | drop
     lr: float | None = None  # default: 1e-4 full fine-tuning, 1e-3 LoRA
-    min_lr_ratio: float = 0.1
     warmup_steps: int = 10
-    beta1: float = 0.9
-    beta2: float = 0.95
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ar_weight: float = 1.0  # total = diffusion + ar_weight * AR (AR on the answer tokens)
     ar_on_prompt: bool = False  # also supervise the prompt with the AR loss (the diffusion loss never covers it)
-    sc_prob: float = 0.5
-    t_eps: float = 1e-3
-    ce_chunk: int = 0
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = DEFAULT_TARGETS
     train_router: bool = False  # full fine-tuning: also train the router (frozen by default, as NeMo does)
     gradient_checkpointing: bool = False
-    fsdp: bool = False  # FSDP2 (fully_shard per layer) instead of DDP on several processes
-    bf16: bool | None = None
-    device: str = "auto"
-    threads: int | None = None
-    seed: int = 0
     val_every: int = 50
-    val_batches: int = 4
     val_t: tuple[float, ...] = (0.5,)
-    log_every: int = 10
     ckpt_every: int = 100
     keep_checkpoints: int = 2
-    max_minutes: float | None = None
-    progress: str = "auto"
 
     @property
     def lora(self) -> bool:
@@ -127,6 +112,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=positive_float, default=None, help="default 1e-4 (full) or 1e-3 (LoRA)")
     g.add_argument("--min-lr-ratio", type=unit_interval, default=d.min_lr_ratio)
     g.add_argument("--warmup-steps", type=non_negative_int, default=d.warmup_steps)
+    g.add_argument("--schedule", choices=["cosine", "wsd"], default=d.schedule,
+                   help="cosine: warmup then cosine decay to the floor at --steps; wsd: warmup, constant, then linear "
+                        "decay over the last --decay-steps")
+    g.add_argument("--decay-steps", type=non_negative_int, default=d.decay_steps,
+                   help="wsd: steps of final linear decay, ending at --steps (default 0: constant)")
     g.add_argument("--beta1", type=below_one, default=d.beta1)
     g.add_argument("--beta2", type=below_one, default=d.beta2)
     g.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay)

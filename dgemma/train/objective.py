@@ -19,6 +19,7 @@ them for the examples whose switch is on (zero signal for the others) and is the
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,18 @@ class Noise:
     noisy: torch.Tensor  # [B, T] long: x with the corrupted positions replaced by uniform random tokens
     corrupted: torch.Tensor  # [B, T] bool: positions that drew a random token (it may equal the clean one)
     sc_mask: torch.Tensor  # [B] bool: self-conditioning on for this example in pass 2
+
+
+def mix_seed(*parts: object) -> int:
+    """A 63-bit seed from any printable parts (stable across runs, processes and Python versions)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def example_generators(seed: int, domain: str, first_index: int, n: int) -> list[torch.Generator]:
+    """One CPU generator per example, seeded by (seed, domain, global example index): an example's noise does not
+    depend on how its batch is split over processes or micro-steps."""
+    return [torch.Generator().manual_seed(mix_seed(seed, domain, first_index + i)) for i in range(n)]
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

@@ -28,37 +28,31 @@ on N processes computes the same gradients as one process on the same global bat
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
 import os
-import random
-import shutil
-import signal
-import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dgemma.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dgemma.config import ConfigError, ModelConfig, preset
 from dgemma.model import DiffusionGemma, init_weights
-from dgemma.options import TrainConfig, TrainError, add_train
-from dgemma.train.objective import EvalLosses, evaluate_losses, sample_noise, training_losses
+from dgemma.options import TrainConfig, TrainError
+from dgemma.train import runs
+from dgemma.train.dist import Distributed, set_threads, setup_distributed
+from dgemma.train.loop import Job, LoopResult, run_loop
+from dgemma.train.objective import (
+    EvalLosses,
+    evaluate_losses,
+    example_generators,
+    mix_seed,
+    training_losses,
+)
 
-TRAINER_STATE = "trainer_state.pt"
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-LOG = "log.jsonl"
 RUN_CONFIG = "train_config.json"
 
 
@@ -110,7 +104,7 @@ class SyntheticBatches:
 
     def __next__(self) -> torch.Tensor:
         s = self.step if self.num_batches is None else self.step % self.num_batches
-        g = torch.Generator().manual_seed(_mix(self.seed, "synthetic", s))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, "synthetic", s))
         full = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len), generator=g)
         rows = self.batch_size // self.world_size
         self.step += 1
@@ -165,100 +159,6 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Randomness keyed to the example, not the process
-def _mix(*parts: Any) -> int:
-    """A 63-bit seed from any printable parts (stable across runs, processes and Python versions)."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def example_generators(seed: int, domain: str, first_index: int, n: int) -> list[torch.Generator]:
-    """One CPU generator per example, seeded by (seed, domain, global example index)."""
-    return [torch.Generator().manual_seed(_mix(seed, domain, first_index + i)) for i in range(n)]
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of --lr at optimizer step `step` (0-based): linear warmup, then either cosine to min_lr_ratio at
-    `steps` ("cosine") or constant 1 until the last `decay_steps`, which fall linearly to min_lr_ratio ("wsd")."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "wsd":
-        start = cfg.steps - cfg.decay_steps
-        if cfg.decay_steps == 0 or step < start:
-            return 1.0
-        progress = min(1.0, (step - start + 1) / cfg.decay_steps)
-        return 1.0 + (cfg.min_lr_ratio - 1.0) * progress
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Processes and devices
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False  # we called init_process_group (and so destroy it)
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        if not self.enabled:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast speeds training up on `device`. On CPUs, oneDNN needs native bf16 instructions
-    (AVX512-BF16 or AMX); on an AVX2-only CPU bf16 matmuls were measured 10-100x slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def setup_distributed(device: str = "auto") -> Distributed:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); start the process group
-    (nccl on GPUs, gloo on the CPU) when there is more than one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise TrainError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    dev = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-        owns = True
-    return Distributed(rank, world, local_rank, local_world, dev, owns)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The module DDP/FSDP wrap: its forward runs the whole objective, so the wrappers' hooks see every use of the weights
 class TrainStep(nn.Module):
     def __init__(self, model: DiffusionGemma):
@@ -274,173 +174,6 @@ class TrainStep(nn.Module):
                                  diffusion_norm=diffusion_norm, ar_norm=ar_norm, self_conditioning=self_conditioning,
                                  diffusion=diffusion)
         return losses.total, losses.diffusion_sum, losses.ar_sum
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Run folder: checkpoints, log
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _is_complete(folder: Path) -> bool:
-    return (folder / TRAINER_STATE).is_file() and (folder / "config.json").is_file()
-
-
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint of a run (where `latest` points, else the highest complete step folder)."""
-    run = Path(run_dir)
-    link = run / LATEST
-    if link.is_symlink() or link.is_dir():
-        target = link.resolve()
-        if _is_complete(target):
-            return target
-    found = sorted((p for p in (run / CHECKPOINTS).glob("step-*") if _is_complete(p)), reverse=True)
-    return found[0] if found else None
-
-
-def _point_latest(run: Path, folder: Path) -> None:
-    tmp = run / f".{LATEST}.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.symlink(os.path.relpath(folder, run), tmp)
-    os.replace(tmp, run / LATEST)
-
-
-def write_checkpoint(run: Path, step: int, model: DiffusionGemma, trainer_state: dict[str, Any],
-                     tokenizer_path: Path | None, generation_config: dict | None, keep: int) -> Path:
-    """Write checkpoints/step-NNNNNN (HF folder + trainer_state.pt) under a temporary name, rename it into place,
-    then move `latest` to it and prune old ones. An interruption at any point leaves `latest` on a complete one."""
-    root = run / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".step-*"):  # leftovers of an interrupted write
-        shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"step-{step:06d}"
-    staging = root / f".{final.name}.partial"
-    save_checkpoint(model, staging, generation_config=generation_config, tokenizer_path=tokenizer_path)
-    tmp_state = staging / f".{TRAINER_STATE}.tmp"
-    torch.save(trainer_state, tmp_state)
-    with open(tmp_state, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp_state, staging / TRAINER_STATE)
-    if final.exists():  # a step re-reached after resuming from an earlier checkpoint
-        old = root / f".{final.name}.old"
-        os.rename(final, old)
-        os.rename(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, final)
-    _point_latest(run, final)
-    if keep:
-        done = sorted(p for p in root.glob("step-*") if _is_complete(p))
-        for old in done[:-keep]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-class RunLog:
-    """log.jsonl: one JSON object per line, appended and flushed (main process only)."""
-
-    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
-        """keep_until_step: None starts a new log; a step keeps the records up to it (resuming)."""
-        self.path, self.enabled = path, enabled
-        if enabled and keep_until_step is None:
-            path.unlink(missing_ok=True)  # a fresh run in a folder that held an unfinished start
-        if enabled and keep_until_step is not None and path.exists():
-            # Resuming: drop records of steps after the checkpoint (they will be redone).
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= keep_until_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    pass  # a line cut by a crash
-            _write_text_atomic(path, "".join(k + "\n" for k in kept))
-        self.file = open(path, "a") if enabled else None  # noqa: SIM115 (open for the whole run)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Progress display
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-class Display:
-    """A rich progress bar on a terminal, else one compact line every `log_every` steps (stderr, main process)."""
-
-    def __init__(self, mode: str, total: int, start: int, log_every: int, enabled: bool):
-        self.log_every, self.total = log_every, total
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "lines"
-        self.mode = mode if enabled else "none"
-        self.bar = None
-        if self.mode == "bar":
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}"), console=Console(stderr=True))
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
-            self.bar.start()
-
-    def note(self, text: str) -> None:
-        if self.mode == "bar":
-            self.bar.console.print(text)
-        elif self.mode == "lines":
-            print(text, file=sys.stderr, flush=True)
-
-    def step(self, rec: dict[str, Any], eta: float) -> None:
-        info = (f"loss {rec['loss']:.4f} (diff {rec['diffusion']:.3f} ar {rec['ar']:.3f})  lr {rec['lr']:.2e}  "
-                f"{rec['tokens_per_s'] / 1000:.2f}k tok/s")
-        if self.mode == "bar":
-            self.bar.update(self.task, completed=rec["step"], info=info)
-        elif self.mode == "lines" and (rec["step"] % self.log_every == 0 or rec["step"] == self.total):
-            print(f"step {rec['step']}/{self.total}  {info}  eta {_fmt_time(eta)}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Stop requests (Ctrl-C / SIGTERM)
-class StopFlag:
-    def __init__(self):
-        self.requested = False
-        self.signal_name = ""
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
-
-    @contextmanager
-    def installed(self):
-        try:
-            old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread: no signal handling
-            old = {}
-        try:
-            yield self
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -527,20 +260,13 @@ def generation_config_for(mc: ModelConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training
-@dataclass
-class TrainResult:
-    step: int  # optimizer steps done (in total, across resumes)
-    run_dir: Path
-    checkpoint: Path | None  # the newest checkpoint written
-    history: list[dict[str, Any]]  # the "train" records of this call
-    validations: list[dict[str, Any]]
-    stopped: str | None  # why the run stopped before --steps ("SIGINT", "time budget"), None if it finished
+TrainResult = LoopResult  # step, checkpoint, history, validations, stopped, tokens, train_seconds
 
 
 def train(cfg: TrainConfig, data: DataSource | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train according to `cfg`. `data` overrides --data/--synthetic-data; `on_step(record)` is called after every
-    optimizer step on the main process."""
+    """Train according to `cfg`. `data` overrides --data/--synthetic-data (a task's own batches: the command line
+    passes Sudoku's); `on_step(record)` is called after every optimizer step on the main process."""
     cfg.validate()
     env = setup_distributed(cfg.device)
     try:
@@ -549,106 +275,47 @@ def train(cfg: TrainConfig, data: DataSource | None = None,
         env.close()
 
 
-def _set_threads(cfg: TrainConfig, env: Distributed) -> None:
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    elif env.device.type == "cpu" and env.local_world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+def model_canvas_length(cfg: TrainConfig) -> int:
+    """The canvas length the run's model will have: --canvas-length, else --init-from's, else the preset's."""
+    if cfg.canvas_length:
+        return cfg.canvas_length
+    try:
+        return (ModelConfig.from_hf_config(cfg.init_from) if cfg.init_from else preset(cfg.model_preset)).canvas_length
+    except ConfigError as e:
+        raise TrainError(str(e)) from None
 
 
-def _prepare_run(cfg: TrainConfig, env: Distributed) -> tuple[Path, Path | None, dict | None]:
-    run = Path(cfg.out).expanduser()
-    resume_from = latest_checkpoint(run) if run.exists() else None
-    saved = None
-    if resume_from is not None:
-        if not cfg.resume:
-            raise TrainError(f"{run} already holds checkpoints (newest: {resume_from.name}); pass --resume to "
-                             "continue that run, or choose a new --out")
-        try:
-            saved = json.loads((run / RUN_CONFIG).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise TrainError(f"cannot read {run / RUN_CONFIG} ({e}); the run folder is damaged") from None
-        mine = asdict(cfg)
-        diffs = [f"--{k.replace('_', '-')}: run has {saved['train'].get(k)!r}, now {mine[k]!r}"
-                 for k in RESUME_IDENTITY if _jsonable(saved["train"].get(k)) != _jsonable(mine[k])]
-        if diffs:
-            raise TrainError(f"cannot resume {run} with different settings ({'; '.join(diffs)}); use the same flags "
-                             "or start a new --out")
-    elif cfg.resume:
-        where = f"{run} has no complete checkpoint" if run.exists() else f"{run} does not exist"
-        raise TrainError(f"--resume: nothing to resume, {where}; drop --resume to start a new run there, or give "
-                         "the --out of the run to continue")
-    return run, resume_from, saved
-
-
-def _is_task_data(folder: str) -> bool:
-    from dgemma.tasks.sudoku import is_sudoku_data
-
-    return is_sudoku_data(folder)
-
-
-def _jsonable(v: Any) -> Any:
-    return json.loads(json.dumps(v))
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather(env: Distributed, obj: Any) -> list[Any]:
-    if not env.enabled:
-        return [obj]
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _train(cfg: TrainConfig, data: DataSource | None, on_step, env: Distributed) -> TrainResult:
-    _set_threads(cfg, env)
-    if cfg.batch_size % env.world_size:
-        raise TrainError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the {env.world_size} processes")
-    run, resume_from, saved = _prepare_run(cfg, env)
-
-    # --- data and model ---
+def _data_and_config(cfg: TrainConfig, data: DataSource | None, resume_from: Path | None) -> tuple[DataSource,
+                                                                                                   ModelConfig]:
     if data is None and cfg.synthetic_data:
         vocab = cfg.vocab_size or (ModelConfig.from_hf_config(cfg.init_from).vocab_size if cfg.init_from
                                    else preset(cfg.model_preset).vocab_size)
         data = synthetic_data(vocab, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-    if data is None and cfg.data is not None and _is_task_data(cfg.data):  # a generated task (sudoku.py)
-        from dgemma.tasks.sudoku import sudoku_data_source
+    if data is not None:
+        return data, expected_model_config(cfg, data.vocab_size, data.special_ids)
+    from dgemma.train.data import check_tokenizer, read_meta
 
-        canvas = cfg.canvas_length or (ModelConfig.from_hf_config(cfg.init_from).canvas_length if cfg.init_from
-                                       else preset(cfg.model_preset).canvas_length)
-        data = sudoku_data_source(cfg.data, cfg.batch_size, cfg.seq_len, canvas, seed=cfg.seed)
-    if data is None:
-        from dgemma.train.data import check_tokenizer, read_meta
+    meta = read_meta(cfg.data)
+    # The model's tokenizer (a fine-tuned or resumed checkpoint's) must be the one the data was tokenized with.
+    for folder, what in ((resume_from, "the checkpoint to resume"), (cfg.init_from, "the --init-from checkpoint")):
+        if folder is not None and (Path(folder) / "tokenizer.json").is_file():
+            check_tokenizer(cfg.data, meta, Path(folder) / "tokenizer.json", f"{what} {folder}")
+            break
+    mc = expected_model_config(cfg, int(meta["vocab_size"]), meta.get("special_ids", {}))
+    return folder_data(cfg.data, cfg.batch_size, cfg.seq_len, mc.canvas_length, seed=cfg.seed), mc
 
-        meta = read_meta(cfg.data)
-        # The model's tokenizer (a fine-tuned or resumed checkpoint's) must be the one the data was tokenized with.
-        for folder, what in ((resume_from, "the checkpoint to resume"), (cfg.init_from, "the --init-from checkpoint")):
-            if folder is not None and (Path(folder) / "tokenizer.json").is_file():
-                check_tokenizer(cfg.data, meta, Path(folder) / "tokenizer.json", f"{what} {folder}")
-                break
-        mc = expected_model_config(cfg, int(meta["vocab_size"]), meta.get("special_ids", {}))
-        data = folder_data(cfg.data, cfg.batch_size, cfg.seq_len, mc.canvas_length, seed=cfg.seed)
-    else:
-        mc = expected_model_config(cfg, data.vocab_size, data.special_ids)
 
+def _train(cfg: TrainConfig, data: DataSource | None, on_step, env: Distributed) -> TrainResult:
+    set_threads(cfg.threads, env)
+    if cfg.batch_size % env.world_size:
+        raise TrainError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the {env.world_size} processes")
+    run = Path(cfg.out).expanduser()
+    resume_from, saved = runs.check_resume(run, cfg.resume, RUN_CONFIG, "train", asdict(cfg), RESUME_IDENTITY)
+    data, mc = _data_and_config(cfg, data, resume_from)
     if resume_from is not None:
-        recorded = saved.get("model") if saved else None
-        if recorded is not None and recorded != _jsonable(mc.to_dict()):
-            diff = [k for k in recorded if recorded[k] != _jsonable(mc.to_dict()).get(k)]
+        recorded = saved.get("model")
+        if recorded is not None and recorded != runs.jsonable(mc.to_dict()):
+            diff = [k for k in recorded if recorded[k] != runs.jsonable(mc.to_dict()).get(k)]
             raise TrainError(f"the run in {run} trains a different architecture (fields {diff}); "
                              "resume with the flags it was started with")
         model = load_model(resume_from, mc, "checkpoint")
@@ -657,264 +324,78 @@ def _train(cfg: TrainConfig, data: DataSource | None, on_step, env: Distributed)
     else:
         model = init_weights(DiffusionGemma(mc), std=cfg.init_std, seed=cfg.seed)
     model = model.to(env.device).train()
-
     if env.is_main and resume_from is None:
-        run.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(run / RUN_CONFIG, json.dumps({"train": asdict(cfg), "model": mc.to_dict()}, indent=2))
+        runs.write_run_config(run, RUN_CONFIG, "train", asdict(cfg), mc.to_dict())
     env.barrier()
+    job = _job(cfg, data, mc, model, env)
+    return run_loop(cfg, env, run, resume_from, model, TrainStep(model), job, on_step=on_step)
 
-    # --- wrapping, optimizer, schedule ---
-    step_module = TrainStep(model)
-    if env.enabled and cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
 
-        # Layers return their keys/values as transposed views for the cache; nothing modifies them in place.
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(step_module)
-        wrapped = step_module
-    elif env.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        wrapped = DistributedDataParallel(step_module, forward_sync_buffers=False)  # buffers are constants
-    else:
-        wrapped = step_module
-    if cfg.compile:
-        # One compiled forward per layer kind (sliding/full) and use (encoder, pass 1 without gradients, pass 2,
-        # validation): more variants than dynamo's default limit of 8.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for layer in model.layers:
-            layer.compile()
-
-    params = [p for p in step_module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    loader = data.train(env.rank, env.world_size)
-
-    step, tokens_done, train_seconds = 0, 0, 0.0
-    if resume_from is not None:
-        state = torch.load(resume_from / TRAINER_STATE, map_location="cpu", weights_only=False)
-        # The optimizer state is keyed by parameter name, so it loads into DDP, FSDP2 or a single process alike.
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        sharded = cfg.fsdp and env.enabled
-        set_optimizer_state_dict(step_module, optimizer, state["optimizer"],
-                                 # --ar-only never updates the decoder-only weights: they have no optimizer state
-                                 options=StateDictOptions(full_state_dict=sharded, strict=not cfg.ar_only))
-        scheduler.load_state_dict(state["scheduler"])
-        step, tokens_done, train_seconds = state["step"], state["tokens"], state["train_seconds"]
-        same_world = len(state["data"]) == env.world_size
-        loader.load_state_dict(state["data"][env.rank if same_world else 0])
-        _set_rng_state(state["rng"][env.rank if len(state["rng"]) == env.world_size else 0])
-
-    # --- bookkeeping ---
-    log = RunLog(run / LOG, env.is_main, keep_until_step=step if resume_from is not None else None)
+def _job(cfg: TrainConfig, data: DataSource, mc: ModelConfig, model: DiffusionGemma, env: Distributed) -> Job:
+    """Pretraining's part of the loop: packed (or task) batches with an optional loss mask, the block-diffusion
+    objective, validation at cfg.val_t, full checkpoints."""
     rows = cfg.batch_size // env.world_size
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    bf16 = bf16_supported(env.device) if cfg.bf16 is None else cfg.bf16
-    autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
-    display = Display(cfg.progress, cfg.steps, step, cfg.log_every, env.is_main)
-    n_params = sum(p.numel() for p in model.parameters())
-    display.note(f"dgemma train: {n_params / 1e6:.2f}M parameters, {env.world_size} process(es) on {env.device}"
-                 f"{' with bf16 autocast' if bf16 else ' in fp32'}, "
-                 f"{tokens_per_step} tokens/step, data {data.name}, "
-                 + (f"resuming from {resume_from.name}" if resume_from else "starting at step 0"))
-    log.write({"kind": "start", "step": step, "world_size": env.world_size, "resumed_from":
-               str(resume_from) if resume_from else None, "parameters": n_params})
-    stop = StopFlag()
-    history: list[dict[str, Any]] = []
-    validations: list[dict[str, Any]] = []
-    last_ckpt: Path | None = resume_from
-    stopped: str | None = None
-    start_seconds = train_seconds
-    recent: list[float] = []
 
-    def save(at_step: int) -> Path | None:
-        nonlocal last_ckpt
-        state = {
-            "step": at_step, "tokens": tokens_done, "train_seconds": train_seconds,
-            "scheduler": scheduler.state_dict(),
-            "data": _gather(env, loader.state_dict()), "rng": _gather(env, _rng_state()),
-            "train_config": asdict(cfg),
-        }
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+    def unpack(batch):
+        x, mask = unpack_batch(batch)
+        if x.dim() != 2 or x.shape != (rows, cfg.seq_len):
+            raise TrainError(f"the loader yielded a batch of shape {tuple(x.shape)}; expected "
+                             f"({rows}, {cfg.seq_len}) = (batch_size / processes, seq_len)")
+        return x, mask
 
-        if cfg.fsdp and env.enabled:  # gather the shards (collective), full copies on the main process
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            full = get_model_state_dict(step_module, options=opts)
-            state["optimizer"] = get_optimizer_state_dict(step_module, optimizer, options=opts)
-            to_save = None
-            if env.is_main:
-                to_save = DiffusionGemma(mc)
-                to_save.load_state_dict({k.removeprefix("model."): v for k, v in full.items()})
-        else:
-            state["optimizer"] = get_optimizer_state_dict(step_module, optimizer)
-            to_save = model
-        if env.is_main:
-            last_ckpt = write_checkpoint(run, at_step, to_save, state, data.tokenizer_path,
-                                         generation_config_for(mc), cfg.keep_checkpoints)
-            log.write({"kind": "checkpoint", "step": at_step, "path": str(last_ckpt)})
-        env.barrier()
-        return last_ckpt
+    def counts(x, mask):
+        m = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
+        return float(m.sum()), float(m[:, 1:].sum())
 
-    def validate(at_step: int) -> None:
+    def loss(wrapped, x, mask, noise, diffusion_norm, ar_norm):
+        return wrapped(x, mask, noise, diffusion_norm=diffusion_norm, ar_norm=ar_norm, ar_weight=cfg.ar_weight,
+                       ce_chunk=cfg.ce_chunk, self_conditioning=cfg.sc_prob > 0, diffusion=not cfg.ar_only)
+
+    def validate(wrapped, at_step):
         if data.val is None or not cfg.val_t:
-            return
+            return None
         t0 = time.perf_counter()
         val_loader = data.val(env.rank, env.world_size)
         total: EvalLosses | None = None
-        with torch.no_grad(), autocast:
-            for b in range(cfg.val_batches):
-                try:
-                    x, mask = unpack_batch(next(val_loader))
-                except StopIteration:
-                    break
-                x = x.to(env.device)
-                mask = None if mask is None else mask.to(env.device)
-                gens = example_generators(cfg.seed, "val", b * cfg.batch_size + env.rank * rows, x.shape[0])
-                res = wrapped(x, mask, eval_t=tuple(cfg.val_t), eval_generators=gens)
-                total = res if total is None else total + res
+        for b in range(cfg.val_batches):
+            try:
+                x, mask = unpack_batch(next(val_loader))
+            except StopIteration:
+                break
+            x = x.to(env.device)
+            mask = None if mask is None else mask.to(env.device)
+            gens = example_generators(cfg.seed, "val", b * cfg.batch_size + env.rank * rows, x.shape[0])
+            res = wrapped(x, mask, eval_t=tuple(cfg.val_t), eval_generators=gens)
+            total = res if total is None else total + res
         if total is None:
-            return
+            return None
         ts = sorted(total.diffusion_sum)
         sums = env.all_sum([total.ar_sum, total.ar_count, total.diffusion_count]
                            + [total.diffusion_sum[t] for t in ts])
         ar = sums[0] / max(sums[1], 1)
         diff = {f"{t:g}": sums[3 + i] / max(sums[2], 1) for i, t in enumerate(ts)}
-        rec = {"kind": "val", "step": at_step, "val_ar": ar, "val_diffusion": diff,
-               "val_diffusion_mean": sum(diff.values()) / len(diff), "seconds": time.perf_counter() - t0}
-        validations.append(rec)
-        log.write(rec)
-        display.note(f"val @ {at_step}: ar {ar:.4f}  diffusion " + "  ".join(f"t={k} {v:.4f}" for k, v in diff.items()))
+        rec = {"val_ar": ar, "val_diffusion": diff, "val_diffusion_mean": sum(diff.values()) / len(diff),
+               "seconds": time.perf_counter() - t0}
+        return rec, f"ar {ar:.4f}  diffusion " + "  ".join(f"t={k} {v:.4f}" for k, v in diff.items())
 
-    try:
-        with stop.installed():
-            while step < cfg.steps:
-                t0 = time.perf_counter()
-                micro = [unpack_batch(next(loader)) for _ in range(cfg.grad_accum)]
-                for x, mask in micro:
-                    if x.dim() != 2 or x.shape != (rows, cfg.seq_len):
-                        raise TrainError(f"the loader yielded a batch of shape {tuple(x.shape)}; expected "
-                                         f"({rows}, {cfg.seq_len}) = (batch_size / processes, seq_len)")
-                counts = [0.0, 0.0]
-                for x, mask in micro:
-                    m = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
-                    counts[0] += float(m.sum())
-                    counts[1] += float(m[:, 1:].sum())
-                n_diff, n_ar = env.all_sum(counts)
-                sums = [0.0, 0.0]
-                for i, (x, mask) in enumerate(micro):
-                    x = x.to(env.device)
-                    mask = None if mask is None else mask.to(env.device)
-                    first = ((step * cfg.grad_accum + i) * cfg.batch_size) + env.rank * rows
-                    noise = sample_noise(x, mc.vocab_size, example_generators(cfg.seed, "train", first, rows),
-                                         eps=cfg.t_eps, sc_prob=cfg.sc_prob)
-                    last = i == len(micro) - 1
-                    sync = nullcontext()
-                    if isinstance(wrapped, nn.parallel.DistributedDataParallel) and not last:
-                        sync = wrapped.no_sync()
-                    elif hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
-                        wrapped.set_requires_gradient_sync(last)
-                    with sync:
-                        with autocast:
-                            # Sums over the global batch divided by global counts; DDP/FSDP average gradients over
-                            # processes, hence the factor world_size.
-                            total, d_sum, a_sum = wrapped(x, mask, noise, diffusion_norm=max(n_diff, 1) / env.world_size,
-                                                          ar_norm=max(n_ar, 1) / env.world_size,
-                                                          ar_weight=cfg.ar_weight, ce_chunk=cfg.ce_chunk,
-                                                          self_conditioning=cfg.sc_prob > 0,
-                                                          diffusion=not cfg.ar_only)
-                        total.backward()
-                    sums[0] += float(d_sum)
-                    sums[1] += float(a_sum)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+    def save_model(to_save, folder):
+        save_checkpoint(to_save, folder, generation_config=generation_config_for(mc),
+                        tokenizer_path=data.tokenizer_path)
 
-                d_total, a_total = env.all_sum(sums)
-                diffusion, ar = d_total / max(n_diff, 1), a_total / max(n_ar, 1)
-                if not math.isfinite(diffusion + ar):
-                    raise TrainError(f"the loss became {diffusion + ar} at step {step + 1}; lower --lr, keep "
-                                     "--grad-clip on, or resume from an earlier checkpoint")
-                step += 1
-                tokens_done += tokens_per_step
-                dt = time.perf_counter() - t0
-                train_seconds += dt
-                recent = (recent + [dt])[-20:]
-                rec = {"kind": "train", "step": step, "lr": lr, "loss": diffusion + cfg.ar_weight * ar,
-                       "diffusion": diffusion, "ar": ar, "grad_norm": float(grad_norm), "tokens": tokens_done,
-                       "time": train_seconds, "step_time": dt, "tokens_per_s": tokens_per_step / dt}
-                history.append(rec)
-                log.write(rec)
-                display.step(rec, eta=(cfg.steps - step) * sum(recent) / len(recent))
-                if on_step is not None and env.is_main:
-                    on_step(rec)
-
-                over_time = cfg.max_minutes is not None and train_seconds - start_seconds > cfg.max_minutes * 60
-                # a signal may reach the processes at different steps: all stop if any must
-                want_stop = env.all_sum([float(stop.requested or over_time)])[0] > 0
-                if (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps:
-                    validate(step)
-                if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or want_stop:
-                    save(step)
-                if want_stop and step < cfg.steps:
-                    stopped = stop.signal_name or ("time budget" if over_time else "stop requested by another process")
-                    display.note(f"dgemma train: stopped at step {step} ({stopped}); checkpoint {last_ckpt}; "
-                                 f"continue with --resume")
-                    log.write({"kind": "stop", "step": step, "reason": stopped})
-                    break
-    finally:
-        display.close()
-        log.close()
-    return TrainResult(step=step, run_dir=run, checkpoint=last_ckpt, history=history, validations=validations,
-                       stopped=stopped)
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    return Job(name="train", loader=data.train(env.rank, env.world_size), unpack=unpack, counts=counts, loss=loss,
+               validate=validate, save_model=save_model, full_model=lambda: DiffusionGemma(mc),
+               intro=f"{n_params / 1e6:.2f}M parameters, {tokens_per_step} tokens/step, data {data.name}, ",
+               start_record={"parameters": n_params}, state={"train_config": asdict(cfg)},
+               # --ar-only never updates the decoder-only weights: they have no optimizer state
+               strict_optimizer=not cfg.ar_only, compile_layers=cfg.compile)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
-def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `train` on a parent parser's subparsers (flags in options.add_train); dispatch with `run_cli(args)`."""
-    p = add_train(subparsers)
-    p.set_defaults(func=run_cli)
-    return p
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed `train` flags (options.add_train registers them)."""
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     values["val_t"] = tuple(values["val_t"])
     return TrainConfig(**values)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run a parsed `train` command. User errors (TrainError, DataError, ... all ValueErrors) propagate to
-    `cli.main`, which prints them as one line and exits with status 2."""
-    result = train(config_from_args(args))
-    if result.stopped is None and dist_rank() == 0:
-        print(f"dgemma train: done, {result.step} steps; model in {result.checkpoint}", file=sys.stderr)
-    return 0
-
-
-def dist_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dgemma.train ...` (and torchrun -m dgemma.train): the same as `dgemma train ...`."""
-    from dgemma.cli.main import main as cli_main  # the command line's one error handler
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
