@@ -232,9 +232,11 @@ def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
                   **overrides) -> list[TextResult]:
     """Continue each prompt. `params` None: the model's defaults (`lm.defaults(mode, **overrides)`), e.g.
     `generate_text(lm, ["def f():"], max_new_tokens=64, seed=0)`. `record`: write every denoising step of the
-    (single) prompt's run to this JSONL file (dgemma/engine/trajectory.py), same tokens as without it. `logprobs=N` (AR
-    mode): TextResult.logprobs holds each token's log-probability under the model's raw distribution (log-softmax
-    of the logits at temperature 1, whatever temperature/top-k/top-p drew it) and its N most probable alternatives.
+    (single) prompt's run to this JSONL file (dgemma/engine/trajectory.py), same tokens as without it. `logprobs=N`:
+    TextResult.logprobs holds each token's log-probability under the model's raw distribution (log-softmax of the
+    logits at temperature 1, whatever temperature/top-k/top-p or grammar chose it) and its N most probable
+    alternatives; in diffusion mode the distribution is the denoiser's at the token's canvas position, at the
+    denoising step that chose it (SamplingParams.logprobs). The tokens are the same as without logprobs.
 
     `template` (dgemma/template.py syntax, e.g. "x = {{8}}\\n") fixes the output's text around holes; `suffix` is
     fill-in-the-middle: a hole of max_new_tokens tokens, then the suffix. Either one makes the output exactly the
@@ -245,11 +247,8 @@ def generate_text(lm: LoadedModel, prompts: list[str], mode: str = "diffusion",
     max_new_tokens (finish_reason "length") leaves a prefix of a word of the language."""
     if mode not in ("ar", "diffusion"):
         raise ValueError(f"unknown mode {mode!r}; use 'diffusion' or 'ar'")
-    if logprobs is not None:
-        if mode == "diffusion":
-            raise RequestError("logprobs are not available in diffusion mode yet; use mode='ar'")
-        if record is not None:
-            raise ValueError("logprobs and record cannot be combined; record a run without logprobs")
+    if logprobs is not None and record is not None:
+        raise ValueError("logprobs and record cannot be combined; record a run without logprobs")
     grammar = grammar_of(json_schema, regex)
     if grammar is not None:
         if overrides.get("grammar") is not None or (params is not None and params.grammar is not None):

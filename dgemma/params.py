@@ -53,9 +53,12 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     # output
-    # Log-probabilities of the generated tokens (AR mode only for now): None = off; N = each token's log-probability
-    # plus its N most probable alternatives (0 <= N <= MAX_LOGPROBS). They are the model's own distribution (the raw
-    # log-softmax of the logits: temperature 1, no top-k/top-p), whatever the sampling settings.
+    # Log-probabilities of the generated tokens: None = off; N = each token's log-probability plus its N most
+    # probable alternatives (0 <= N <= MAX_LOGPROBS). They are the model's own distribution (the raw log-softmax of
+    # the logits: temperature 1, no top-k/top-p, no grammar mask), whatever the sampling settings: AR mode, the
+    # next-token distribution the token was chosen from; diffusion, the denoiser's distribution at the token's canvas
+    # position at the denoising step that chose it (the canvas's last step for the entropy-bound sampler, the step
+    # that committed the position for the confidence sampler; engine.Engine._score_canvases has the details).
     logprobs: int | None = None
     drafts: bool = False  # report the draft canvas after every denoising step (Event.draft)
     # Fixed output positions (canvas templates, infilling): template[i] is the token id the i-th generated token is
@@ -208,8 +211,10 @@ class Request:
 
 @dataclass
 class TokenLogprob:
-    """A token's natural-log probability under the model's raw next-token distribution (log-softmax of the
-    logits, temperature 1), and the `top` most probable tokens of that distribution, most probable first."""
+    """A token's natural-log probability under the model's raw distribution (log-softmax of the logits,
+    temperature 1), and the `top` most probable tokens of that distribution, most probable first. AR and prompt
+    tokens: the next-token distribution; diffusion tokens: the denoiser's at the token's canvas position, at the step
+    that chose it (SamplingParams.logprobs)."""
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob)

@@ -1,5 +1,6 @@
 """Log-probabilities: the engine's (AR tokens, prompt scoring) against the model computed directly and against
 transformers' DiffusionGemma, the API's, and the text/token alignment the server relies on (server_text).
+Diffusion tokens' log-probabilities: tests/test_diffusion_logprobs.py.
 
 Tolerance: 1e-4 nats against our own model's one-shot forward (the engine's ragged, chunked passes round a little
 differently from one causal forward over the whole sequence; fp32), and 1e-4 against transformers' encoder."""
@@ -105,8 +106,6 @@ def test_eos_is_cut_with_its_logprob():
 
 def test_bad_requests_are_refused():
     eng = Engine(_model(), EngineConfig(max_batch=2, max_model_len=512))
-    with pytest.raises(RequestError, match="diffusion"):
-        eng.add(Request("a", [1, 2], SamplingParams(mode="diffusion", logprobs=1)))
     with pytest.raises(RequestError, match=str(MAX_LOGPROBS)):
         eng.add(Request("a", [1, 2], SamplingParams(mode="ar", logprobs=MAX_LOGPROBS + 1)))
     with pytest.raises(RequestError, match="prompt_logprobs"):
@@ -149,8 +148,8 @@ def test_generate_text_logprobs():
     assert all(abs(lp.logprob - ref[len(prompt) - 1 + k, t].item()) < TOL
                for k, (t, lp) in enumerate(zip(r.token_ids, r.logprobs)))
     assert generate_text(lm, ["x"], mode="ar", max_new_tokens=2)[0].logprobs is None
-    with pytest.raises(RequestError, match="diffusion"):
-        generate_text(lm, ["x"], mode="diffusion", logprobs=1)
+    with pytest.raises(RequestError, match="engine='fast'"):
+        generate_text(lm, ["x"], mode="ar", logprobs=1, engine="reference")
 
 
 # ---- tokens and text (what the server reports) ----------------------------------------------------------------

@@ -96,8 +96,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=positive_int, default=None, help="ar: sample among the k most probable tokens")
     p.add_argument("--top-p", type=probability, default=None, help="ar: nucleus sampling mass, in (0, 1]")
     p.add_argument("--logprobs", type=int_in(0, MAX_LOGPROBS), default=None, metavar="N",
-                   help=f"ar: each token's log-probability (the model's raw distribution) and its N most probable "
-                        f"alternatives, 0 to {MAX_LOGPROBS}, as a `logprobs` field of --format jsonl (needs jsonl)")
+                   help=f"each token's log-probability (the model's raw distribution; diffusion: at the denoising "
+                        f"step that chose the token) and its N most probable alternatives, 0 to {MAX_LOGPROBS}, as "
+                        "a `logprobs` field of --format jsonl (needs jsonl)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--template", default=None, metavar="FILE_OR_TEXT",
                    help="the output as fixed text with holes: {{N}} is a hole of at most N tokens, \\{{ a literal "
@@ -124,8 +125,7 @@ def _add_generate(sub) -> None:
 
 # Options of one mode, with what to use instead in the other. None values and False flags count as not given.
 _AR_ONLY = {"temperature": "for diffusion use --t-min/--t-max", "top_k": "diffusion has no top-k; see --sampler",
-            "top_p": "diffusion has no top-p; see --sampler and --entropy-bound",
-            "logprobs": "diffusion decoding reports no per-token log-probabilities yet"}
+            "top_p": "diffusion has no top-p; see --sampler and --entropy-bound"}
 _DIFFUSION_ONLY = ("steps", "sampler", "commit_threshold", "entropy_bound", "t_min", "t_max", "stability_threshold",
                    "confidence_threshold", "compat", "live")
 
@@ -202,7 +202,7 @@ def _run_generate(args) -> int:
             t_min=args.t_min, t_max=args.t_max, stability_threshold=args.stability_threshold,
             confidence_threshold=args.confidence_threshold, eos_token_ids=eos,
             sampler=args.sampler or ("entropy_bound" if args.compat else None), commit_threshold=args.commit_threshold,
-            pad_token_id=g.get("pad_token_id", lm.model.config.pad_token_id),
+            pad_token_id=g.get("pad_token_id", lm.model.config.pad_token_id), logprobs=args.logprobs,
             seed=args.seed, compat=args.compat, engine=args.engine, compile=args.compile)
     on_step, live = None, None
     if args.live and args.mode == "diffusion":

@@ -19,6 +19,12 @@ Token ids only: text, stop strings, HTTP and printing live above it. One `step()
   as tensors; each request draws from its own generator in the reference's order. Finished canvases are reported
   at once (their tokens are final) and committed by the next encoder pass; finished rows free their slot at once.
 
+Log-probabilities (SamplingParams.logprobs, Request.prompt_logprobs) are the model's raw distribution (log-softmax
+of the logits, temperature 1, whatever chose the token): an AR or prompt token's under the encoder's next-token
+logits; a committed diffusion token's under the denoiser's logits at its canvas position at the step that chose it
+(`Engine._score_canvases` gives the cases). Only the rows that asked run the extra LM-head rows; the tokens are the
+same with or without them.
+
 `KVPool` holds the K/V: per slot, full layers keep every position and sliding layers the last W - 1 (moved to the
 front after each encoder block), so a row's keys are always the reference `KVCache`'s keys in the same order.
 Memory is sized from `EngineConfig` (slots x positions), never from the longest request.
@@ -302,6 +308,9 @@ class Row:
     passes: int = 0  # decoder passes (diffusion) or logit-producing encoder passes (AR) this row took part in
     steps: list[int] = field(default_factory=list)  # denoising steps per committed canvas
     matcher: Matcher | None = None  # params.grammar's state after `out` (constrain.py); None: unconstrained
+    # params.logprobs, diffusion: the open canvas's scored positions (position -> its token's TokenLogprob, under
+    # the step that committed that token; see `_score_canvases`)
+    canvas_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
 
     @property
     def p(self) -> SamplingParams:
@@ -397,10 +406,6 @@ class Engine:
                 f"{' (whole canvases of ' + str(self.C) + ')' if p.mode == 'diffusion' else ''}, over this engine's "
                 f"{self.max_model_len} (model limit {self.model.config.max_position_embeddings}); shorten the prompt "
                 "or lower max_new_tokens")
-        if p.logprobs is not None and p.mode == "diffusion":
-            raise RequestError("logprobs are not available in diffusion mode yet (a diffusion token is not drawn "
-                               "from one next-token distribution); use mode 'ar' for generated-token logprobs, or "
-                               "prompt logprobs (echo), which work in both modes")
         top = request.prompt_logprobs
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
             raise RequestError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}] (got {top!r})")
@@ -597,10 +602,7 @@ class Engine:
                 continue
             new = [] if ended[j] == "eos" else [tokens[j]]
             self._commit(r, new, events, keep_going=lambda r=r, t=tokens[j]: setattr(r, "pending", [t]),
-                         ended=bool(ended[j]))
-            ev = events[r.req.request_id]
-            if j in chosen and len(ev.new_logprobs) < len(ev.new_ids):  # not an EOS (cut, never reported)
-                ev.new_logprobs.append(chosen[j])
+                         ended=bool(ended[j]), logprobs=[chosen[j]] if j in chosen else None)
 
     # ---- forward + update: decoder ----------------------------------------------------------------------------
     def _open_canvas(self, r: Row) -> None:
@@ -619,6 +621,7 @@ class Engine:
         self.draft[s] = -1  # the argmax "before the first step" equals no real one (the reference's history: -1)
         self.soft[s].zero_()  # first step: no self-conditioning signal
         self.committed[s] = False
+        r.canvas_logprobs = {}
         self.run_len[s] = 0
         self.step_i[s] = 0
 
@@ -681,7 +684,7 @@ class Engine:
         # the sampler's own time (the head's chunks are in timing["head"]; the update below counts as overhead)
         self.timing["sampler"] += time.perf_counter() - t0 - (self.timing["head"] - head)
         steps_done = steps_done + 1
-        h = mean_h = None
+        h = mean_h = committed = None
         if confidence:
             conf = st.confidence.view(g, C)
             finite = torch.isfinite(conf).all(dim=-1)
@@ -715,6 +718,18 @@ class Engine:
         mh_l = mean_h.tolist() if mean_h is not None else None
         h_l = h.tolist() if h is not None and acc_l is not None else None  # per-position entropy, drafts only
         temp_l = temp.tolist()
+        # The committed canvas of each finished row: its draft cut at max_new_tokens, walked through its grammar.
+        finals: dict[int, tuple[list[int], list[int], bool]] = {}  # row -> (tokens to commit, pending, ended)
+        for j, r in enumerate(rows):
+            if done_l[j] and finite_l[j]:
+                tokens = draft_l[j]
+                want = r.p.max_new_tokens - len(r.out)
+                ended = False
+                if r.matcher is not None:  # the committed canvas: the draft walked through the grammar
+                    tokens, ended = walk(r.matcher, tokens[:want], logit_rows[j])
+                finals[j] = (tokens[:want], tokens, ended)
+        if any(r.p.logprobs is not None for r in rows):
+            self._score_canvases(rows, hidden, finals, finite_l, draft, committed)
         for j, r in enumerate(rows):
             r.passes += 1
             if not finite_l[j]:
@@ -728,13 +743,62 @@ class Engine:
             if done_l[j]:
                 r.canvas_open = False
                 r.steps.append(steps_l[j])
-                tokens = draft_l[j]
-                want = r.p.max_new_tokens - len(r.out)
-                ended = False
-                if r.matcher is not None:  # the committed canvas: the draft walked through the grammar
-                    tokens, ended = walk(r.matcher, tokens[:want], logit_rows[j])
-                self._commit(r, tokens[:want], events,
-                             keep_going=lambda r=r, t=tokens: setattr(r, "pending", t), ended=ended)
+                new, pending, ended = finals[j]
+                lps = None if r.p.logprobs is None else [r.canvas_logprobs[i] for i in range(len(new))]
+                self._commit(r, new, events, keep_going=lambda r=r, t=pending: setattr(r, "pending", t), ended=ended,
+                             logprobs=lps)
+
+    def _score_canvases(self, rows: list[Row], hidden: torch.Tensor, finals: dict, finite: list[bool],
+                        draft: torch.Tensor, committed: torch.Tensor | None) -> None:
+        """Log-probabilities of the committed diffusion tokens, for the rows that asked (params.logprobs).
+
+        A committed token's log-probability is that of the model's raw distribution (log-softmax of the logits,
+        temperature 1, as in AR mode) at its canvas position, at the denoising step that chose the token:
+        - entropy-bound sampler: the canvas's last step (the committed canvas is that step's argmax);
+        - confidence sampler: the step that committed the position (its proposal then), or a later one that
+          changed the token (a grammar repair);
+        - a grammar's repair at commit (the masked argmax of the last step): the last step. The distribution is
+          the model's, before the grammar's mask, as in AR mode: a repaired token may be improbable, and the
+          alternatives may include tokens the grammar refused;
+        - a template's fixed position: its token under the model's distribution at the step that committed it
+          (the point mass the sampler clamps it to is not reported).
+        The top alternatives come from the same distribution, most probable first. This step's positions to score
+        (finished canvases: every committed position whose token has no score yet; the confidence sampler's open
+        canvases: the positions within max_new_tokens committed or changed this step) go through the LM head
+        together, `sampler_chunk` at a time: only rows that asked pay, and no [rows, C, V] logits exist.
+        hidden [g, C, H] this step's; finals: row -> (tokens committed, ...); draft, committed [g, C]."""
+        C = self.C
+        todo: list[tuple[int, int, int]] = []  # (row, position, token)
+        open_rows = [j for j, r in enumerate(rows) if r.p.logprobs is not None and finite[j] and j not in finals]
+        if committed is not None and open_rows:
+            idx = torch.tensor(open_rows, device=draft.device)
+            for j, toks, com in zip(open_rows, draft[idx].tolist(), committed[idx].tolist()):
+                r = rows[j]
+                seen, want = r.canvas_logprobs, r.p.max_new_tokens - len(r.out)  # past `want`: never committed
+                todo += [(j, i, t) for i, (t, c) in enumerate(zip(toks[:want], com[:want]))
+                         if c and (i not in seen or seen[i].token_id != t)]
+        for j, (tokens, _, _) in finals.items():
+            seen = rows[j].canvas_logprobs
+            if rows[j].p.logprobs is not None:
+                todo += [(j, i, t) for i, t in enumerate(tokens) if i not in seen or seen[i].token_id != t]
+        if not todo:
+            return
+        model, dev, step = self.model, self.model.device, self.sampler_chunk
+        top = max(rows[j].p.logprobs for j, _, _ in todo)
+        flat = hidden.reshape(len(rows) * C, -1)
+        where = torch.tensor([j * C + i for j, i, _ in todo], device=dev)
+        t0 = time.perf_counter()
+        scored: list[TokenLogprob] = []
+        for a in range(0, len(todo), step):
+            part = todo[a:a + step]
+            ids = [t for _, _, t in part]
+            with torch.inference_mode():
+                logits = model.logits(self.runner.pad(flat[where[a:a + len(part)]]))[:len(part)]  # [n, V] fp32
+                scored += _as_token_logprobs(ids, *token_logprobs(logits, torch.tensor(ids, device=dev), top))
+        self.timing["head"] += time.perf_counter() - t0
+        for (j, i, _), t in zip(todo, scored):
+            t.top = t.top[:rows[j].p.logprobs]
+            rows[j].canvas_logprobs[i] = t
 
     def _guide(self, rows: list[Row], hidden: torch.Tensor, temp: torch.Tensor, accepted: torch.Tensor,
                canvas: torch.Tensor, draft: torch.Tensor | None) -> dict:
@@ -773,9 +837,11 @@ class Engine:
         ev.completion_tokens, ev.decoder_passes = len(r.out), r.passes
         return ev
 
-    def _commit(self, r: Row, new: list[int], events: dict[str, Event], keep_going, ended: bool = False) -> None:
-        """Append committed tokens (cut at the first EOS); finish the row on EOS, at the end of its grammar (`ended`)
-        or at max_new_tokens, else call `keep_going` (which schedules the commit pass)."""
+    def _commit(self, r: Row, new: list[int], events: dict[str, Event], keep_going, ended: bool = False,
+                logprobs: list[TokenLogprob] | None = None) -> None:
+        """Append committed tokens (cut at the first EOS) and their `logprobs` (one per token of `new`, cut with
+        it: an EOS is never reported); finish the row on EOS, at the end of its grammar (`ended`) or at
+        max_new_tokens, else call `keep_going` (which schedules the commit pass)."""
         eos = r.p.eos_token_ids or ()
         # inside a template's span EOS is filler, not the end (a hole may be shorter than its room)
         start = max(0, len(r.p.template) - len(r.out)) if r.p.template is not None else 0
@@ -784,6 +850,8 @@ class Engine:
         self.counters["tokens"] += len(new) if cut is None else cut
         ev = self._event(r, events)
         ev.new_ids.extend(new if cut is None else new[:cut])
+        if logprobs is not None:
+            ev.new_logprobs.extend(logprobs if cut is None else logprobs[:cut])
         if cut is not None or ended:
             self._finish(r, ev, "stop")
         elif len(r.out) >= r.p.max_new_tokens:

@@ -89,6 +89,9 @@ class DiffusionParams:
     sampler: str = _SP.sampler
     commit_threshold: float = _SP.commit_threshold
     grammar: dict | None = None  # SamplingParams.grammar for every row (constrain.py; needs `grammars=`)
+    # each committed token's raw log-probability at the step that chose it, and its N most probable alternatives
+    # (GenerationOutput.logprobs; fast engine, default mode; definition in engine.Engine._score_canvases)
+    logprobs: int | None = None
 
     _RUN = ("pad_token_id", "compat", "engine", "compile", "sampler_chunk")
 
@@ -123,6 +126,9 @@ class DiffusionParams:
         if self.grammar is not None and self.compat:
             raise GenerationError("a grammar needs the default mode (compat mode reproduces transformers, which has "
                                   "none); drop compat")
+        if self.logprobs is not None and (self.compat or self.engine != "fast"):
+            raise GenerationError("logprobs need engine='fast' and the default mode (the stepped engine reports "
+                                  "them); drop " + ("compat" if self.compat else "engine='reference'"))
         self.sampling().validate()
 
 

@@ -43,7 +43,7 @@ class GenerationOutput:
     finish_reasons: list[str]  # "stop" (EOS or stop sequence) or "length"
     stats: GenerationStats
     extra: dict = field(default_factory=dict)
-    logprobs: list[list[TokenLogprob]] | None = None  # per row, one per token (AR with logprobs; fast engine)
+    logprobs: list[list[TokenLogprob]] | None = None  # per row, one per token (with logprobs; fast engine)
 
 
 # A callback seeing (row, tokens so far) after each committed canvas; returns a cut length to stop that row there.
