@@ -555,6 +555,9 @@ _fields = {
     "sampler": st.sampled_from(["entropy_bound", "confidence"]) | _json, "t_min": _json, "entropy_bound": _json,
     "logprobs": st.integers(-1, 22) | st.booleans() | _json, "top_logprobs": st.integers(-1, 22) | _json,
     "echo": st.booleans() | _json,
+    "suffix": st.text(max_size=8) | _json,
+    "template": st.sampled_from(["x {{2}}", "{{3}}y", "{{x}}", "a{{", "\\{{1}}", "{{4000}}"]) | st.text(max_size=10)
+    | _json,
 }
 _bodies = st.fixed_dictionaries(
     # always a small max_tokens and step count (or garbage there): valid requests stay cheap

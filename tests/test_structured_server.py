@@ -158,7 +158,9 @@ _bodies = st.fixed_dictionaries({"max_tokens": st.integers(-1, 6) | _json, "deno
                                 optional={"response_format": _formats, "regex": st.sampled_from(
                                     ["[a-z]{1,3}", "(", "a|b", "(?s:.*)", r"\d+", ""]) | st.text(max_size=6) | _json,
                                     "stream": st.booleans(), "n": st.integers(0, 3), "mode": st.sampled_from(
-                                        ["ar", "diffusion"]), "seed": st.integers(-1, 5)})
+                                        ["ar", "diffusion"]), "seed": st.integers(-1, 5),
+                                    "template": st.sampled_from(["{{3}}", "a {{2}}", "{{x}}"]) | _json,
+                                    "suffix": st.sampled_from(["\n", "b"]) | _json})
 
 
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))

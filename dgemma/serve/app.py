@@ -89,6 +89,10 @@ class DgemmaSettings(_Strict):
     ignore_eos: bool | None = Field(None, description="dgemma: do not stop at the end-of-sequence token")
     regex: str | None = Field(None, description="dgemma: constrain the output to text matching this regular "
                                                 "expression (whole output; not with response_format)")
+    template: str | None = Field(None, description="dgemma: the output as fixed text with holes, {{N}} a hole of at "
+                                                   "most N tokens (\\{{ a literal {{); the answer is the template "
+                                                   "filled in, its span the request's length (not with suffix, "
+                                                   "response_format or regex)")
     record: bool | None = Field(None, description="dgemma: write each choice's trajectory (every denoising step) to "
                                                   "the server's --record-dir as ID-INDEX.jsonl (dgemma.engine.trajectory)")
 
@@ -122,7 +126,9 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(None, description=f"each token's log-probability and its N most probable "
                                                    f"alternatives, 0 <= N <= {MAX_LOGPROBS} (ar mode, or echo with "
                                                    "max_tokens 0)")
-    suffix: str | None = None  # accepted only when empty
+    suffix: str | None = Field(None, description="fill in the middle: the text after the completion; the completion "
+                                                 "is a hole of max_tokens tokens between the prompt and the suffix, "
+                                                 "and the answer is the hole's text alone (not with template)")
     best_of: int | None = None  # accepted only as n
 
 
@@ -247,10 +253,49 @@ class _Choice:
     tokens: TokenStream | None = None  # the completion's tokens with their logprobs (with `top`)
     prompt_logprobs: list = field(default_factory=list)  # echo with `top`: arrived so far
     offset: int = 0  # characters of the choice's text covered by the tokens reported so far (text_offset)
+    layout: _Layout | None = None  # a template or suffix: which output positions the answer shows
+    emitted: int = 0  # output positions committed so far (with a layout)
+    full_holes: int = 0  # holes whose last position the model filled with a token, not filler (with a layout)
 
     @property
     def completion_tokens(self) -> int:
         return self.text.tokens
+
+    def shown(self, ids: Sequence[int], logprobs: list) -> tuple[list[int], list]:
+        """The newly committed ids (and their logprobs) that belong to the answer: all of them without a template;
+        with one, filler inside holes is dropped, and for a suffix everything but the hole."""
+        if self.layout is None:
+            return list(ids), logprobs
+        keep_ids, keep_lps = [], []
+        for i, lp in zip(ids, logprobs, strict=True):
+            pos, self.emitted = self.emitted, self.emitted + 1
+            kind = self.layout.kinds[pos] if pos < len(self.layout.kinds) else FIXED
+            filler = i in self.layout.filler
+            if pos in self.layout.hole_ends and not filler:
+                self.full_holes += 1
+            if kind == FIXED or (kind == HOLE and not filler):
+                keep_ids.append(i)
+                keep_lps.append(lp)
+        return keep_ids, keep_lps
+
+    def template_finish(self, reason: str) -> str:
+        """A template or suffix ends with its span: "stop" when the model ended every hole before its room ran out
+        (its last position holds filler), else "length" (a hole used all its tokens)."""
+        if self.layout is None or reason != "length":
+            return reason
+        return "length" if self.full_holes else "stop"
+
+
+FIXED, HOLE, HIDDEN = 0, 1, 2  # _Layout.kinds: fixed text shown, a hole's position, a suffix's position not shown
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The output positions of a template or suffix request: what each one is (FIXED, HOLE, HIDDEN), the last
+    position of each hole, and the ids that are filler inside a hole (EOS and padding)."""
+    kinds: tuple[int, ...]
+    hole_ends: frozenset[int]
+    filler: frozenset[int]
 
 
 @dataclass
@@ -335,9 +380,10 @@ class _Generation:
             if c.echo and c.top is not None and (echoed := self._echo(c, item.prompt_logprobs)) is not None:
                 yield "text", c, echoed
             if item.new_ids and not c.score_only:
-                piece = _Piece(c.text.push(item.new_ids))
+                ids, lps = c.shown(item.new_ids, _aligned(item.new_logprobs, len(item.new_ids)))
+                piece = _Piece(c.text.push(ids))
                 if c.tokens is not None:
-                    c.tokens.push(item.new_ids, _aligned(item.new_logprobs, len(item.new_ids)))
+                    c.tokens.push(ids, lps)
                     piece.tokens = c.tokens.release(len(c.text.text), final=c.text.stopped)
                 if piece.text or piece.tokens:
                     yield "text", c, piece
@@ -360,7 +406,8 @@ class _Generation:
                     rest.tokens = c.tokens.release(len(c.text.text), final=True)
                 if rest.text or rest.tokens:
                     yield "text", c, rest
-                c.finish_reason = "length" if c.score_only else "stop" if c.text.stopped else item.finish_reason
+                c.finish_reason = ("length" if c.score_only else "stop" if c.text.stopped
+                                   else c.template_finish(item.finish_reason))
                 yield "finish", c, c.finish_reason
 
     def _echo(self, c: _Choice, entries: list) -> _Piece | None:
@@ -735,7 +782,6 @@ def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | 
         if body.max_tokens == 0 and not body.echo:
             raise ApiError(400, "max_tokens must be >= 1 (0 only with echo: true, to score the prompt alone)",
                            param="max_tokens")
-        _unsupported(body.suffix, "suffix", "suffix (fill in the middle) is not supported")
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise ApiError(400, "best_of is not supported (only best_of == n)", param="best_of")
         prompts = _completion_prompts(state, body.prompt)
@@ -872,6 +918,95 @@ async def _check_grammar(state: _State, grammar: dict, param: str) -> None:
         raise ApiError(400, str(e), param=param) from None
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """A request's `template` (parsed once) or `suffix` (its text: the hole's length depends on the prompt)."""
+    param: str  # the request field: "template" or "suffix"
+    template: Any = None  # dgemma.template.Template
+    suffix: str | None = None
+
+
+def _template_request(state: _State, body: _Common, score_only: bool, grammar_param: str | None) -> _Shape | None:
+    """The request's template or suffix, checked against the fields it cannot be combined with; None for neither."""
+    from dgemma.template import TemplateError, encode, parse
+
+    text, suffix = body.template, getattr(body, "suffix", None) or None
+    if text is None and suffix is None:
+        return None
+    param = "template" if text is not None else "suffix"
+    if text is not None and suffix is not None:
+        raise ApiError(400, "give either suffix or template, not both (a suffix is the template \"{{N}}SUFFIX\" "
+                            "with N = max_tokens)", param="suffix")
+    if score_only:
+        raise ApiError(400, f"{param} cannot be combined with max_tokens 0 (which scores the prompt alone); give "
+                            "max_tokens >= 1 or leave it out", param="max_tokens")
+    if grammar_param is not None:
+        raise ApiError(400, f"{param} cannot be combined with {grammar_param}: a template fixes the output's text "
+                            "around its holes, a grammar constrains the whole output; give one of them", param=param)
+    if body.record:
+        raise ApiError(400, f"a request with a {param} cannot be recorded yet; drop record", param="record")
+    try:
+        (text if text is not None else suffix).encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate sent as a JSON escape
+        raise ApiError(400, f"{param} is not valid UTF-8 text (character {e.start}); send UTF-8", param=param) from None
+    if suffix is not None:
+        return _Shape(param, suffix=suffix)
+    try:
+        holes = sum(p for p in parse(text) if isinstance(p, int))
+        if holes > state.engine.max_model_len:  # before building the ids: the holes alone overflow the context
+            raise ApiError(400, f"the template's holes span {holes} tokens, over this server's "
+                                f"{state.engine.max_model_len}-token context; shorten them", param="template",
+                           code="context_length_exceeded")
+        return _Shape(param, template=encode(state.tokenizer, text))
+    except TemplateError as e:
+        raise ApiError(400, str(e), param="template") from None
+    except TokenizerError as e:
+        raise ApiError(400, f"template: {e}", param="template") from None
+
+
+def _fit_template(state: _State, shape: _Shape, ids: list[int], room: int, whole: int, max_tokens: int | None,
+                  max_tokens_name: str) -> tuple[int, tuple[int, ...], _Layout]:
+    """(max_new_tokens, SamplingParams.template, _Layout) of a template or suffix request for one prompt. The whole
+    span must fit in the context (a 400 naming the field otherwise), as `api.generate_text` requires. A suffix's
+    request stops at the end of the canvases holding the hole (ar: the hole's last token): the tokens after it cannot
+    change the hole's (a canvas sees no later canvas), so they are never computed."""
+    from dgemma.template import TemplateError, with_suffix
+
+    canvases = f" in whole canvases of {whole}" if whole > 1 else ""
+    filler = frozenset({*state.eos_token_ids, *([state.tokenizer.pad_id] if state.tokenizer.pad_id is not None
+                                                 else [])})
+    if shape.suffix is not None:
+        tail = len(state.tokenizer.encode(shape.suffix, add_bos=False))
+        hole = max_tokens if max_tokens is not None else max(1, min(state.default_max_tokens, room - tail))
+        if hole + tail > room:
+            need = (f"{max_tokens_name}={hole} plus the suffix's {tail} tokens need {hole + tail} positions"
+                    if max_tokens is not None else f"the suffix's {tail} tokens and a hole need {hole + tail} positions")
+            raise ApiError(400, f"{need} after the prompt's {len(ids)} tokens, but the {state.engine.max_model_len}-"
+                                f"token context leaves {max(room, 0)}{canvases}; shorten the suffix or the prompt"
+                                + (f", or lower {max_tokens_name}" if max_tokens is not None else ""),
+                           param="suffix", code="context_length_exceeded")
+        try:
+            tpl = with_suffix(state.tokenizer, shape.suffix, hole)
+        except TemplateError as e:
+            raise ApiError(400, str(e), param=max_tokens_name if "hole" in str(e) else "suffix") from None
+        cover = min(len(tpl), -(-hole // whole) * whole)
+        kinds = (HOLE,) * hole + (HIDDEN,) * (cover - hole)
+        return cover, tpl.ids[:cover], _Layout(kinds, frozenset({hole - 1}), filler)
+    tpl = shape.template
+    span = len(tpl)
+    if max_tokens is not None and max_tokens < span:
+        raise ApiError(400, f"the template spans {span} tokens, over {max_tokens_name}={max_tokens}; raise "
+                            f"{max_tokens_name} to at least {span} or leave it out", param=max_tokens_name)
+    if span > room:
+        raise ApiError(400, f"the template spans {span} tokens, but after the prompt's {len(ids)} tokens the "
+                            f"{state.engine.max_model_len}-token context leaves {max(room, 0)}{canvases}; shorten the "
+                            "template or the prompt", param="template", code="context_length_exceeded")
+    kinds = [FIXED] * span
+    for a, b in tpl.holes:
+        kinds[a:b] = [HOLE] * (b - a)
+    return span, tpl.ids, _Layout(tuple(kinds), frozenset(b - 1 for _, b in tpl.holes), filler)
+
+
 def _sampling(state: _State, body: _Common, max_new: int, seed: int | None, drafts: bool) -> SamplingParams:
     over: dict[str, Any] = {
         "mode": body.mode or state.default_mode, "max_new_tokens": max_new, "seed": seed, "drafts": drafts,
@@ -920,6 +1055,7 @@ async def _serve(request: HTTPRequest, state: _State, body: _Common, wire, promp
             raise ApiError(400, str(e), param=grammar_param) from None
         await _check_grammar(state, grammar, grammar_param)
         probe = probe.with_(grammar=grammar)
+    shape = _template_request(state, body, score_only, grammar_param)
     if score_only:
         probe = probe.with_(mode="ar", temperature=0.0, top_k=None, top_p=None)
     elif top is not None and probe.mode == "diffusion":
@@ -936,7 +1072,10 @@ async def _serve(request: HTTPRequest, state: _State, body: _Common, wire, promp
             raise ApiError(400, f"the prompt has {len(ids)} tokens, which leaves no room for new tokens in this "
                                 f"server's {max_len}-token context; shorten it", param=prompt_name,
                            code="context_length_exceeded")
-        if score_only:
+        layout = None
+        if shape is not None:
+            max_new, template, layout = _fit_template(state, shape, ids, room, whole, max_tokens, max_tokens_name)
+        elif score_only:
             max_new = 1
         elif max_tokens is None:
             max_new = min(state.default_max_tokens, room)
@@ -950,10 +1089,12 @@ async def _serve(request: HTTPRequest, state: _State, body: _Common, wire, promp
         for j in range(n):
             seed = None if body.seed is None else body.seed + j
             params = probe.with_(max_new_tokens=max_new, seed=seed, logprobs=None if score_only else top)
+            if layout is not None:
+                params = params.with_(template=template)
             index = p * n + j
             choices.append(_Choice(index, f"{gen_id}-{index}", ids, params, TextStream(state.tokenizer, stops), p,
                                    top=top, echo=echo, score_only=score_only,
-                                   tokens=TokenStream(state.tokenizer) if top is not None else None))
+                                   tokens=TokenStream(state.tokenizer) if top is not None else None, layout=layout))
     if body.seed is not None and n > 1:
         _sampling(state, body, 1, body.seed + n - 1, include_drafts)  # the last choice's seed is in range too
     if body.record:

@@ -17,14 +17,33 @@ per choice, a last chunk with empty choices and the usage when `stream_options.i
 developer, user and assistant roles, through the tokenizer's chat template), max_tokens / max_completion_tokens
 (exact: never a token more; default the model's max_new_tokens, within the context), stop (up to 4 strings),
 seed, n (choice i uses seed + i), temperature / top_p (ar mode), stream, stream_options, logprobs and echo
-(completions), logprobs / top_logprobs (chat), response_format. Fields the server does not know are ignored; known
-fields of the wrong type, penalties and tools are 400.
+(completions), logprobs / top_logprobs (chat), response_format, suffix (completions). Fields the server does not
+know are ignored; known fields of the wrong type, penalties and tools are 400.
 
 Structured output (both routes, both modes, streamed or not): `response_format` {"type": "json_object"} or
 {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} (what `client.chat.completions.parse(...,
 response_format=PydanticModel)` sends) constrains the output to JSON valid under the schema, and the extra field
 `regex` to text matching it (dgemma/engine/constrain.py). An unsupported schema keyword or regex feature is a 400
 naming it, never a silently unconstrained answer; an output cut at max_tokens is a prefix, finish_reason "length".
+
+Fill in the middle and templates (both modes, streamed or not; the same tokens as `dgemma.api.generate_text` with
+`suffix=` / `template=` and the same seed). `suffix` (completions, OpenAI's field) makes the completion a hole of
+max_tokens tokens (default: the model's max_new_tokens, within the context) between the prompt and the suffix, whose
+tokens are fixed after it; as in OpenAI's API the answer is the inserted text alone, the suffix is not repeated. The
+extra field `template` (both routes; dgemma/template.py's syntax: `{{N}}` a hole of at most N tokens, `\\{{` a
+literal `{{`) fixes the output's text around holes; the answer is the template filled in. In diffusion mode the
+fixed tokens are clamped at every denoising step, so a hole sees the fixed text after it as far as the end of its
+canvas; AR sees only what precedes it. A hole the model fills with fewer tokens leaves EOS or padding in the rest,
+which is removed from the text (and from logprobs' tokens; `usage.completion_tokens` counts the answer's tokens).
+The request's length is its span: max_tokens, when sent with a template, must be at least the span.
+finish_reason is "stop" when the model ended every hole before its room ran out (the hole's last position holds
+EOS or padding) or a stop string cut the text, "length" when a hole used all its tokens. `echo` puts the prompt
+first; `n`, `stop` (on the answer's text), `logprobs` (the answer's tokens) and `include_drafts` (the canvas as
+denoised, fixed tokens in place) work as without them. A request with a suffix stops after the canvas holding the
+hole's end (ar: the hole's last token): later tokens cannot change it. 400s name the field: bad hole syntax or an
+empty template (`template`), both fields together (`suffix`), a template or suffix that does not fit the context
+beside the prompt (code context_length_exceeded), max_tokens below a template's span or 0 (`max_tokens`), either one
+with response_format or regex (a template fixes the text, a grammar constrains it: give one of them), with record.
 
 Log-probabilities (`logprobs: N` on completions, `logprobs: true, top_logprobs: N` on chat, N <= 20) are the
 model's raw next-token distribution (log-softmax of the logits at temperature 1, whatever temperature/top-k/top-p
@@ -54,6 +73,8 @@ dgemma's own request fields (extra body fields; the openai client sends them wit
     top_k                 ar mode: sample among the k most probable tokens
     ignore_eos            keep going past the end-of-sequence token (benchmarks)
     regex                 constrain the output to text matching this regular expression (not with response_format)
+    template              the output as fixed text with holes, "x = {{8}}\\n" (above; not with suffix, response_format
+                          or regex)
     record                true: write each choice's trajectory to --record-dir as ID-INDEX.jsonl (the response's
                           id, the choice's index; format in dgemma/engine/trajectory.py); 400 without --record-dir
 
