@@ -4,6 +4,8 @@ with `--data` the validation losses.
     dgemma eval                                                            # the bundled model, its shipped prompts
     dgemma eval --model models/dgemma-py-small --data data/py              # + validation losses; prompts from data/py
     dgemma eval --data data/py --write-prompts models/X/eval_prompts.json  # ship a model's held-out prompts
+    dgemma eval --task infill       # fill in the middle on held-out functions (dgemma/evals/infill.py)
+    dgemma eval --task sudoku --model models/dgemma-sudoku-6x6             # dgemma/tasks/sudoku_eval.py
 
 1. Validation losses (only with --data) on held-out packed sequences: AR NLL per token (encoder) and diffusion CE at
    fixed noise levels t (with self-conditioning, as inference runs after its first step). The data must be
@@ -56,7 +58,8 @@ def config_from_args(args) -> EvalConfig:
                       judge=args.judge, batch_size=args.batch_size, seed=args.seed, out=args.out,
                       write_prompts=args.write_prompts, task=args.task, control=args.control,
                       puzzles_file=args.puzzles_file, puzzles=args.puzzles, plot=args.plot, sweep=args.sweep,
-                      sweep_puzzles=args.sweep_puzzles, compile=args.compile)
+                      sweep_puzzles=args.sweep_puzzles, compile=args.compile, cases_file=args.cases_file,
+                      cases=args.cases, write_cases=args.write_cases)
 
 
 def run_cli(args) -> int:
@@ -71,6 +74,15 @@ def run_cli(args) -> int:
                                          sweep=cfg.sweep, sweep_puzzles=cfg.sweep_puzzles, seed=cfg.seed,
                                          plot=cfg.plot, out=cfg.out, compile=cfg.compile))
         return 0
+    if cfg.task == "infill":
+        from dgemma.evals.infill import InfillEvalConfig
+        from dgemma.evals.infill import evaluate as evaluate_infill
+
+        evaluate_infill(InfillEvalConfig(model=cfg.model, cases_file=cfg.cases_file, cases=cfg.cases, seed=cfg.seed,
+                                         out=cfg.out, compile=cfg.compile, data=cfg.data, write_cases=cfg.write_cases))
+        return 0
+    if cfg.write_cases:
+        raise ValueError("--write-cases makes --task infill's cases; add --task infill")
     if cfg.write_prompts:
         prompts, origin = eval_prompts(cfg)
         write_prompts(cfg.write_prompts, prompts, origin, cfg)
