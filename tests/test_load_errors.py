@@ -17,13 +17,6 @@ from dgemma.config import ConfigError
 from dgemma.tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    """A checkpoint folder of random:tiny with the bundled tokenizer (vocabulary widened to it)."""
-    lm = load("random:tiny")
-    return save_checkpoint(lm.model, tmp_path_factory.mktemp("ckpt") / "tiny", tokenizer_path=BUNDLED_TOKENIZER)
-
-
 def _copy(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True)
     for f in src.iterdir():
@@ -33,8 +26,8 @@ def _copy(src: Path, dst: Path) -> Path:
 
 # ---- 2. NaN / inf in the weights ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_nonfinite_weight_names_tensor_and_file(tiny_ckpt, tmp_path, value):
-    folder = _copy(tiny_ckpt, tmp_path / "corrupt")
+def test_nonfinite_weight_names_tensor_and_file(tiny_checkpoint, tmp_path, value):
+    folder = _copy(tiny_checkpoint, tmp_path / "corrupt")
     sd = load_file(folder / "model.safetensors")
     key = "model.decoder.layers.1.mlp.down_proj.weight"
     sd[key] = sd[key].clone()
@@ -49,14 +42,14 @@ def test_nonfinite_weight_names_tensor_and_file(tiny_ckpt, tmp_path, value):
     assert main(["generate", "--model", str(folder), "--max-new-tokens", "2", "x"]) == 2
 
 
-def test_nonfinite_check_reads_tensor_by_tensor(tiny_ckpt, monkeypatch):
+def test_nonfinite_check_reads_tensor_by_tensor(tiny_checkpoint, monkeypatch):
     """Every tensor is checked, one at a time, as read from the file (no second copy of the model)."""
     import dgemma.checkpoint as ckpt
 
     seen = []
     real = ckpt.count_nonfinite
     monkeypatch.setattr(ckpt, "count_nonfinite", lambda t: seen.append(t.numel()) or real(t))
-    _, model = load_checkpoint(tiny_ckpt)
+    _, model = load_checkpoint(tiny_checkpoint)
     assert len(seen) == len(model.state_dict())  # every stored tensor, each on its own
     monkeypatch.setattr(ckpt, "NONFINITE_CHUNK", 100)  # many chunks: a NaN in the last one is still found
     t = torch.zeros(1000)
@@ -64,8 +57,8 @@ def test_nonfinite_check_reads_tensor_by_tensor(tiny_ckpt, monkeypatch):
     assert real(t) == 1 and real(torch.zeros(1000)) == 0 and real(torch.zeros(3, dtype=torch.long)) == 0
 
 
-def test_float16_overflow_is_an_error(tiny_ckpt, tmp_path):
-    folder = _copy(tiny_ckpt, tmp_path / "big")
+def test_float16_overflow_is_an_error(tiny_checkpoint, tmp_path):
+    folder = _copy(tiny_checkpoint, tmp_path / "big")
     sd = load_file(folder / "model.safetensors")
     key = "model.decoder.norm.weight"
     sd[key] = sd[key].clone()
@@ -78,8 +71,8 @@ def test_float16_overflow_is_an_error(tiny_ckpt, tmp_path):
 
 # ---- 3. config fields --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [0, -8, "32"])
-def test_bad_canvas_length_in_config_json(tiny_ckpt, tmp_path, value):
-    folder = _copy(tiny_ckpt, tmp_path / "cfg")
+def test_bad_canvas_length_in_config_json(tiny_checkpoint, tmp_path, value):
+    folder = _copy(tiny_checkpoint, tmp_path / "cfg")
     raw = json.loads((folder / "config.json").read_text())
     raw["canvas_length"] = value
     (folder / "config.json").write_text(json.dumps(raw))
@@ -97,9 +90,9 @@ def _word_tokenizer(vocab: dict[str, int]) -> Tokenizer:
     return Tokenizer(tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>")))
 
 
-def test_tokenizer_special_ids_outside_the_vocabulary(tiny_ckpt, tmp_path):
+def test_tokenizer_special_ids_outside_the_vocabulary(tiny_checkpoint, tmp_path):
     """A tokenizer smaller than the model (so the size check passes) whose <eos> id is beyond the model's rows."""
-    folder = _copy(tiny_ckpt, tmp_path / "mismatch")
+    folder = _copy(tiny_checkpoint, tmp_path / "mismatch")
     V = json.loads((folder / "config.json").read_text())["text_config"]["vocab_size"]
     tok = _word_tokenizer({"<pad>": 0, "<unk>": 3, "<bos>": 2, "a": 4, "b": 5, "<eos>": V + 10})
     assert tok.vocab_size < V
@@ -111,8 +104,8 @@ def test_tokenizer_special_ids_outside_the_vocabulary(tiny_ckpt, tmp_path):
     assert f"eos '<eos>' = {V + 10}" in msg and "use the tokenizer.json the model was trained with" in msg
 
 
-def test_tokenizer_larger_than_the_model(tiny_ckpt, tmp_path):
-    folder = _copy(tiny_ckpt, tmp_path / "big-tok")
+def test_tokenizer_larger_than_the_model(tiny_checkpoint, tmp_path):
+    folder = _copy(tiny_checkpoint, tmp_path / "big-tok")
     V = json.loads((folder / "config.json").read_text())["text_config"]["vocab_size"]
     vocab = {f"t{i}": i for i in range(V + 5)}
     vocab.update({"<unk>": V + 5})
@@ -134,9 +127,9 @@ def test_tokenizer_check_applies_to_random_presets(monkeypatch):
 
 
 # ---- 5. a training run folder, a folder without config.json, a wrong path ---------------------------------------
-def test_run_folder_suggests_latest(tiny_ckpt, tmp_path):
+def test_run_folder_suggests_latest(tiny_checkpoint, tmp_path):
     run = tmp_path / "runs" / "x"
-    step = _copy(tiny_ckpt, run / "checkpoints" / "step-000010")
+    step = _copy(tiny_checkpoint, run / "checkpoints" / "step-000010")
     (run / "train_config.json").write_text("{}")
     os.symlink(os.path.relpath(step, run), run / "latest")
     assert run_folder_checkpoint(run) == run / "latest"
@@ -148,7 +141,7 @@ def test_run_folder_suggests_latest(tiny_ckpt, tmp_path):
         describe(run)
     assert load(run / "latest").model.config.vocab_size > 0  # and the suggestion works
     (run / "latest").unlink()  # no link: the newest step folder
-    _copy(tiny_ckpt, run / "checkpoints" / "step-000020")
+    _copy(tiny_checkpoint, run / "checkpoints" / "step-000020")
     assert run_folder_checkpoint(run) == run / "checkpoints" / "step-000020"
     with pytest.raises(ModelLoadError, match="step-000020"):
         load(run)
@@ -163,19 +156,19 @@ def test_folder_without_config_json(tmp_path):
                                    "pass a checkpoint folder (config.json, model.safetensors, tokenizer.json)")
 
 
-def test_wrong_paths(tiny_ckpt, tmp_path):
+def test_wrong_paths(tiny_checkpoint, tmp_path):
     with pytest.raises(ModelLoadError, match=f"model path {tmp_path / 'nope'} does not exist; pass a checkpoint"):
         load(tmp_path / "nope")
     with pytest.raises(ModelLoadError, match=f"is a file, not a checkpoint folder; pass the folder holding it, "
-                                             f"{tiny_ckpt}"):
-        load(tiny_ckpt / "config.json")
+                                             f"{tiny_checkpoint}"):
+        load(tiny_checkpoint / "config.json")
     with pytest.raises(ModelLoadError, match=r"random:huge: unknown preset 'huge'; use random:NAME"):
         load("random:huge")
 
 
 # ---- 7. dgemma info on random:PRESET ----------------------------------------------------------------------------
-def test_describe_random_preset_matches_a_saved_folder(tiny_ckpt):
-    rnd, folder = describe("random:tiny"), describe(tiny_ckpt)
+def test_describe_random_preset_matches_a_saved_folder(tiny_checkpoint):
+    rnd, folder = describe("random:tiny"), describe(tiny_checkpoint)
     assert set(rnd) == set(folder)
     assert rnd["config"] == folder["config"] and rnd["parameters"] == folder["parameters"]
     assert rnd["tensors"] == folder["tensors"] and rnd["path"] == "random:tiny"

@@ -59,34 +59,36 @@ def _ask(client, model: str, i: int, chat: bool = False) -> str:
     return r.choices[0].text
 
 
-def test_adapters_per_request(adapters, tmp_path):
+def test_adapters_per_request(adapters, serve):
     specs = [a for name, path in adapters.items() for a in ("--lora", f"{name}={path}")]
-    with LiveServer(tmp_path / "multi.log", *specs, "--max-batch", "8", "--max-model-len", "512") as server:
-        log = server.log.read_text()
-        assert all(f"adapter {name} (" in log and "MiB" in log for name in adapters), log
-        client = _client(server)
-        cards = {m.id: m for m in client.models.list().data}
-        assert set(cards) == {"random:tiny", *adapters}
-        assert all(cards[n].model_extra["parent"] == "random:tiny" for n in adapters)
-        models = ["random:tiny", *adapters]
-        jobs = [(models[i % len(models)], i, i % 4 == 1) for i in range(16)]  # 16 requests over base + 4 adapters
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            together = list(pool.map(lambda job: _ask(client, *job), jobs))
-        with pytest.raises(openai.NotFoundError) as e:
-            client.completions.create(model="nope", prompt="x", max_tokens=2)
-        assert "a0" in e.value.body["message"] and e.value.body["code"] == "model_not_found"
-        metrics = httpx.get(f"{server.url}/metrics").text
-        for name in models:
-            n = sum(m == name for m, _, _ in jobs)
-            assert f'dgemma_model_requests_total{{model="{name}"}} {n:.1f}' in metrics, name
+    server = serve(*specs, "--max-batch", "8", "--max-model-len", "512", log="multi.log")
+    log = server.log.read_text()
+    assert all(f"adapter {name} (" in log and "MiB" in log for name in adapters), log
+    client = _client(server)
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {"random:tiny", *adapters}
+    assert all(cards[n].model_extra["parent"] == "random:tiny" for n in adapters)
+    models = ["random:tiny", *adapters]
+    jobs = [(models[i % len(models)], i, i % 4 == 1) for i in range(16)]  # 16 requests over base + 4 adapters
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda job: _ask(client, *job), jobs))
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert "a0" in e.value.body["message"] and e.value.body["code"] == "model_not_found"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for name in models:
+        n = sum(m == name for m, _, _ in jobs)
+        assert f'dgemma_model_requests_total{{model="{name}"}} {n:.1f}' in metrics, name
+    server.stop()
     # each adapter alone on its own server (--adapter, applied the single-adapter way): the same answers
     for name in ("random:tiny", *adapters):
         extra = () if name == "random:tiny" else ("--adapter", adapters[name])
-        with LiveServer(tmp_path / f"{name.replace(':', '-')}.log", *extra, "--max-model-len", "512") as one:
-            c = _client(one)
-            for (model, i, chat), got in zip(jobs, together, strict=True):
-                if model == name:
-                    assert _ask(c, "random:tiny", i, chat) == got, (name, i)
+        one = serve(*extra, "--max-model-len", "512", log=f"{name.replace(':', '-')}.log")
+        c = _client(one)
+        for (model, i, chat), got in zip(jobs, together, strict=True):
+            if model == name:
+                assert _ask(c, "random:tiny", i, chat) == got, (name, i)
+        one.stop()
     assert len({t for (m, _, _), t in zip(jobs, together, strict=True) if m != "random:tiny"}) > 3
 
 

@@ -524,6 +524,113 @@ def _encode_split(
     return offsets[-1]
 
 
+def _check_prepare_args(sources, out_dir, vocab_size, val_fraction, max_documents, tokenizer_path, force) -> Path:
+    """The output folder of a `prepare` call whose arguments can work (DataError naming the first that cannot)."""
+    if not sources:
+        raise DataError("no sources given; pass a recipe name or a path, e.g. --source python-stdlib")
+    if len(set(sources)) != len(sources):
+        raise DataError(f"a source is given twice in {list(sources)}; give each once")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction={val_fraction} must be in [0, 1); 0.02 holds out about 2% of documents")
+    if max_documents is not None and max_documents < 1:
+        raise DataError(f"max_documents={max_documents} must be at least 1 (or None for all documents)")
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} is a file; give a folder path for --out")
+    if (out / "meta.json").exists() and not force:
+        raise DataError(f"--out {out} already holds prepared data (meta.json); pass --force to replace it, or "
+                        "choose another --out")
+    if out.is_dir() and not (out / "meta.json").exists() and any(out.iterdir()):
+        raise DataError(f"--out {out} is a folder that holds other files, not prepared data; give a new or empty "
+                        "folder")
+    if tokenizer_path is None and vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"vocab_size={vocab_size} is too small for a byte-level BPE; use at least {MIN_VOCAB_SIZE}")
+
+    return out
+
+
+def _list_sources(sources, out: Path, cache_dir, say, notes: list[str]) -> list[Corpus]:
+    """Each source's documents, leaving out any that lie inside the output folder."""
+    corpora = []
+    for source in sources:
+        say(f"listing {source}")
+        corpus = resolve_source(source, cache_dir)
+        # A source folder that holds the output folder must not read our own shards or tokenizer back in.
+        inside_out = {d for d in corpus.documents if d.path.resolve().is_relative_to(out.resolve())}
+        if inside_out:
+            documents = tuple(d for d in corpus.documents if d not in inside_out)
+            corpus = Corpus(corpus.source, corpus.kind, corpus.licence, corpus.origin, documents)
+            notes.append(f"{source}: left out {len(inside_out)} files inside the output folder {out}")
+        corpora.append(corpus)
+    return corpora
+
+
+def _tokenizer_for(given: Tokenizer | None, train_docs, vocab_size: int, staging: Path, say, notes: list[str]):
+    """The given tokenizer, or a byte-level BPE trained on the train split; saved into `staging`."""
+    if given is None:
+        train_bytes = sum(k.nbytes for k in train_docs)
+        say(f"training a byte-level BPE (vocab {vocab_size}) on {train_bytes / 1e6:.2f} MB")
+        try:
+            tokenizer = train_bpe((_read_again(k) for k in train_docs), vocab_size, staging)
+        except TokenizerError as e:
+            raise DataError(f"cannot train the tokenizer: {e}") from e
+        if tokenizer.vocab_size < vocab_size:
+            notes.append(f"the corpus supports only {tokenizer.vocab_size} of the {vocab_size} tokens asked for")
+    else:
+        tokenizer = given
+        tokenizer.save(staging)
+        if vocab_size != DEFAULT_VOCAB_SIZE:
+            notes.append(f"vocab_size={vocab_size} ignored: the given tokenizer has {tokenizer.vocab_size}")
+    return tokenizer
+
+
+def _meta(source_reports, split_reports, tokenizer, dtype, trained: bool, tokenizer_path, vocab_size: int, seed: int,
+          val_fraction: float, max_documents, staging: Path, notes: list[str]) -> dict[str, Any]:
+    """meta.json of a prepared folder whose files are all in `staging`."""
+    return {
+        "format": FORMAT,
+        "layout": "documents back to back without bos/eos; doc d is bin[offsets[d]:offsets[d+1]]",
+        "sources": [asdict(r) for r in source_reports],
+        "corpus_sha256": "over the kept documents in name order: u64le(len(name)) name u64le(len(data)) data",
+        "max_documents": max_documents,
+        "split": {
+            "rule": "val if int.from_bytes(sha256(f'{seed}:{name}')[:8], 'big') / 2**64 < val_fraction",
+            "seed": seed,
+            "val_fraction": val_fraction,
+        },
+        "splits": {
+            name: {
+                "documents": r.documents,
+                "tokens": r.tokens,
+                "bytes": r.bytes,
+                "tokens_file": f"{name}.bin",
+                "offsets_file": f"{name}_doc_offsets.npy",
+            }
+            for name, r in split_reports.items()
+        },
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "sha256": tokenizer_sha256(tokenizer),  # what eval and train compare with a model's tokenizer
+            "trained": trained,
+            "requested_vocab_size": vocab_size,
+            "given": str(Path(tokenizer_path).resolve()) if tokenizer_path is not None else None,
+        },
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": np.dtype(dtype).name,
+        "special_ids": {
+            "pad": tokenizer.pad_id,
+            "eos": tokenizer.eos_id,
+            "bos": tokenizer.bos_id,
+            "unk": tokenizer.unk_id,
+            "mask": tokenizer.mask_id,
+            "start_of_turn": tokenizer.start_of_turn_id,
+            "end_of_turn": tokenizer.end_of_turn_id,
+        },
+        "sha256": {p.name: _sha256_file(p) for p in sorted(staging.iterdir())},
+        "notes": notes,
+    }
+
+
 def prepare(
     sources: Sequence[str],
     out_dir: str | os.PathLike[str],
@@ -546,44 +653,15 @@ def prepare(
     """
     t0 = time.perf_counter()
     say = log or (lambda message: None)
-    if not sources:
-        raise DataError("no sources given; pass a recipe name or a path, e.g. --source python-stdlib")
-    if len(set(sources)) != len(sources):
-        raise DataError(f"a source is given twice in {list(sources)}; give each once")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction={val_fraction} must be in [0, 1); 0.02 holds out about 2% of documents")
-    if max_documents is not None and max_documents < 1:
-        raise DataError(f"max_documents={max_documents} must be at least 1 (or None for all documents)")
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output {out} is a file; give a folder path for --out")
-    if (out / "meta.json").exists() and not force:
-        raise DataError(f"--out {out} already holds prepared data (meta.json); pass --force to replace it, or "
-                        "choose another --out")
-    if out.is_dir() and not (out / "meta.json").exists() and any(out.iterdir()):
-        raise DataError(f"--out {out} is a folder that holds other files, not prepared data; give a new or empty "
-                        "folder")
-    if tokenizer_path is None and vocab_size < MIN_VOCAB_SIZE:
-        raise DataError(f"vocab_size={vocab_size} is too small for a byte-level BPE; use at least {MIN_VOCAB_SIZE}")
-
+    out = _check_prepare_args(sources, out_dir, vocab_size, val_fraction, max_documents, tokenizer_path, force)
     given: Tokenizer | None = None
     if tokenizer_path is not None:
         given = Tokenizer.from_path(tokenizer_path)
         if given.bos_id is None or given.eos_id is None:
             raise DataError(f"tokenizer {tokenizer_path} has no <bos>/<eos> tokens, which packing needs; train one")
 
-    corpora = []
     notes: list[str] = []
-    for source in sources:
-        say(f"listing {source}")
-        corpus = resolve_source(source, cache_dir)
-        # A source folder that holds the output folder must not read our own shards or tokenizer back in.
-        inside_out = {d for d in corpus.documents if d.path.resolve().is_relative_to(out.resolve())}
-        if inside_out:
-            documents = tuple(d for d in corpus.documents if d not in inside_out)
-            corpus = Corpus(corpus.source, corpus.kind, corpus.licence, corpus.origin, documents)
-            notes.append(f"{source}: left out {len(inside_out)} files inside the output folder {out}")
-        corpora.append(corpus)
+    corpora = _list_sources(sources, out, cache_dir, say, notes)
     kept, source_reports = _scan(corpora, seed, max_documents)
     assignment = _assign_splits(kept, val_fraction, notes)
     by_split = {name: [k for k, s in zip(kept, assignment, strict=True) if s == name] for name in SPLITS}
@@ -602,20 +680,7 @@ def prepare(
     except OSError as e:
         raise DataError(f"cannot write beside the output folder {out} ({e}); choose a writable --out") from e
     try:
-        if given is None:
-            train_bytes = sum(k.nbytes for k in by_split["train"])
-            say(f"training a byte-level BPE (vocab {vocab_size}) on {train_bytes / 1e6:.2f} MB")
-            try:
-                tokenizer = train_bpe((_read_again(k) for k in by_split["train"]), vocab_size, staging)
-            except TokenizerError as e:
-                raise DataError(f"cannot train the tokenizer: {e}") from e
-            if tokenizer.vocab_size < vocab_size:
-                notes.append(f"the corpus supports only {tokenizer.vocab_size} of the {vocab_size} tokens asked for")
-        else:
-            tokenizer = given
-            tokenizer.save(staging)
-            if vocab_size != DEFAULT_VOCAB_SIZE:
-                notes.append(f"vocab_size={vocab_size} ignored: the given tokenizer has {tokenizer.vocab_size}")
+        tokenizer = _tokenizer_for(given, by_split["train"], vocab_size, staging, say, notes)
         dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
 
         split_reports = {}
@@ -626,48 +691,8 @@ def prepare(
             )
             split_reports[name] = SplitReport(len(by_split[name]), tokens, sum(k.nbytes for k in by_split[name]))
 
-        meta = {
-            "format": FORMAT,
-            "layout": "documents back to back without bos/eos; doc d is bin[offsets[d]:offsets[d+1]]",
-            "sources": [asdict(r) for r in source_reports],
-            "corpus_sha256": "over the kept documents in name order: u64le(len(name)) name u64le(len(data)) data",
-            "max_documents": max_documents,
-            "split": {
-                "rule": "val if int.from_bytes(sha256(f'{seed}:{name}')[:8], 'big') / 2**64 < val_fraction",
-                "seed": seed,
-                "val_fraction": val_fraction,
-            },
-            "splits": {
-                name: {
-                    "documents": r.documents,
-                    "tokens": r.tokens,
-                    "bytes": r.bytes,
-                    "tokens_file": f"{name}.bin",
-                    "offsets_file": f"{name}_doc_offsets.npy",
-                }
-                for name, r in split_reports.items()
-            },
-            "tokenizer": {
-                "file": "tokenizer.json",
-                "sha256": tokenizer_sha256(tokenizer),  # what eval and train compare with a model's tokenizer
-                "trained": given is None,
-                "requested_vocab_size": vocab_size,
-                "given": str(Path(tokenizer_path).resolve()) if tokenizer_path is not None else None,
-            },
-            "vocab_size": tokenizer.vocab_size,
-            "dtype": np.dtype(dtype).name,
-            "special_ids": {
-                "pad": tokenizer.pad_id,
-                "eos": tokenizer.eos_id,
-                "bos": tokenizer.bos_id,
-                "unk": tokenizer.unk_id,
-                "mask": tokenizer.mask_id,
-                "start_of_turn": tokenizer.start_of_turn_id,
-                "end_of_turn": tokenizer.end_of_turn_id,
-            },
-            "sha256": {p.name: _sha256_file(p) for p in sorted(staging.iterdir())},
-            "notes": notes,
-        }
+        meta = _meta(source_reports, split_reports, tokenizer, dtype, given is None, tokenizer_path, vocab_size, seed,
+                     val_fraction, max_documents, staging, notes)
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         # Everything is complete: put the folder in place (a previous output was checked above: prepared data, and
         # --force).
