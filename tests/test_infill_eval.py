@@ -161,4 +161,7 @@ def test_end_to_end_exact_match_counts_reproduced_middles(tmp_path, capsys):
         for key in ("token_accuracy", "parse_rate", "passes_per_case", "seconds_per_case"):
             assert isinstance(r[f"{key}_{mode}"], float), key
     assert r["passes_per_case_ar"] == pytest.approx(sum(len(tok.encode(c.middle)) for c in cases) / 3)
-    assert {row["setting"] for row in r["rows"]} >= {"diffusion", "ar", "diffusion, lines", "ar, spans"}
+    assert {row["setting"] for row in r["rows"]} >= {"diffusion", "ar", "diffusion, lines", "ar, spans",
+                                                      "diffusion, prefix only"}
+    control = [fill(lm, c, "diffusion", diff, with_suffix=False).text == c.middle for c in cases]
+    assert r["exact_match_diffusion_prefix_only"] == pytest.approx(sum(control) / 3)

@@ -79,7 +79,8 @@ def run_cli(args) -> int:
         from dgemma.evals.infill import evaluate as evaluate_infill
 
         evaluate_infill(InfillEvalConfig(model=cfg.model, cases_file=cfg.cases_file, cases=cfg.cases, seed=cfg.seed,
-                                         out=cfg.out, compile=cfg.compile, data=cfg.data, write_cases=cfg.write_cases))
+                                         steps=cfg.steps, out=cfg.out, compile=cfg.compile, data=cfg.data,
+                                         write_cases=cfg.write_cases))
         return 0
     if cfg.write_cases:
         raise ValueError("--write-cases makes --task infill's cases; add --task infill")

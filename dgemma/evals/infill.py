@@ -21,12 +21,14 @@ training. The file's first line is a header: format, origin, split and the comma
 
 Protocol, per case; the hole has the removed middle's own token count N (an oracle length, the same for both modes):
 - diffusion: the prompt is the prefix; the output is the template `{{N}}` + the suffix's tokens (SamplingParams
-  .template: the suffix clamped at every denoising step), at the model's generation_config defaults and --seed. A
-  canvas sees no later canvas, so only the suffix's tokens up to the end of the hole's last canvas can inform the
-  hole (at least one is given); the rest is left out of the template: the hole's tokens are the same, and the
-  forward passes are those the hole needs. EOS or padding in the hole is filler and is removed from its text;
+  .template: the suffix clamped at every denoising step), at the model's generation_config defaults (--steps
+  overrides the steps per canvas) and --seed. A canvas sees no later canvas, so only the suffix's tokens up to the
+  end of the hole's last canvas can inform the hole (at least one is given); the rest is left out of the template:
+  the hole's tokens are the same, and the forward passes are those the hole needs. EOS or padding in the hole is filler and is removed from its text;
 - ar: greedy decoding of N tokens after the prefix (stopping early at EOS), which cannot see the suffix. Its text is
-  spliced in as the middle: the function is prefix + AR's text + the true suffix.
+  spliced in as the middle: the function is prefix + AR's text + the true suffix;
+- diffusion, prefix only (the control): diffusion as above with N free positions and no suffix, scored like AR: what
+  diffusion gains from seeing the suffix is the difference between its first row and this one.
 Scores per mode: exact match (the generated middle equals the removed text, character for character), token
 accuracy (the N positions whose token is the removed span's token at that position), parse rate (`ast.parse` of
 prefix + generated middle + suffix, the whole function), forward passes per case (diffusion: its denoising passes
@@ -64,6 +66,7 @@ class InfillEvalConfig:
     cases_file: str | None = None  # JSONL cases (None: the model folder's infill_cases.jsonl)
     cases: int = 100  # at most this many, evenly spaced through the file
     seed: int = 0  # diffusion's generator (AR is greedy)
+    steps: int | None = None  # diffusion: most denoising steps per canvas (None: the model's generation_config)
     out: str | None = None  # also write the JSON here
     compile: bool = False  # both modes through the engine's compiled graphs (not bit-identical to eager)
     data: str | None = None  # --write-cases: a prepared folder whose validation split gives the functions
@@ -315,8 +318,9 @@ class Filled:
     seconds: float
 
 
-def fill(lm, case: Case, mode: str, params) -> Filled:
-    """One case in one mode (the protocol in the module docstring)."""
+def fill(lm, case: Case, mode: str, params, with_suffix: bool = True) -> Filled:
+    """One case in one mode (the protocol in the module docstring). `with_suffix` False (diffusion): the control,
+    N free positions after the prefix and no suffix, so that what the suffix adds can be told apart."""
     import torch
 
     from dgemma.engine.generate import generate_ar, generate_diffusion
@@ -333,7 +337,7 @@ def fill(lm, case: Case, mode: str, params) -> Filled:
     C = lm.model.config.canvas_length
     tail = tok.encode(case.suffix, add_bos=False)
     visible = max(1, min(len(tail), math.ceil(n / C) * C - n))  # suffix tokens sharing a canvas with the hole
-    template = (FREE,) * n + tuple(tail[:visible])
+    template = (FREE,) * n + tuple(tail[:visible]) if with_suffix else (FREE,) * n
     out = generate_diffusion(lm.model, prompt, _replace(params, max_new_tokens=len(template)), templates=[template])
     seconds = time.perf_counter() - t0
     ids = out.tokens[0][:n]
@@ -398,31 +402,34 @@ def evaluate(cfg: InfillEvalConfig) -> dict:
     cases, origin = load_cases(cfg)
     lm = load(cfg.model)
     check_text_tokenizer(lm, cases)
-    diff = lm.defaults("diffusion", seed=cfg.seed, compile=cfg.compile)
+    diff = lm.defaults("diffusion", seed=cfg.seed, compile=cfg.compile, max_denoising_steps=cfg.steps)
     ar = lm.defaults("ar", temperature=0.0, compile=cfg.compile)
     tok = lm.tokenizer
     middle_ids = [tok.encode(c.middle, add_bos=False) for c in cases]
-    scores = {"diffusion": ModeScore(), "ar": ModeScore()}
-    for mode, params in (("diffusion", diff), ("ar", ar)):
-        fill(lm, cases[0], mode, params)  # warm-up, not counted
+    settings = {"diffusion": ("diffusion", diff, True), "ar": ("ar", ar, True),
+                "diffusion_prefix_only": ("diffusion", diff, False)}  # the control: no suffix in the canvas
+    scores = {name: ModeScore() for name in settings}
+    for name, (mode, params, with_suffix) in settings.items():
+        fill(lm, cases[0], mode, params, with_suffix)  # warm-up, not counted
         for c, ids in zip(cases, middle_ids):
-            scores[mode].add(c, fill(lm, c, mode, params), ids)
+            scores[name].add(c, fill(lm, c, mode, params, with_suffix), ids)
     rows = []
-    for mode, s in scores.items():
-        rows.append({"setting": mode, **s.summary()})
-        for kind in KINDS:
+    for name, s in scores.items():
+        label = name.replace("_", ", ").replace("prefix, only", "prefix only")
+        rows.append({"setting": label, **s.summary()})
+        for kind in KINDS if name != "diffusion_prefix_only" else ():
             keep = [c.kind == kind for c in cases]
             if any(keep):
-                rows.append({"setting": f"{mode}, {kind}s", **s.summary(keep)})
-    d, a = scores["diffusion"].summary(), scores["ar"].summary()
+                rows.append({"setting": f"{label}, {kind}s", **s.summary(keep)})
+    d, a, p = (scores[name].summary() for name in ("diffusion", "ar", "diffusion_prefix_only"))
     result = {
         "task": "infill", "model": lm.name, "cases": len(cases), "cases_from": origin,
         "kinds": {k: sum(c.kind == k for c in cases) for k in KINDS},
-        "hole": "the removed middle's own token count (both modes)",
+        "hole": "the removed middle's own token count (every setting)",
         "middle_tokens_mean": sum(map(len, middle_ids)) / len(cases),
         "original_parse_rate": sum(parses(c.prefix + c.middle + c.suffix) for c in cases) / len(cases),
         "rows": rows,
-        **{f"{k}_{mode}": v[k] for mode, v in (("diffusion", d), ("ar", a))
+        **{f"{k}_{mode}": v[k] for mode, v in (("diffusion", d), ("ar", a), ("diffusion_prefix_only", p))
            for k in ("exact_match", "token_accuracy", "parse_rate", "passes_per_case", "seconds_per_case")},
         "diffusion_settings": {k: getattr(diff, k) for k in (
             "sampler", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
@@ -457,7 +464,7 @@ def _print(r: dict) -> None:
           f"spans, {r['middle_tokens_mean']:.1f} tokens each on average), model {r['model']}"
           + (", compiled (--compile)" if r["compile"] else ""))
     print("hole: the removed middle's token count; diffusion sees the suffix, AR continues the prefix and is spliced in")
-    print(f"{'setting':<18} {'cases':>5} {'exact':>7} {'tok acc':>8} {'parses':>7} {'passes':>7} {'s/case':>8}")
+    print(f"{'setting':<24} {'cases':>5} {'exact':>7} {'tok acc':>8} {'parses':>7} {'passes':>7} {'s/case':>8}")
     for row in r["rows"]:
-        print(f"{row['setting']:<18} {row['cases']:>5} {row['exact_match']:>7.3f} {row['token_accuracy']:>8.3f} "
+        print(f"{row['setting']:<24} {row['cases']:>5} {row['exact_match']:>7.3f} {row['token_accuracy']:>8.3f} "
               f"{row['parse_rate']:>7.3f} {row['passes_per_case']:>7.2f} {row['seconds_per_case']:>8.4f}")
