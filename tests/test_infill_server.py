@@ -181,10 +181,15 @@ def test_bad_templates_and_suffixes_are_400s(plain, body, param, message):
 
 
 def test_a_lone_surrogate_is_a_400(plain):
-    for field in ("template", "suffix"):
-        r = httpx.post(f"{plain.url}/v1/completions", content=b'{"prompt": "x", "%s": "a\\ud800"}' % field.encode(),
-                       headers={"content-type": "application/json"}, timeout=60)
+    """A JSON escape \\ud800 without its pair is no text: a 400 naming the field, in any text field."""
+    bodies = [("/v1/completions", b'{"prompt": "x", "%s": "a\\ud800"}' % f.encode(), f) for f in ("template", "suffix",
+                                                                                                    "stop")]
+    bodies += [("/v1/completions", b'{"prompt": ["x", "a\\udfff"]}', "prompt"),
+               ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages")]
+    for path, body, field in bodies:
+        r = httpx.post(f"{plain.url}{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        assert "surrogate" in r.json()["error"]["message"]
 
 
 _json = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=6),

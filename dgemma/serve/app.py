@@ -226,6 +226,14 @@ async def _read_json(request: HTTPRequest, schema: type[BaseModel]) -> BaseModel
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object (got {type(data).__name__})")
+    for key in schema.model_fields.keys() & data.keys():  # an escape such as \ud800 alone: a str no tokenizer takes
+        try:
+            json.dumps(data[key], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"{key} holds a lone UTF-16 surrogate (an escape in \\ud800-\\udfff without its "
+                                "pair), which is not text; send UTF-8 text", param=key) from None
+        except (TypeError, ValueError, RecursionError):
+            pass  # left to the schema's checks
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -945,10 +953,6 @@ def _template_request(state: _State, body: _Common, score_only: bool, grammar_pa
                             "around its holes, a grammar constrains the whole output; give one of them", param=param)
     if body.record:
         raise ApiError(400, f"a request with a {param} cannot be recorded yet; drop record", param="record")
-    try:
-        (text if text is not None else suffix).encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate sent as a JSON escape
-        raise ApiError(400, f"{param} is not valid UTF-8 text (character {e.start}); send UTF-8", param=param) from None
     if suffix is not None:
         return _Shape(param, suffix=suffix)
     try:
