@@ -6,8 +6,8 @@ a loglikelihood_rolling perplexity task and a generate_until task. Nothing is do
 
 - AR server (`--mode ar`): all three. Log-likelihood requests send token ids (tokenized_requests=True, lm-eval's
   own tokenizer = the model's), with echo, logprobs=1 and max_tokens=1, as lm-eval 0.4.13 does.
-- diffusion server (the default mode): generate_until, sending strings (tokenizer_backend=none). Its log-likelihood
-  requests ask for the logprob of one generated token, which diffusion mode does not report yet (a 400).
+- diffusion server (the default mode): all three as well. A log-likelihood request's generated token is a
+  diffusion canvas's first token (with its logprob under the denoiser); lm-eval scores only the echoed prompt.
 """
 
 from __future__ import annotations
@@ -87,10 +87,13 @@ def test_lm_eval_ar_all_request_kinds(tmp_path, tokenizer_dir):
     assert results["dgemma_py_ppl"]["bits_per_byte,none"] > 0
 
 
-def test_lm_eval_diffusion_generate_until(tmp_path):
+def test_lm_eval_diffusion_all_request_kinds(tmp_path, tokenizer_dir):
     server = _Server(tmp_path / "server.log")  # diffusion: the default mode
     try:
-        results = _lm_eval(tmp_path, server.url, ("dgemma_py_gen",), "tokenizer_backend=none,tokenized_requests=False")
+        tok = f"tokenizer_backend=huggingface,tokenizer={tokenizer_dir},tokenized_requests=True"
+        results = _lm_eval(tmp_path, server.url, (*LOGLIKELIHOOD_TASKS, "dgemma_py_gen"), tok)
     finally:
         server.stop()
+    _numbers(results, "dgemma_py_mc", ("acc",))
+    _numbers(results, "dgemma_py_ppl", ("word_perplexity", "byte_perplexity", "bits_per_byte"))
     _numbers(results, "dgemma_py_gen", ("exact_match",))

@@ -189,8 +189,7 @@ def _run_generate(args) -> int:
 
         load_adapter(lm.model, args.adapter)
     g = lm.generation_config
-    eos = g.get("eos_token_id", lm.model.config.eos_token_ids or lm.tokenizer.stop_ids())
-    eos = tuple(eos if isinstance(eos, (list, tuple)) else [eos]) if eos is not None else None
+    eos = lm.eos_ids()
     max_new = _pick(args.max_new_tokens, g, "max_new_tokens", 256)
     if args.mode == "ar":
         params = ARParams(max_new_tokens=max_new, temperature=args.temperature or 0.0, top_k=args.top_k,

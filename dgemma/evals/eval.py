@@ -348,8 +348,8 @@ def score(prompts: list[str], res: ModeResult, judge: Judge | None) -> dict:
 
 
 def stop_ids(lm) -> tuple[int, ...]:
-    eos = lm.generation_config.get("eos_token_id") or lm.tokenizer.stop_ids()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    """The ids that end a generation (LoadedModel.eos_ids: generation config, else model config, else tokenizer)."""
+    return lm.eos_ids() or tuple(lm.tokenizer.stop_ids())
 
 
 def default_diffusion_params(lm, **overrides):

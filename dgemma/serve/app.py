@@ -124,8 +124,8 @@ class CompletionRequest(_Common):
     echo: bool | None = Field(None, description="the prompt's text (and with logprobs its tokens) before the "
                                                 "completion")
     logprobs: int | None = Field(None, description=f"each token's log-probability and its N most probable "
-                                                   f"alternatives, 0 <= N <= {MAX_LOGPROBS} (ar mode, or echo with "
-                                                   "max_tokens 0)")
+                                                   f"alternatives, 0 <= N <= {MAX_LOGPROBS} (either mode; diffusion: "
+                                                   "at the denoising step that chose the token)")
     suffix: str | None = Field(None, description="fill in the middle: the text after the completion; the completion "
                                                  "is a hole of max_tokens tokens between the prompt and the suffix, "
                                                  "and the answer is the hole's text alone (not with template)")
@@ -147,7 +147,8 @@ class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="exact upper bound on the new tokens")
     max_tokens: int | None = Field(None, ge=1, description="the older name of max_completion_tokens")
-    logprobs: bool | None = Field(None, description="each content token's log-probability (ar mode)")
+    logprobs: bool | None = Field(None, description="each content token's log-probability (either mode; diffusion: at the "
+                                                       "denoising step that chose the token)")
     top_logprobs: int | None = Field(None, description=f"with logprobs: the N most probable alternatives of each "
                                                        f"token, 0 <= N <= {MAX_LOGPROBS}")
     tools: list[Any] | None = None  # accepted only when empty
@@ -1062,10 +1063,6 @@ async def _serve(request: HTTPRequest, state: _State, body: _Common, wire, promp
     shape = _template_request(state, body, score_only, grammar_param)
     if score_only:
         probe = probe.with_(mode="ar", temperature=0.0, top_k=None, top_p=None)
-    elif top is not None and probe.mode == "diffusion":
-        raise ApiError(400, "logprobs are not available in diffusion mode yet; send \"mode\": \"ar\" (the "
-                            "log-probabilities of the encoder's next-token distribution), or score the prompt alone "
-                            "with echo: true and max_tokens: 0, which works in either mode", param="logprobs")
     whole = state.canvas_length if probe.mode == "diffusion" else 1
     max_len = state.engine.max_model_len
     gen_id = f"{wire.prefix}-{secrets.token_hex(12)}"

@@ -46,8 +46,9 @@ beside the prompt (code context_length_exceeded), max_tokens below a template's 
 with response_format or regex (a template fixes the text, a grammar constrains it: give one of them), with record.
 
 Log-probabilities (`logprobs: N` on completions, `logprobs: true, top_logprobs: N` on chat, N <= 20) are the
-model's raw next-token distribution (log-softmax of the logits at temperature 1, whatever temperature/top-k/top-p
-drew the token), in ar mode; a diffusion request asking for them is a 400 for now. `echo: true` puts the prompt
+model's raw distribution (log-softmax of the logits at temperature 1, whatever temperature/top-k/top-p or a
+response_format chose the token): in ar mode the next-token distribution, in diffusion mode the denoiser's at the
+token's canvas position at the denoising step that chose it. `echo: true` puts the prompt
 first, and with logprobs its tokens' log-probabilities (the first one null); with `max_tokens: 0` the answer is
 the prompt alone (scoring, as lm-evaluation-harness asks), in either mode. Completions' logprobs are
 {tokens, token_logprobs, top_logprobs: [{text: logprob}], text_offset}, chat's {content: [{token, logprob, bytes,
@@ -218,11 +219,9 @@ def build_app(lm, engine, model_name: str | None = None, **kwargs):
     """The FastAPI app serving `engine` for a loaded model (dgemma.api.load); kwargs go to create_app."""
     from dgemma.serve.app import create_app
 
-    g = lm.generation_config or {}
-    eos = g.get("eos_token_id", lm.model.config.eos_token_ids or lm.tokenizer.stop_ids())
-    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else None
+    eos = lm.eos_ids()
     return create_app(engine, lm.tokenizer, model_name=model_name or _model_name(None, lm.name),
-                      generation_config=g, eos_token_ids=eos, canvas_length=lm.model.config.canvas_length,
+                      generation_config=lm.generation_config or {}, eos_token_ids=list(eos) if eos else eos, canvas_length=lm.model.config.canvas_length,
                       vocab_size=lm.model.config.vocab_size, **kwargs)
 
 
