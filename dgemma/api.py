@@ -11,8 +11,6 @@ above the id-only generation code.
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -325,71 +323,44 @@ def _template_for(lm: LoadedModel, params, template: str | None, suffix: str | N
 
 
 def generate_recorded(lm, prompts: list[str], mode: str, params, stops: list[str], chat: bool, on_step, path):
-    """`api.generate_text(..., record=path)`: one prompt on a one-row stepped engine, every step recorded to
-    `path`. The same engine, settings and seed as `generate_text` without a recording, so the same tokens."""
-    from dgemma.engine.engine import Engine, KVPool
-    from dgemma.engine.outputs import GenerationStats
+    """`api.generate_text(..., record=path)`: one prompt through the one-shot driver (engine.generate_batch) with a
+    trajectory recorder as its sink, every step written to `path`. The same engine, settings and seed as
+    `generate_text` without a recording, so the same tokens."""
+    from dgemma.engine.engine import generate_batch
     from dgemma.engine.trajectory import Recorder
-    from dgemma.params import PREFILL_SPAN, EngineConfig, RequestError
-    from dgemma.params import Request as EngineRequest
 
     if len(prompts) != 1:
         raise ValueError(f"--record records one prompt at a time (got {len(prompts)}); run one prompt per file")
     if getattr(params, "compat", False) or getattr(params, "engine", "fast") != "fast":
         raise ValueError("--record needs the stepped engine: drop --compat and --engine reference")
     params.validate()
-    model, tok = lm.model, lm.tokenizer
+    tok = lm.tokenizer
     ids, mask = encode_prompts(lm, prompts, chat)
     prompt_ids = ids[0][mask[0].bool()].tolist()
     sp = params.sampling(0).with_(drafts=True)
-    C = model.config.canvas_length
-    need = len(prompt_ids) + (math.ceil(sp.max_new_tokens / C) * C if mode == "diffusion" else sp.max_new_tokens)
-    if need > model.config.max_position_embeddings:
-        raise RequestError(f"the prompt plus max_new_tokens needs {need} positions, over the model's "
-                           f"max_position_embeddings={model.config.max_position_embeddings}; lower max_new_tokens")
-    room = max(PREFILL_SPAN, C)
-    nbytes = KVPool.nbytes(model.config, 1, need, room, model.dtype)
-    eng = Engine(model, EngineConfig(max_batch=1, max_model_len=need, kv_memory_mb=nbytes / 2**20 + 1,
-                                     prefill_chunk=PREFILL_SPAN, max_queue=1, compile=params.compile,
-                                     sampler_chunk=getattr(params, "sampler_chunk", None)))
-    stop_fn = _stop_cut(tok, stops) if stops else None
-    t0 = time.perf_counter()
     with Recorder(path) as rec:
-        rec.header(lm.name, mode, prompts[0], prompt_ids, C,
+        rec.header(lm.name, mode, prompts[0], prompt_ids, lm.model.config.canvas_length,
                    {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(sp).items()})
-        eng.add(EngineRequest("0", prompt_ids, sp))
-        out: list[int] = []
-        reason, passes, steps, first, canvas = "length", 0, [], None, 0
-        while eng.has_work():
-            for ev in eng.step():
-                passes = ev.decoder_passes
-                if ev.draft is not None:
-                    d = ev.draft
-                    canvas = d.canvas_index
-                    rec.step(d)
-                    if on_step is not None:
-                        on_step(d.canvas_index, d.step - 1, [0], torch.tensor([d.ids]), torch.tensor([d.accepted]))
-                new = list(ev.new_ids)
-                if new:
-                    first = first if first is not None else time.perf_counter() - t0
-                    before = len(out)
-                    out.extend(new)
-                    cut = stop_fn(0, out) if stop_fn is not None else None
-                    if cut is not None:
-                        del out[cut:]
-                        reason = "stop"
-                    rec.commit(canvas if mode == "diffusion" else None, before, out[before:])
-                    if cut is not None:
-                        steps = list(eng.by_id["0"].steps) if "0" in eng.by_id else list(ev.steps_per_canvas)
-                        eng.abort("0")
-                        break
-                if ev.finished:
-                    if ev.finish_reason == "error":
-                        raise RequestError(ev.error)
-                    reason, steps = ev.finish_reason, ev.steps_per_canvas
-        stats = GenerationStats(decoder_passes=[passes], encoder_passes=eng.counters["encoder_passes"],
-                                steps_per_canvas=[steps] if mode == "diffusion" else [], new_tokens=[len(out)],
-                                seconds=time.perf_counter() - t0, first_token_seconds=first)
-        rec.end(tok, reason, out, decoder_passes=passes, encoder_passes=stats.encoder_passes,
-                steps_per_canvas=steps)
-    return [TextResult(_trim(tok.decode(out), stops), out, reason, stats)]
+        sink = _RecordSink(rec, mode)
+        out = generate_batch(lm.model, [prompt_ids], [sp], _stop_cut(tok, stops) if stops else None, on_step,
+                             params.compile, getattr(params, "sampler_chunk", None), sink=sink)
+        tokens, stats = out.tokens[0], out.stats
+        rec.end(tok, out.finish_reasons[0], tokens, decoder_passes=stats.decoder_passes[0],
+                encoder_passes=stats.encoder_passes,
+                steps_per_canvas=stats.steps_per_canvas[0] if stats.steps_per_canvas else [])
+    return [TextResult(_trim(tok.decode(tokens), stops), tokens, out.finish_reasons[0], stats)]
+
+
+class _RecordSink:
+    """generate_batch's sink for one recorded row: every draft a step record, every commit a commit record (with
+    the canvas it came from in diffusion mode)."""
+
+    def __init__(self, rec, mode: str):
+        self.rec, self.mode, self.canvas = rec, mode, 0
+
+    def draft(self, row: int, draft) -> None:
+        self.canvas = draft.canvas_index
+        self.rec.step(draft)
+
+    def commit(self, row: int, offset: int, ids: list[int]) -> None:
+        self.rec.commit(self.canvas if self.mode == "diffusion" else None, offset, ids)

@@ -916,11 +916,13 @@ def _memory_limit() -> int:
 
 def generate_batch(model: DiffusionGemma, prompts: list[list[int]], params: list[SamplingParams],
                    stop_fn=None, on_step=None, compile: bool = False, sampler_chunk: int | None = None,
-                   grammars: Grammars | None = None):
+                   grammars: Grammars | None = None, sink=None):
     """Run every prompt as its own request on a fresh engine sized for exactly these requests; returns a
     GenerationOutput (rows in prompt order). `stop_fn(row, tokens) -> cut | None` runs after each commit;
     `on_step(canvas, step, [row], argmax [1, C], accepted [1, C])` after each denoising step. `grammars`: the
-    tokenizer's grammar compiler, for params with a grammar."""
+    tokenizer's grammar compiler, for params with a grammar. `sink`: an object told what happens as it happens
+    (a trajectory recorder): `sink.draft(row, draft)` after every denoising step, `sink.commit(row, offset, ids)`
+    for every commit, after a stop string's cut."""
     t0 = time.perf_counter()
     mc = model.config
     C = mc.canvas_length
@@ -939,7 +941,7 @@ def generate_batch(model: DiffusionGemma, prompts: list[list[int]], params: list
     eng = Engine(model, EngineConfig(max_batch=B, max_model_len=need, kv_memory_mb=nbytes / 2**20 + 1,
                                      prefill_chunk=PREFILL_SPAN, max_queue=B, compile=compile,
                                      sampler_chunk=sampler_chunk), grammars=grammars)
-    if on_step is not None:
+    if on_step is not None or sink is not None:
         params = [p.with_(drafts=True) for p in params]
     for i, (ids, p) in enumerate(zip(prompts, params)):
         eng.add(Request(str(i), list(ids), p))
@@ -952,15 +954,26 @@ def generate_batch(model: DiffusionGemma, prompts: list[list[int]], params: list
         for ev in eng.step():
             r = int(ev.request_id)
             passes[r] = ev.decoder_passes
-            if ev.draft is not None and on_step is not None:
+            if ev.draft is not None:
                 d = ev.draft
-                on_step(d.canvas_index, d.step - 1, [r], torch.tensor([d.ids]), torch.tensor([d.accepted]))
+                if sink is not None:
+                    sink.draft(r, d)
+                if on_step is not None:
+                    on_step(d.canvas_index, d.step - 1, [r], torch.tensor([d.ids]), torch.tensor([d.accepted]))
+            cut = None
             if ev.new_ids:
                 first = first if first is not None else time.perf_counter() - t0
+                before = len(out[r])
                 out[r].extend(ev.new_ids)
                 logprobs[r].extend(ev.new_logprobs)
-                if not ev.finished and stop_fn is not None and (cut := stop_fn(r, out[r])) is not None:
+                # a stop string cuts unless EOS already ended the row (its text is trimmed by the caller)
+                if stop_fn is not None and (not ev.finished or ev.finish_reason == "length"):
+                    cut = stop_fn(r, out[r])
+                if cut is not None:
                     del out[r][cut:], logprobs[r][cut:]
+                if sink is not None:
+                    sink.commit(r, before, out[r][before:])
+                if cut is not None and not ev.finished:
                     reasons[r] = "stop"
                     steps[r] = list(eng.by_id[str(r)].steps)
                     eng.abort(str(r))
@@ -968,11 +981,8 @@ def generate_batch(model: DiffusionGemma, prompts: list[list[int]], params: list
             if ev.finished:
                 if ev.finish_reason == "error":
                     raise RequestError(ev.error)
-                reasons[r] = ev.finish_reason
+                reasons[r] = "stop" if cut is not None else ev.finish_reason
                 steps[r] = ev.steps_per_canvas
-                if ev.finish_reason == "length" and stop_fn is not None and (cut := stop_fn(r, out[r])) is not None:
-                    del out[r][cut:], logprobs[r][cut:]
-                    reasons[r] = "stop"
     stats = GenerationStats(decoder_passes=passes, encoder_passes=eng.counters["encoder_passes"],
                             steps_per_canvas=steps if any(p.mode == "diffusion" for p in params) else [],
                             new_tokens=[len(t) for t in out], seconds=time.perf_counter() - t0,

@@ -740,25 +740,7 @@ def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | 
     app.state.dgemma = state
     app.add_middleware(_Guard, max_body=max_body_bytes, requests=requests, api_keys=tuple(api_keys))
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        return JSONResponse(_error_body(message, kind, code=str(exc.status_code)), exc.status_code,
-                            headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request, exc: RequestValidationError):
-        return JSONResponse(_error_body(str(jsonable_encoder(exc.errors())), "invalid_request_error"), 400)
-
-    @app.exception_handler(Exception)
-    async def _crash(request, exc: Exception):
-        log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(_error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
+    _add_error_handlers(app)
 
     def body_schema(name: str) -> dict:
         return {"requestBody": {"required": True, "content": {
@@ -785,56 +767,92 @@ def create_app(engine, tokenizer, *, model_name: str, generation_config: dict | 
 
     @app.post("/v1/completions", openapi_extra=body_schema("CompletionRequest"))
     async def completions(request: HTTPRequest):
-        body = await _read_json(request, CompletionRequest)
-        _check_model(state, body.model, count=True)
-        _check_top(body.logprobs, "logprobs")
-        if body.max_tokens == 0 and not body.echo:
-            raise ApiError(400, "max_tokens must be >= 1 (0 only with echo: true, to score the prompt alone)",
-                           param="max_tokens")
-        if body.best_of is not None and body.best_of != (body.n or 1):
-            raise ApiError(400, "best_of is not supported (only best_of == n)", param="best_of")
-        prompts = _completion_prompts(state, body.prompt)
-        return await _serve(request, state, body, _CompletionWire, prompts, body.max_tokens, "max_tokens", "prompt",
-                            top=body.logprobs, echo=bool(body.echo))
+        return await _completions(request, state)
 
     @app.post("/v1/chat/completions", openapi_extra=body_schema("ChatRequest"))
     async def chat_completions(request: HTTPRequest):
-        body = await _read_json(request, ChatRequest)
-        _check_model(state, body.model, count=True)
-        _check_top(body.top_logprobs, "top_logprobs")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        _unsupported(body.tools, "tools", "tools are not supported by this server")
-        _unsupported(body.functions, "functions", "functions are not supported by this server")
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.content if not isinstance(m.content, list) else [p.model_dump() for p in m.content]}
-                    for m in body.messages]
-        try:
-            ids = state.tokenizer.encode(state.tokenizer.apply_chat_template(messages))
-        except TokenizerError as e:
-            raise ApiError(400, str(e), param="messages") from None
-        limit, name = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
-                       else (body.max_tokens, "max_tokens"))
-        return await _serve(request, state, body, _ChatWire, [ids], limit, name, "messages",
-                            top=(body.top_logprobs or 0) if body.logprobs else None)
+        return await _chat_completions(request, state)
 
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model_cls in (CompletionRequest, ChatRequest):
-                s = model_cls.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(s.pop("$defs", {}))
-                components[model_cls.__name__] = s
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
+    app.openapi = lambda: _openapi(app)
     from dgemma.serve.playground import add_routes  # GET /: the playground page (dgemma/serve/web/)
 
     add_routes(app, tokenizer)
     return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's error body: ours (ApiError), routing (404/405), validation (400), and a crash (500,
+    logged, the server keeps running)."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(_error_body(message, kind, code=str(exc.status_code)), exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc: RequestValidationError):
+        return JSONResponse(_error_body(str(jsonable_encoder(exc.errors())), "invalid_request_error"), 400)
+
+    @app.exception_handler(Exception)
+    async def _crash(request, exc: Exception):
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse(_error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
+
+
+async def _completions(request: HTTPRequest, state: _State):
+    """POST /v1/completions."""
+    body = await _read_json(request, CompletionRequest)
+    _check_model(state, body.model, count=True)
+    _check_top(body.logprobs, "logprobs")
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(400, "max_tokens must be >= 1 (0 only with echo: true, to score the prompt alone)",
+                       param="max_tokens")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise ApiError(400, "best_of is not supported (only best_of == n)", param="best_of")
+    prompts = _completion_prompts(state, body.prompt)
+    return await _serve(request, state, body, _CompletionWire, prompts, body.max_tokens, "max_tokens", "prompt",
+                        top=body.logprobs, echo=bool(body.echo))
+
+
+async def _chat_completions(request: HTTPRequest, state: _State):
+    """POST /v1/chat/completions."""
+    body = await _read_json(request, ChatRequest)
+    _check_model(state, body.model, count=True)
+    _check_top(body.top_logprobs, "top_logprobs")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    _unsupported(body.tools, "tools", "tools are not supported by this server")
+    _unsupported(body.functions, "functions", "functions are not supported by this server")
+    messages = [{"role": "system" if m.role == "developer" else m.role,
+                 "content": m.content if not isinstance(m.content, list) else [p.model_dump() for p in m.content]}
+                for m in body.messages]
+    try:
+        ids = state.tokenizer.encode(state.tokenizer.apply_chat_template(messages))
+    except TokenizerError as e:
+        raise ApiError(400, str(e), param="messages") from None
+    limit, name = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
+                   else (body.max_tokens, "max_tokens"))
+    return await _serve(request, state, body, _ChatWire, [ids], limit, name, "messages",
+                        top=(body.top_logprobs or 0) if body.logprobs else None)
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The OpenAPI schema, with the request bodies the routes read themselves (to answer errors OpenAI's way)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model_cls in (CompletionRequest, ChatRequest):
+            s = model_cls.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(s.pop("$defs", {}))
+            components[model_cls.__name__] = s
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _model_card(state: _State, name: str) -> dict:

@@ -67,6 +67,9 @@ class TextStream:
             return ""
         end = len(self._text)
         hit = self._find_stop()
+        if hit is not None and not final and (wait := self._earlier_partial(hit[0])) is not None:
+            hit, end = None, wait  # a longer stop string may begin before this hit: hold back, search again
+            self._checked = wait
         if hit is not None:
             at, stop = hit
             self.stopped = True
@@ -88,6 +91,14 @@ class TextStream:
         hits = [(i, s) for s in self.stops if (i := self._text.find(s, start)) >= 0]
         self._checked = len(self._text)
         return min(hits) if hits else None
+
+    def _earlier_partial(self, before: int) -> int | None:
+        """The earliest index before `before` where the text's tail is a proper prefix of a stop string, or None."""
+        for k in range(min(self._longest - 1, len(self._text) - self._sent), 0, -1):
+            at = len(self._text) - k
+            if at < before and any(len(s) > k and s.startswith(self._text[at:]) for s in self.stops):
+                return at
+        return None
 
     def _partial_stop(self) -> int:
         """Length of the longest suffix of the unsent text that is a proper prefix of a stop string."""
