@@ -49,11 +49,17 @@ class RMSNorm(nn.Module):
             v = x.pow(2).sum(-1, keepdim=True).div_(self._count).add_(self._eps)
             y = x * v.pow_(-0.5)
             return y if self.weight is None else y * self.weight
-        xf = x.float()
-        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.type_as(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`RMSNorm`'s arithmetic as a pure function (fp32 inside, the input's dtype out; no weight when None): the
+    module's general path, and what the engine's compiled pieces trace."""
+    xf = x.float()
+    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight.float()
+    return y.type_as(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,7 +161,6 @@ class Router(nn.Module):
         super().__init__()
         H = config.hidden_size
         self.top_k = config.top_k_experts
-        self.root = H**-0.5
         self.norm = RMSNorm(H, config.rms_norm_eps, with_scale=False)
         self.proj = nn.Linear(H, config.num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(H))
@@ -163,11 +168,18 @@ class Router(nn.Module):
 
     def forward(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """r: [N, H] -> weights [N, k] fp32, expert ids [N, k]."""
-        z = self.norm(r) * self.scale * self.root
-        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)
-        w, idx = torch.topk(probs, self.top_k, dim=-1)
-        w = w / w.sum(dim=-1, keepdim=True)
-        return w * self.per_expert_scale[idx], idx
+        return route(self.norm(r), self.scale, self.proj.weight, self.per_expert_scale, self.top_k)
+
+
+def route(normed: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, per_expert_scale: torch.Tensor,
+          top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Router`'s arithmetic after its weightless norm, as a pure function: normed [N, H] -> weights [N, k] fp32,
+    expert ids [N, k]. proj is the router's [E, H] weight (always full precision: quant.py and LoRA leave it)."""
+    z = normed * scale * normed.shape[-1] ** -0.5
+    probs = F.softmax(F.linear(z, proj), dim=-1, dtype=torch.float32)
+    w, idx = torch.topk(probs, top_k, dim=-1)
+    w = w / w.sum(dim=-1, keepdim=True)
+    return w * per_expert_scale[idx], idx
 
 
 class Experts(nn.Module):

@@ -26,6 +26,16 @@ def linear_temperature(step_remaining: int, num_steps: int, t_min: float, t_max:
     return t_min + (t_max - t_min) * frac
 
 
+def row_temperatures(steps_left: torch.Tensor, num_steps: torch.Tensor, t_min: torch.Tensor,
+                     t_span: torch.Tensor) -> torch.Tensor:
+    """`linear_temperature(..., reach_t_min=True)` for rows that each follow their own schedule (the stepped
+    engine): steps_left, num_steps [g] int; t_min and t_span (= t_max - t_min) [g] fp32 -> [g] fp32. The fraction is
+    divided in float64 and rounded to fp32 once, as the scalar version's Python division is, so every row's value is
+    the scalar version's bit for bit (tests/test_sampler.py)."""
+    frac = ((steps_left - 1).double() / (num_steps - 1).clamp(min=1).double()).float()
+    return t_min + t_span * frac
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of softmax(logits) over the last axis; [..., V] -> [...]. Same operations as
     `torch.distributions.Categorical(logits=...).entropy()` so that thresholds decide identically."""
@@ -61,6 +71,21 @@ def stable_and_confident(argmax: torch.Tensor, processed_logits: torch.Tensor, h
         new_history[-1] = argmax
     confident = entropy(processed_logits).mean(dim=-1) < confidence_threshold
     return stable & confident, new_history
+
+
+def stable_run(argmax: torch.Tensor, previous: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+    """The stability half of `stable_and_confident` as a counter instead of a history: for each row, how many
+    consecutive steps its argmax canvas [B, C] has equalled the one before (`previous`, all -1 before a canvas's first
+    step), given last step's counts `run` [B]. `run >= stability_threshold` is exactly the history test, for every
+    threshold at once, in O(C) state per row (what the stepped engine keeps per slot)."""
+    return torch.where((argmax == previous).all(dim=-1), run + 1, torch.zeros_like(run))
+
+
+def confident_and_stable(mean_entropy: torch.Tensor, run: torch.Tensor, stability_threshold: torch.Tensor | int,
+                         confidence_threshold: torch.Tensor | float) -> torch.Tensor:
+    """`stable_and_confident`'s decision from its two measurements: the mean entropy [B] of the processed logits
+    and the stability count [B] (`stable_run`); thresholds may be per row. -> done [B] bool."""
+    return (mean_entropy < confidence_threshold) & (run >= stability_threshold)
 
 
 @dataclass
@@ -127,9 +152,10 @@ def clamp_fixed(processed: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Commit-by-confidence (dgemma's `sampler="confidence"`; the Diffusers pipeline's block-refinement idea, uniform mode)
-def commit_quota(step: int, num_steps: int, length: int) -> int:
+def commit_quota(step: int | torch.Tensor, num_steps: int | torch.Tensor, length: int) -> int | torch.Tensor:
     """Positions of a `length` canvas that must be committed once step `step` (0-based) of `num_steps` is done:
-    the canvas spread evenly over the steps, rounded up, so that the last step commits everything."""
+    the canvas spread evenly over the steps, rounded up, so that the last step commits everything. `step` and
+    `num_steps` may be per-row integer tensors (the same floor division)."""
     return -(-(step + 1) * length // num_steps)
 
 

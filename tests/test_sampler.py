@@ -10,11 +10,14 @@ from dgemma.sampler import (
     accept_entropy_bound,
     commit_confident,
     commit_quota,
+    confident_and_stable,
     entropy,
     linear_temperature,
+    row_temperatures,
     sample_next_token,
     sample_step,
     stable_and_confident,
+    stable_run,
     top_confidence,
 )
 
@@ -54,6 +57,38 @@ def test_temperature_schedule():
     assert linear_temperature(1, N, 0.4, 0.8).item() == pytest.approx(0.4 + 0.4 / 48)  # reference: t_min never reached
     assert linear_temperature(1, N, 0.4, 0.8, reach_t_min=True).item() == pytest.approx(0.4)
     assert linear_temperature(N, N, 0.4, 0.8, reach_t_min=True).item() == pytest.approx(0.8)
+
+
+def test_row_temperatures_equal_the_scalar_schedule_bit_for_bit():
+    # Rows at their own step of their own schedule (the stepped engine) get exactly the reference's temperature.
+    cases = [(k, n, t_min, t_max) for n in (1, 2, 3, 7, 48, 256) for k in sorted({1, 2, n // 2 or 1, n})
+             for t_min, t_max in ((0.4, 0.8), (0.0, 1.0), (0.7, 0.7), (0.1, 1.3), (1 / 3, 2 / 3))]
+    k, n = torch.tensor([c[0] for c in cases]), torch.tensor([c[1] for c in cases])
+    t_min = torch.tensor([c[2] for c in cases], dtype=torch.float32)
+    t_span = torch.tensor([c[3] - c[2] for c in cases], dtype=torch.float32)
+    rows = row_temperatures(k, n, t_min, t_span)
+    want = torch.stack([linear_temperature(*c, reach_t_min=True) for c in cases])
+    assert rows.dtype == torch.float32
+    assert torch.equal(rows, want)
+
+
+def test_stable_run_decides_as_the_history_test():
+    # The engine's per-slot counter against stable_and_confident's history, over argmax sequences with repeats.
+    g = torch.Generator().manual_seed(0)
+    B, C, steps = 6, 5, 12
+    confident = torch.full((B, C, 4), -1e4)
+    confident[..., 0] = 0  # entropy ~0: the confidence half always holds, so `done` is the stability test
+    for threshold in (0, 1, 2, 3):
+        history, previous, run = None, torch.full((B, C), -1), torch.zeros(B, dtype=torch.long)
+        argmax = torch.randint(0, 3, (B, C), generator=g)
+        for _ in range(steps):
+            change = torch.rand(B, generator=g) < 0.4  # some rows keep their canvas, others move
+            argmax = torch.where(change[:, None], torch.randint(0, 3, (B, C), generator=g), argmax)
+            want, history = stable_and_confident(argmax, confident, history, threshold, 0.005)
+            run = stable_run(argmax, previous, run)
+            previous = argmax
+            mean_h = entropy(confident).mean(dim=-1)
+            assert torch.equal(confident_and_stable(mean_h, run, threshold, 0.005), want)
 
 
 def test_stable_and_confident():
@@ -122,6 +157,12 @@ def test_commit_quota_spreads_the_canvas_and_ends_complete():
         assert all(b >= a for a, b in itertools.pairwise(q))
         assert q[0] == -(-length // steps)  # the first step takes its share, rounded up
     assert [commit_quota(i, 4, 10) for i in range(4)] == [3, 5, 8, 10]
+
+
+def test_commit_quota_per_row_tensors_equal_the_scalar_quota():
+    steps, n = torch.tensor([0, 1, 2, 6, 0, 47, 3]), torch.tensor([1, 3, 3, 7, 48, 48, 5])
+    want = [commit_quota(int(s), int(m), 37) for s, m in zip(steps, n)]
+    assert commit_quota(steps, n, 37).tolist() == want
 
 
 def test_top_confidence_is_the_softmax_maximum():

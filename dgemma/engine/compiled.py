@@ -46,7 +46,16 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dgemma.model import DiffusionGemma, Experts, Layer, dense_mix_experts, uses_dense_experts
+from dgemma.model import (
+    DiffusionGemma,
+    Experts,
+    Layer,
+    apply_rope,
+    dense_mix_experts,
+    rms_norm,
+    route,
+    uses_dense_experts,
+)
 from dgemma.quant import Int8Linear, int8_linear
 
 BUCKET_STEP = 32  # bucket granularity in rows (a canvas is 32 positions in the shipped presets)
@@ -63,7 +72,9 @@ def compiler_available() -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pure functions over weight tensors (the model's arithmetic; compiled once per shape, shared across layers)
+# Pure functions over weight tensors, compiled once per shape and shared across layers. They compose the model's own
+# pure functions (model.rms_norm, apply_rope, route, dense_mix_experts); only the wiring of a layer is written here,
+# over weight tuples instead of modules, so that int8 weights and fp32 weights trace the same code.
 Lin = tuple  # a linear's weights: (weight [out, in],) or (int8 [out, in], scale [out])
 
 
@@ -71,61 +82,41 @@ def _lin(x: torch.Tensor, w: Lin) -> torch.Tensor:
     return F.linear(x, w[0]) if len(w) == 1 else int8_linear(x, w[0], w[1])
 
 
-def _rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """model.RMSNorm.forward."""
-    xf = x.float()
-    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if w is not None:
-        y = y * w.float()
-    return y.type_as(x)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """model.apply_rope: x [B, T, n, d], cos/sin [T, d]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 def _pre_attention(h, cos, sin, pw: PreW, eps: float):
     """input_layernorm + Attention.project: h [1, N, H] -> q [1, nh, N, d], k, v [1, nkv, N, d]."""
     B, T, _ = h.shape
-    x = _rms(h, pw.ln, eps)
+    x = rms_norm(h, pw.ln, eps)
     q = _lin(x, pw.q_w).view(B, T, pw.num_heads, -1)
     d = q.shape[-1]
-    q = _rope(_rms(q, pw.q_norm, eps), cos, sin)
+    q = apply_rope(rms_norm(q, pw.q_norm, eps), cos, sin)
     k_raw = _lin(x, pw.k_w).view(B, T, pw.num_kv_heads, d)
     v_raw = _lin(x, pw.v_w).view(B, T, pw.num_kv_heads, d) if pw.v_w is not None else k_raw
-    k = _rope(_rms(k_raw, pw.k_norm, eps), cos, sin).transpose(1, 2)
-    return q.transpose(1, 2), k, _rms(v_raw, None, eps).transpose(1, 2)
+    k = apply_rope(rms_norm(k_raw, pw.k_norm, eps), cos, sin).transpose(1, 2)
+    return q.transpose(1, 2), k, rms_norm(v_raw, None, eps).transpose(1, 2)
 
 
 def _router(r, rw: RouterW, eps: float):
     """model.Router.forward: r [N, H] -> weights [N, k] fp32, expert ids [N, k]."""
-    z = _rms(r, None, eps) * rw.scale * (r.shape[-1] ** -0.5)
-    probs = F.softmax(F.linear(z, rw.proj), dim=-1, dtype=torch.float32)
-    w, idx = torch.topk(probs, rw.top_k, dim=-1)
-    w = w / w.sum(dim=-1, keepdim=True)
-    return w * rw.per_expert_scale[idx], idx
+    return route(rms_norm(r, None, eps), rw.scale, rw.proj, rw.per_expert_scale, rw.top_k)
 
 
 def _ffn_in(h, o, lw: LayerW, eps: float):
     """Everything of o_proj + Layer.after_attention before the experts, given the attention output o [1, nh, N, d]:
     returns (r [1, N, H], m1 [1, N, H], expert input [N, H], weights [N, k] fp32, ids [N, k])."""
     a = _lin(o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1), lw.o_w)
-    r = h + _rms(a, lw.post_attention_ln, eps)
-    x1 = _rms(r, lw.pre_ff_ln, eps)
-    m1 = _rms(_lin(F.gelu(_lin(x1, lw.gate_w), approximate="tanh") * _lin(x1, lw.up_w), lw.down_w),
+    r = h + rms_norm(a, lw.post_attention_ln, eps)
+    x1 = rms_norm(r, lw.pre_ff_ln, eps)
+    m1 = rms_norm(_lin(F.gelu(_lin(x1, lw.gate_w), approximate="tanh") * _lin(x1, lw.up_w), lw.down_w),
               lw.post_ff_ln_1, eps)
     flat = r.reshape(-1, r.shape[-1])
     w, idx = _router(flat, lw.router, eps)
-    return r, m1, _rms(flat, lw.pre_ff_ln_2, eps), w, idx
+    return r, m1, rms_norm(flat, lw.pre_ff_ln_2, eps), w, idx
 
 
 def _ffn_out(r, m1, m2, scalar, lw: LayerW, eps: float):
     """The rest of Layer.after_attention, given the experts' output m2 [N, H]."""
-    m2 = _rms(m2.reshape(r.shape), lw.post_ff_ln_2, eps)
-    return (r + _rms(m1 + m2, lw.post_ff_ln, eps)) * scalar
+    m2 = rms_norm(m2.reshape(r.shape), lw.post_ff_ln_2, eps)
+    return (r + rms_norm(m1 + m2, lw.post_ff_ln, eps)) * scalar
 
 
 def _post_attention_dense(h, o, scalar, weights: tuple[LayerW, DenseW], eps: float):
@@ -135,7 +126,7 @@ def _post_attention_dense(h, o, scalar, weights: tuple[LayerW, DenseW], eps: flo
 
 
 def _final_norm(h, w, eps: float):
-    return _rms(h, w, eps)
+    return rms_norm(h, w, eps)
 
 
 # ---------------------------------------------------------------------------------------------------------------

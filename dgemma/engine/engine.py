@@ -65,8 +65,12 @@ from dgemma.sampler import (
     FREE,
     accept_entropy_bound,
     commit_confident,
+    commit_quota,
+    confident_and_stable,
     draw_uniforms,
+    row_temperatures,
     sample_next_token,
+    stable_run,
     token_logprobs,
 )
 
@@ -293,6 +297,20 @@ class Runner:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rows
+@dataclass
+class CanvasUpdate:
+    """One decoder step's outcome for g rows of one sampler (`Engine._accept`)."""
+    canvas: torch.Tensor  # [g, C] the next input canvas (accepted tokens kept, the rest renoised)
+    draft: torch.Tensor  # [g, C] the canvas as it stands (the argmax, or committed tokens + proposals)
+    accepted: torch.Tensor  # [g, C] bool
+    committed: torch.Tensor | None  # [g, C] bool, confidence sampler only
+    done: torch.Tensor  # [g] bool: the canvas is final
+    finite: torch.Tensor  # [g] bool: the row's statistics are finite (else the request fails)
+    steps_done: torch.Tensor  # [g] steps of this canvas so far, this one included
+    mean_entropy: torch.Tensor | None  # [g], entropy-bound sampler only
+    entropy: torch.Tensor | None  # [g, C], entropy-bound sampler only
+
+
 @dataclass
 class Row:
     req: Request
@@ -647,51 +665,69 @@ class Engine:
 
     def _update_canvases(self, rows: list[Row], hidden: torch.Tensor, confidence: bool,
                          events: dict[str, Event]) -> None:
-        """The sampler over the rows' canvases: hidden [g, C, H] -> accepted tokens, renoised canvas, next soft
-        embedding, stopping; every per-row setting is a tensor gathered by slot."""
-        model, dev, C, V = self.model, self.model.device, self.C, self.V
-        g = len(rows)
-        s = torch.tensor([r.slot for r in rows], device=dev)
-        steps_done = self.step_i[s]
+        """The update after a decoder pass, for rows of one sampler: hidden [g, C, H] -> this step's statistics,
+        accepted positions, next canvas and soft embedding, stopping (`_accept`), then each finished canvas's
+        committed tokens (`_finals`) and the events (`_report`). Every per-row setting is a tensor gathered by slot;
+        the schedule, acceptance and stopping rules are sampler.py's."""
+        s = torch.tensor([r.slot for r in rows], device=self.model.device)
         n = self.n_steps[s]
-        # Temperature of this step: t_max at the first step, t_min at the last (reference default mode).
-        k = (n - steps_done).tolist()
-        frac = torch.tensor([(ki - 1) / max(ni - 1, 1) for ki, ni in zip(k, n.tolist())], dtype=torch.float32,
-                            device=dev)
-        temp = self.t_min[s] + self.t_span[s] * frac  # [g] fp32
-        # Each row's draws from its own generator, in the reference's order: uniforms, then the renoising tokens.
+        temp = row_temperatures(n - self.step_i[s], n, self.t_min[s], self.t_span[s])  # [g] fp32, this step's
+        st, noise = self._sample(rows, hidden, temp, confidence)
+        if any(r.p.template is not None for r in rows):
+            st = _clamp_stats(st, self.fixed[s].reshape(-1))
+        up = self._accept(s, st, noise, confidence)
+        logit_rows = {}
+        if any(r.matcher is not None for r in rows):
+            logit_rows = self._guide(rows, hidden, temp, up.accepted, up.canvas, up.draft if confidence else None)
+        self.canvas[s], self.draft[s], self.soft[s], self.step_i[s] = up.canvas, up.draft, st.soft, up.steps_done
+        done_l, finite_l = up.done.tolist(), up.finite.tolist()
+        draft_l = up.draft.tolist() if (any(r.p.drafts for r in rows) or any(done_l)) else None
+        finals = self._finals(rows, done_l, finite_l, draft_l, logit_rows)
+        if any(r.p.logprobs is not None for r in rows):
+            self._score_canvases(rows, hidden, finals, finite_l, up.draft, up.committed)
+        self._report(rows, up, temp, done_l, finite_l, draft_l, finals, events)
+
+    def _sample(self, rows: list[Row], hidden: torch.Tensor, temp: torch.Tensor, confidence: bool,
+                ) -> tuple[PositionStats, torch.Tensor]:
+        """This step's per-position statistics (LM head, soft-cap, temperature, sampler: compiled or eager) and the
+        renoising tokens [g, C]. Each row draws from its own generator in the reference's order: its uniforms, then
+        its renoising tokens."""
+        dev, C, V, g = self.model.device, self.C, self.V, len(rows)
         uniforms, noise = [], []
         for r in rows:
             if not confidence:
                 uniforms.append(draw_uniforms(C, r.gen, dev))
             noise.append(torch.randint(0, V, (1, C), generator=r.gen, device=dev))
-        noise = torch.cat(noise)
+        u = None if confidence else torch.cat(uniforms)
         with torch.inference_mode():
             t0, head = time.perf_counter(), self.timing["head"]
             if self.compiled_sampler is not None:  # head, soft-cap and sampler in one graph (head time not split)
                 am, drawn, ent, conf, soft = self.compiled_sampler.sampler_chunk(
-                    hidden.reshape(g * C, -1), temp.repeat_interleave(C)[:, None],
-                    None if confidence else torch.cat(uniforms), confidence)
+                    hidden.reshape(g * C, -1), temp.repeat_interleave(C)[:, None], u, confidence)
                 st = PositionStats(argmax=am, entropy=ent, sampled=drawn, confidence=conf, soft=soft.view(g, C, -1))
             else:
-                st = position_stats(None, temp.repeat_interleave(C)[:, None], None, model, soft_from="raw",
+                st = position_stats(None, temp.repeat_interleave(C)[:, None], None, self.model, soft_from="raw",
                                     chunk=self.sampler_chunk, method=None if confidence else "inverse_cdf",
-                                    confidence=confidence, uniforms=None if confidence else torch.cat(uniforms),
-                                    hidden=hidden, timing=self.timing)
-        if any(r.p.template is not None for r in rows):
-            st = _clamp_stats(st, self.fixed[s].reshape(-1))
-        canvas = self.canvas[s]
-        # the sampler's own time (the head's chunks are in timing["head"]; the update below counts as overhead)
+                                    confidence=confidence, uniforms=u, hidden=hidden, timing=self.timing)
+        # the sampler's own time (the head's chunks are in timing["head"]; the update counts as overhead)
         self.timing["sampler"] += time.perf_counter() - t0 - (self.timing["head"] - head)
-        steps_done = steps_done + 1
-        h = mean_h = committed = None
+        return st, torch.cat(noise)
+
+    def _accept(self, s: torch.Tensor, st: PositionStats, noise: torch.Tensor, confidence: bool) -> CanvasUpdate:
+        """The acceptance rule and stopping of the rows at slots `s`, as the reference loop applies them:
+        commit-by-confidence (an even share of the canvas per step, `commit_quota`, plus every position above the
+        commit threshold) or the entropy bound (the accepted samples kept, the rest renoised; done when the argmax
+        canvas is stable and confident, `stable_run` + `confident_and_stable`, for rows that stop early). A row is
+        also done at its last step."""
+        g, C = s.shape[0], self.C
+        steps_done, n, canvas = self.step_i[s] + 1, self.n_steps[s], self.canvas[s]
+        committed = mean_h = h = None
         if confidence:
             conf = st.confidence.view(g, C)
             finite = torch.isfinite(conf).all(dim=-1)
-            quota = -(-(steps_done * C) // n)  # an even share of the canvas per step, rounded up
-            new_canvas, committed, draft = commit_confident(conf, st.argmax.view(g, C), canvas, self.committed[s],
-                                                            quota[:, None], self.commit_thr[s][:, None], V, None,
-                                                            noise=noise)
+            new_canvas, committed, draft = commit_confident(
+                conf, st.argmax.view(g, C), canvas, self.committed[s], commit_quota(steps_done - 1, n, C)[:, None],
+                self.commit_thr[s][:, None], self.V, None, noise=noise)
             accepted = committed
             self.committed[s] = committed
             done = committed.all(dim=-1)
@@ -699,50 +735,53 @@ class Engine:
             h = st.entropy.view(g, C)
             finite = torch.isfinite(h).all(dim=-1)
             accepted = accept_entropy_bound(h, self.bound[s][:, None])
-            kept = torch.where(accepted, st.sampled.view(g, C), canvas)
-            new_canvas = torch.where(~accepted, noise, kept)
+            new_canvas = torch.where(accepted, st.sampled.view(g, C), noise)
             draft = st.argmax.view(g, C)
             mean_h = h.mean(dim=-1)
-            same = (draft == self.draft[s]).all(dim=-1)
-            run = torch.where(same, self.run_len[s] + 1, torch.zeros_like(self.run_len[s]))
+            run = stable_run(draft, self.draft[s], self.run_len[s])
             self.run_len[s] = run
-            done = self.early[s] & (mean_h < self.conf_thr[s]) & (run >= self.stab[s])
-        done = done | (steps_done >= n)
-        logit_rows = {}
-        if any(r.matcher is not None for r in rows):
-            logit_rows = self._guide(rows, hidden, temp, accepted, new_canvas, draft if confidence else None)
-        self.canvas[s], self.draft[s], self.soft[s], self.step_i[s] = new_canvas, draft, st.soft, steps_done
-        done_l, finite_l, steps_l = done.tolist(), finite.tolist(), steps_done.tolist()
-        draft_l = draft.tolist() if (any(r.p.drafts for r in rows) or any(done_l)) else None
-        acc_l = accepted.tolist() if any(r.p.drafts for r in rows) else None
-        mh_l = mean_h.tolist() if mean_h is not None else None
-        h_l = h.tolist() if h is not None and acc_l is not None else None  # per-position entropy, drafts only
-        temp_l = temp.tolist()
-        # The committed canvas of each finished row: its draft cut at max_new_tokens, walked through its grammar.
-        finals: dict[int, tuple[list[int], list[int], bool]] = {}  # row -> (tokens to commit, pending, ended)
+            done = self.early[s] & confident_and_stable(mean_h, run, self.stab[s], self.conf_thr[s])
+        return CanvasUpdate(canvas=new_canvas, draft=draft, accepted=accepted, committed=committed,
+                            done=done | (steps_done >= n), finite=finite, steps_done=steps_done, mean_entropy=mean_h,
+                            entropy=h)
+
+    def _finals(self, rows: list[Row], done: list[bool], finite: list[bool], draft: list[list[int]] | None,
+                logit_rows: dict) -> dict[int, tuple[list[int], list[int], bool]]:
+        """The committed canvas of each finished row: its draft cut at max_new_tokens, walked through its grammar.
+        -> {row index: (tokens to commit, the whole canvas, whether the grammar ended it)}."""
+        finals = {}
         for j, r in enumerate(rows):
-            if done_l[j] and finite_l[j]:
-                tokens = draft_l[j]
+            if done[j] and finite[j]:
+                tokens, ended = draft[j], False
                 want = r.p.max_new_tokens - len(r.out)
-                ended = False
-                if r.matcher is not None:  # the committed canvas: the draft walked through the grammar
+                if r.matcher is not None:
                     tokens, ended = walk(r.matcher, tokens[:want], logit_rows[j])
                 finals[j] = (tokens[:want], tokens, ended)
-        if any(r.p.logprobs is not None for r in rows):
-            self._score_canvases(rows, hidden, finals, finite_l, draft, committed)
+        return finals
+
+    def _report(self, rows: list[Row], up: CanvasUpdate, temp: torch.Tensor, done: list[bool], finite: list[bool],
+                draft: list[list[int]] | None, finals: dict, events: dict[str, Event]) -> None:
+        """Each row's events of this step: a failure (non-finite logits), its draft when it asked for drafts, and
+        the commit of a finished canvas (the canvas closes; the next encoder pass commits it)."""
+        want_drafts = any(r.p.drafts for r in rows)
+        steps = up.steps_done.tolist()
+        acc = up.accepted.tolist() if want_drafts else None
+        mean_h = up.mean_entropy.tolist() if up.mean_entropy is not None and want_drafts else None
+        h = up.entropy.tolist() if up.entropy is not None and want_drafts else None  # per position, drafts only
+        temps = temp.tolist()
         for j, r in enumerate(rows):
             r.passes += 1
-            if not finite_l[j]:
+            if not finite[j]:
                 self._fail(r, events)
                 continue
             if r.p.drafts:
                 self._event(r, events).draft = Draft(
-                    offset=len(r.out), canvas_index=r.canvas_index, step=steps_l[j], ids=draft_l[j],
-                    accepted=acc_l[j], mean_entropy=None if mh_l is None else mh_l[j],
-                    entropy=None if h_l is None else h_l[j], temperature=temp_l[j])
-            if done_l[j]:
+                    offset=len(r.out), canvas_index=r.canvas_index, step=steps[j], ids=draft[j], accepted=acc[j],
+                    mean_entropy=None if mean_h is None else mean_h[j], entropy=None if h is None else h[j],
+                    temperature=temps[j])
+            if done[j]:
                 r.canvas_open = False
-                r.steps.append(steps_l[j])
+                r.steps.append(steps[j])
                 new, pending, ended = finals[j]
                 lps = None if r.p.logprobs is None else [r.canvas_logprobs[i] for i in range(len(new))]
                 self._commit(r, new, events, keep_going=lambda r=r, t=pending: setattr(r, "pending", t), ended=ended,
