@@ -156,6 +156,8 @@ def test_sigterm_stops_the_server_it_started(tmp_path):
     assert kids, "the bench started no server"
     bench.send_signal(signal.SIGTERM)
     _, err = bench.communicate(timeout=60)
-    assert bench.returncode == 130, err
+    # 130 when the bench exits itself; -SIGINT when the interrupt surfaces at interpreter exit (Python re-raises it):
+    # both tell the shell the run was interrupted. Seen once under a loaded full suite.
+    assert bench.returncode in (130, -signal.SIGINT), err
     assert "the server was stopped" in err
     assert not [k for k in kids if os.path.exists(f"/proc/{k}")]  # the bench waited for its server: no zombie either
