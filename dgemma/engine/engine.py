@@ -670,12 +670,12 @@ class Engine:
         committed tokens (`_finals`) and the events (`_report`). Every per-row setting is a tensor gathered by slot;
         the schedule, acceptance and stopping rules are sampler.py's."""
         s = torch.tensor([r.slot for r in rows], device=self.model.device)
-        n = self.n_steps[s]
-        temp = row_temperatures(n - self.step_i[s], n, self.t_min[s], self.t_span[s])  # [g] fp32, this step's
+        step_i, n = self.step_i[s], self.n_steps[s]
+        temp = row_temperatures(n - step_i, n, self.t_min[s], self.t_span[s])  # [g] fp32, this step's
         st, noise = self._sample(rows, hidden, temp, confidence)
         if any(r.p.template is not None for r in rows):
             st = _clamp_stats(st, self.fixed[s].reshape(-1))
-        up = self._accept(s, st, noise, confidence)
+        up = self._accept(s, st, noise, confidence, step_i + 1, n)
         logit_rows = {}
         if any(r.matcher is not None for r in rows):
             logit_rows = self._guide(rows, hidden, temp, up.accepted, up.canvas, up.draft if confidence else None)
@@ -713,14 +713,15 @@ class Engine:
         self.timing["sampler"] += time.perf_counter() - t0 - (self.timing["head"] - head)
         return st, torch.cat(noise)
 
-    def _accept(self, s: torch.Tensor, st: PositionStats, noise: torch.Tensor, confidence: bool) -> CanvasUpdate:
+    def _accept(self, s: torch.Tensor, st: PositionStats, noise: torch.Tensor, confidence: bool,
+                steps_done: torch.Tensor, n: torch.Tensor) -> CanvasUpdate:
         """The acceptance rule and stopping of the rows at slots `s`, as the reference loop applies them:
         commit-by-confidence (an even share of the canvas per step, `commit_quota`, plus every position above the
         commit threshold) or the entropy bound (the accepted samples kept, the rest renoised; done when the argmax
         canvas is stable and confident, `stable_run` + `confident_and_stable`, for rows that stop early). A row is
-        also done at its last step."""
+        also done at its last step (steps_done, n [g]: this canvas's steps with this one, and its step budget)."""
         g, C = s.shape[0], self.C
-        steps_done, n, canvas = self.step_i[s] + 1, self.n_steps[s], self.canvas[s]
+        canvas = self.canvas[s]
         committed = mean_h = h = None
         if confidence:
             conf = st.confidence.view(g, C)
