@@ -364,12 +364,62 @@ def load_adapter(model: DiffusionGemma, folder: str | os.PathLike[str]) -> Diffu
 # Several adapters on one base, chosen per token row (serving: `dgemma serve --lora NAME=PATH`)
 class AdapterRows:
     """Which rows of the next pass's flattened tokens belong to which adapter: [(adapter index, row indices)],
-    set by the engine before each pass and shared by every MultiLoRALinear of a model. Empty: the base model."""
+    set by the engine before each pass and shared by every MultiLoRALinear of a model. Empty: the base model.
+
+    `plan(adapters)` turns the groups of the adapters one module carries into the index tensors of its batched
+    product (made once per pass and shared by every module carrying the same adapters)."""
 
     def __init__(self) -> None:
-        self.groups: list[tuple[int, torch.Tensor]] = []
+        self._groups: list[tuple[int, torch.Tensor]] = []
+        self._plans: dict[tuple[int, ...], AdapterPlan | None] = {}
         self.min_rows = 0  # pad each adapter's rows to at least this many (the engine's batch-invariant mode)
         self.names: dict[str, int] = {}  # adapter name -> index
+
+    @property
+    def groups(self) -> list[tuple[int, torch.Tensor]]:
+        return self._groups
+
+    @groups.setter
+    def groups(self, groups: list[tuple[int, torch.Tensor]]) -> None:
+        self._groups = groups
+        self._plans = {}
+
+    def plan(self, adapters: tuple[int, ...]) -> AdapterPlan | None:
+        """The batched layout of this pass's rows for a module carrying `adapters` (sorted indices); None when
+        none of them has rows in this pass."""
+        if adapters not in self._plans:
+            self._plans[adapters] = AdapterPlan.make(
+                [(i, rows) for i, rows in self._groups if i in adapters], adapters, self.min_rows)
+        return self._plans[adapters]
+
+
+@dataclass
+class AdapterPlan:
+    """One pass's rows laid out for a batched LoRA product over G adapters: gather `gather` [G * R] from the
+    flattened input (each adapter's rows, then repeats of its first row up to R = max(rows per adapter, min_rows)),
+    compute [G, R, ...] with one bmm per factor, keep the real rows `keep` [n] and add them at rows `rows` [n]."""
+
+    slots: torch.Tensor  # [G] position of each present adapter in the module's stacks
+    gather: torch.Tensor  # [G * R]
+    keep: torch.Tensor  # [n]
+    rows: torch.Tensor  # [n]
+    width: int  # R
+    every: bool  # all the module's adapters are present, in stack order (no selection of the stacks needed)
+
+    @staticmethod
+    def make(groups: list[tuple[int, torch.Tensor]], adapters: tuple[int, ...], min_rows: int) -> AdapterPlan | None:
+        if not groups:
+            return None
+        width = max(min_rows, max(rows.numel() for _, rows in groups))
+        gather, keep = [], []
+        for g, (_, rows) in enumerate(groups):
+            n = rows.numel()
+            gather.append(torch.cat([rows, rows[:1].expand(width - n)]))
+            keep.append(torch.arange(g * width, g * width + n, device=rows.device))
+        slots = [adapters.index(i) for i, _ in groups]
+        dev = groups[0][1].device
+        return AdapterPlan(torch.tensor(slots, device=dev), torch.cat(gather), torch.cat(keep),
+                           torch.cat([rows for _, rows in groups]), width, slots == list(range(len(adapters))))
 
 
 class MultiLoRALinear(nn.Module):
@@ -378,7 +428,12 @@ class MultiLoRALinear(nn.Module):
         y = x W^T;   y[rows of a] += (x[rows of a] A_a^T) B_a^T * scaling_a   for each adapter a
 
     the arithmetic of `LoRALinear.forward` (base product, then the update added), so a row gets the values it gets
-    with that adapter alone. Rows of no adapter get the base product only."""
+    with that adapter alone. Rows of no adapter get the base product only.
+
+    `forward` does the adapters of one rank at once: their A and B are stacked, and each factor is one batched
+    product over the adapters present in the pass (ranks are not zero-padded to one stack, since a longer inner
+    dimension changes the matmul's rounding). `forward_grouped`, one adapter at a time, is its slow twin
+    (tests/test_multi_lora.py checks they agree bit for bit)."""
 
     def __init__(self, base: nn.Module, rows: AdapterRows):
         super().__init__()
@@ -387,12 +442,38 @@ class MultiLoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         self.rows = rows
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # adapter index -> (A, B, scaling)
+        # per rank: (adapter indices in stack order, A [K, r, in], B [K, out, r], fp32 scalings [K, 1, 1])
+        self.stacks: dict[int, tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def add(self, index: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         w = self.weight
         self.lora[index] = (a.to(w.device, w.dtype), b.to(w.device, w.dtype), scaling)
+        rank = a.shape[0]
+        same = tuple(sorted(i for i, (a_i, _, _) in self.lora.items() if a_i.shape[0] == rank))
+        # fp32 scalings, multiplied in place: the arithmetic of `LoRALinear`'s `* scaling` by a Python float, also
+        # for half-precision weights (a bf16 scaling would round alpha / r first)
+        scalings = torch.tensor([self.lora[i][2] for i in same], dtype=torch.float32, device=w.device)
+        self.stacks[rank] = (same, torch.stack([self.lora[i][0] for i in same]),
+                             torch.stack([self.lora[i][1] for i in same]), scalings.view(-1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if not self.rows.groups:
+            return y
+        flat_x, flat_y = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
+        for adapters, a, b, scaling in self.stacks.values():
+            plan = self.rows.plan(adapters)
+            if plan is None:
+                continue
+            if not plan.every:
+                a, b, scaling = (t.index_select(0, plan.slots) for t in (a, b, scaling))
+            xs = flat_x.index_select(0, plan.gather).view(-1, plan.width, self.in_features)
+            update = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)).mul_(scaling)
+            flat_y.index_add_(0, plan.rows, update.view(-1, self.out_features).index_select(0, plan.keep))
+        return y
+
+    def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """The slow twin of `forward`: each adapter's rows through its own two products."""
         y = F.linear(x, self.weight)
         groups = [(self.lora[i], rows) for i, rows in self.rows.groups if i in self.lora]
         if not groups:

@@ -8,11 +8,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import random_model
 from oracle import CONFIGS
 
-from dgemma.engine.engine import Engine
+from dgemma.engine.engine import BATCH_INVARIANT_ROWS, Engine
 from dgemma.lora import (
+    AdapterRows,
     LoRAConfig,
     LoRAError,
     MultiLoRALinear,
@@ -39,11 +41,12 @@ def run(engine: Engine, schedule: dict[int, list[Request]]) -> dict[str, list[in
 
 
 def _adapters(base, folder, n: int, targets=None) -> dict[str, str]:
-    """n PEFT adapter folders for `base`, with random (non-zero) A and B, different ranks and targets."""
+    """n PEFT adapter folders for `base`, with random (non-zero) A and B, different targets and scalings, and
+    ranks 2, 4, 2, 4, ... (so that the batched product stacks adapters of one rank and keeps ranks apart)."""
     paths = {}
     for i in range(n):
         m = copy.deepcopy(base)
-        cfg = LoRAConfig(rank=2 + 2 * i, alpha=4.0 + i, targets=targets or (("q_proj", "v_proj", "o_proj", "up_proj")
+        cfg = LoRAConfig(rank=2 + 2 * (i % 2), alpha=4.0 + i, targets=targets or (("q_proj", "v_proj", "o_proj", "up_proj")
                                                                           if i % 2 else ("q_proj", "down_proj")))
         apply_lora(m, cfg)
         g = torch.Generator().manual_seed(100 + i)
@@ -101,6 +104,38 @@ def test_without_rows_the_base_product_is_exact(tmp_path):
     for name, module in multi.items():
         x = torch.randn(1, 9, module.in_features)
         assert torch.equal(module(x), base.get_submodule(name)(x)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_product_equals_its_grouped_twin(dtype):
+    """MultiLoRALinear.forward (one bmm pair per rank over the stacked adapters) against forward_grouped (each
+    adapter's rows through its own products): bit for bit at the engine's batch-invariant row minimum, for any
+    subset of adapters present, ragged groups and dummy rows of no adapter; close without a row minimum (small
+    matmuls round differently at different row counts, so there is no exactness to keep there)."""
+    g = torch.Generator().manual_seed(3)
+    for n_in, n_out in ((48, 48), (48, 96), (96, 40)):
+        rows = AdapterRows()
+        module = MultiLoRALinear(torch.nn.Linear(n_in, n_out, bias=False).to(dtype), rows)
+        for index, rank in enumerate((4, 4, 8, 4, 2), start=1):
+            module.add(index, torch.randn(rank, n_in, generator=g) * 0.3, torch.randn(n_out, rank, generator=g) * 0.3,
+                       (2.0 + index) / rank)
+        assert sorted(module.stacks) == [2, 4, 8] and module.stacks[4][0] == (1, 2, 4)
+        for n, present in ((5, [3]), (16, [1, 2, 3, 4, 5]), (40, [2, 4]), (300, [1, 3, 4, 5]), (64, [])):
+            x = torch.randn(1, n, n_in, generator=g).to(dtype)
+            order = torch.randperm(n, generator=g)
+            parts = order.tensor_split(len(present) + 1)  # the last part: rows of no adapter
+            for min_rows in (BATCH_INVARIANT_ROWS, 0):
+                rows.groups = [(i, part.sort().values) for i, part in zip(present, parts) if part.numel()]
+                rows.min_rows = min_rows
+                fast, slow = module(x), module.forward_grouped(x)
+                if min_rows:
+                    assert torch.equal(fast, slow), (n_in, n_out, n, present)
+                else:
+                    torch.testing.assert_close(fast, slow)
+                base = F.linear(x, module.weight)
+                assert torch.equal(fast[0, parts[len(present)]], base[0, parts[len(present)]])  # no adapter's rows
+                if present:
+                    assert not torch.equal(fast, base)
 
 
 def test_unknown_adapter_and_bad_folders_are_refused(tmp_path):
