@@ -42,9 +42,8 @@ from dgemma.config import FULL, ModelConfig, preset
 from dgemma.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, trainable_parameters
 from dgemma.model import DiffusionGemma
 from dgemma.train.finetune import FinetuneConfig
-from dgemma.train.finetune_loop import enable_gradient_checkpointing, prepare_model, sft_losses, sft_masks
-from dgemma.train.objective import sample_noise
-from dgemma.train.objective import example_generators
+from dgemma.train.finetune_loop import enable_gradient_checkpointing, prepare_model
+from dgemma.train.objective import example_generators, sample_noise, sft_losses, sft_masks
 from dgemma.train.sft import SFTBatches, SFTSplit
 
 GiB = 1024**3

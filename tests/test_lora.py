@@ -101,8 +101,7 @@ def test_merge_then_unmerge_returns_the_base_weights_and_merge_keeps_outputs():
 
 def _train_adapter(model, steps=3):
     """A few optimizer steps of the SFT objective so that both A and B move away from their initialisation."""
-    from dgemma.train.finetune_loop import sft_losses
-    from dgemma.train.objective import sample_noise
+    from dgemma.train.objective import sample_noise, sft_losses
     from dgemma.train.sft import ANSWER, ANSWER_FILL, FILL, PROMPT
 
     cfg = model.config

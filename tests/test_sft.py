@@ -38,7 +38,7 @@ def _split(prompts, answers, seq_len=16, C=4, overflow="truncate"):
 
 
 def test_hand_made_example_supervises_only_the_answer_position_by_position():
-    from dgemma.train.finetune_loop import sft_masks
+    from dgemma.train.objective import sft_masks
 
     split = _split([[10, 11, 12]], [[20, 21, 22, 23, 24, EOS]])
     ids, roles = split.row(0)
@@ -58,8 +58,7 @@ def test_filler_and_other_rows_do_not_change_the_losses():
     """The filler is masked out of attention: any filler token gives the same losses."""
     from dgemma.config import preset
     from dgemma.model import DiffusionGemma, init_weights
-    from dgemma.train.finetune_loop import sft_losses
-    from dgemma.train.objective import sample_noise
+    from dgemma.train.objective import sample_noise, sft_losses
 
     cfg = preset("tiny")
     C = cfg.canvas_length

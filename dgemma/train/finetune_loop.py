@@ -1,5 +1,6 @@
-"""`dgemma finetune`: SFT losses (answers only), full or LoRA fine-tuning, on the one training loop (loop.py: schedule,
-validation, atomic checkpoints, exact resume, DDP/FSDP2 through torchrun). Flags and defaults: finetune.py.
+"""`dgemma finetune`: full or LoRA fine-tuning on the SFT losses (answers only; objective.sft_losses), on the one
+training loop (loop.py: schedule, validation, atomic checkpoints, exact resume, DDP/FSDP2 through torchrun). Flags and
+defaults: finetune.py.
 
     torchrun --nproc-per-node 2 -m dgemma.train finetune --model M --data D --out R [--lora-rank 8]
 
@@ -29,7 +30,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dgemma.cache import KVCache
 from dgemma.checkpoint import CheckpointError, load_checkpoint, load_generation_config, save_checkpoint
 from dgemma.config import ConfigError
 from dgemma.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter, trainable_parameters
@@ -39,65 +39,10 @@ from dgemma.train import runs
 from dgemma.train.dist import Distributed, set_threads, setup_distributed
 from dgemma.train.finetune import RESUME_IDENTITY, FinetuneConfig
 from dgemma.train.loop import Job, run_loop
-from dgemma.train.objective import Noise, _ce_sum, corrupt, denoise_all_canvases, example_generators, training_masks
-from dgemma.train.sft import ANSWER, ANSWER_FILL, FILL, PROMPT, SFTBatches, SFTSplit, read_sft_meta
+from dgemma.train.objective import example_generators, sft_eval_losses, sft_losses, sft_masks
+from dgemma.train.sft import SFTBatches, SFTSplit, read_sft_meta
 
 RUN_CONFIG = "finetune_config.json"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Losses
-def sft_masks(roles: torch.Tensor, ar_on_prompt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """roles int8 [B, T] -> (valid, diffusion targets, AR targets), bool [B, T] each. An AR target needs a valid
-    token before it."""
-    valid = roles != FILL
-    diff = (roles == ANSWER) | (roles == ANSWER_FILL)
-    ar = (roles == ANSWER) | ((roles == PROMPT) if ar_on_prompt else torch.zeros_like(valid))
-    ar[:, 0] = False
-    ar[:, 1:] &= valid[:, :-1]
-    return valid, diff, ar
-
-
-def _encode_and_masks(model: DiffusionGemma, x: torch.Tensor, valid: torch.Tensor):
-    cache = KVCache.empty(model.config, keep_all=True)
-    hidden = model.encode(x, cache, attention_mask=valid)
-    keys = torch.cat([valid, torch.ones_like(valid)], dim=1)[:, None, None, :]  # [B, 1, 1, 2T]: filler keys hidden
-    masks = {t: m & keys for t, m in training_masks(model.config, x.shape[1], x.device).items()}
-    return hidden, cache, masks
-
-
-def sft_losses(model: DiffusionGemma, x: torch.Tensor, roles: torch.Tensor, noise: Noise, *, ar_weight: float = 1.0,
-               ar_on_prompt: bool = False, ce_chunk: int = 0, diffusion_norm: float | None = None,
-               ar_norm: float | None = None, self_conditioning: bool = True):
-    """(total, diffusion CE sum, AR CE sum) of one SFT batch; x [B, T] ids, roles [B, T] (sft.py)."""
-    valid, diff, ar = sft_masks(roles, ar_on_prompt)
-    hidden, cache, masks = _encode_and_masks(model, x, valid)
-    ar_sup = ar[:, 1:]
-    ar_sum = _ce_sum(model, hidden[:, :-1][ar_sup], x[:, 1:][ar_sup], ce_chunk)
-    sc_logits = None
-    if self_conditioning:
-        with torch.no_grad():
-            sc_logits = model.logits(denoise_all_canvases(model, noise.noisy, cache, masks))
-    dec = denoise_all_canvases(model, noise.noisy, cache, masks, sc_logits=sc_logits, sc_mask=noise.sc_mask)
-    diff_sum = _ce_sum(model, dec[diff], x[diff], ce_chunk)
-    d_norm = diffusion_norm if diffusion_norm is not None else max(int(diff.sum()), 1)
-    a_norm = ar_norm if ar_norm is not None else max(int(ar_sup.sum()), 1)
-    return diff_sum / d_norm + ar_weight * ar_sum / a_norm, diff_sum.detach(), ar_sum.detach()
-
-
-@torch.no_grad()
-def sft_eval_losses(model: DiffusionGemma, x: torch.Tensor, roles: torch.Tensor, t_values, generators) -> list[float]:
-    """[AR sum, AR count, diffusion count, diffusion sum at each t]: answer positions only, two-pass SC."""
-    valid, diff, ar = sft_masks(roles, False)
-    hidden, cache, masks = _encode_and_masks(model, x, valid)
-    ar_sup = ar[:, 1:]
-    out = [float(_ce_sum(model, hidden[:, :-1][ar_sup], x[:, 1:][ar_sup], 0)), float(ar_sup.sum()), float(diff.sum())]
-    for t in t_values:
-        noisy, _ = corrupt(x, torch.full((x.shape[0],), float(t)), model.config.vocab_size, generators)
-        sc = model.logits(denoise_all_canvases(model, noisy, cache, masks))
-        dec = denoise_all_canvases(model, noisy, cache, masks, sc_logits=sc)
-        out.append(float(_ce_sum(model, dec[diff], x[diff], 0)))
-    return out
 
 
 class FinetuneStep(nn.Module):

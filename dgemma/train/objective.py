@@ -7,6 +7,9 @@ For a packed clean batch `x [B, T]` (T = k * C, C = config.canvas_length, docume
     losses = training_losses(model, x, noise)                 diffusion CE + ar_weight * next-token CE
     result = evaluate_losses(model, x, [0.5], generator)      fixed-t diffusion CE and AR NLL, no gradients
 
+Fine-tuning (SFT, one example per row with its roles from sft.py) has its own pair, over the same passes:
+`sft_losses` (answers only, filler masked out of both passes) and `sft_eval_losses`.
+
 One encoder pass (causal, every position kept in the cache) gives the clean K/V and the AR logits. One decoder pass
 then denoises all k canvases at once: canvas j's queries see the clean prefix [0, jC) through the cache and their
 own noisy canvas (bidirectionally), nothing else; sliding layers see only clean keys [jC - W + 1, jC), the window
@@ -30,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from dgemma.cache import KVCache
 from dgemma.config import FULL, SLIDING, ModelConfig
 from dgemma.model import DiffusionGemma, Masks
+from dgemma.train.sft import ANSWER, ANSWER_FILL, FILL, PROMPT
 
 T_EPS = 1e-3  # t ~ U(T_EPS, 1)
 Generators = torch.Generator | Sequence[torch.Generator]  # one for the batch, or one per row
@@ -191,10 +195,12 @@ class Losses:
     ar_count: int  # supervised next-token targets in this batch
 
 
-def encode_clean(model: DiffusionGemma, x: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
-    """Causal encoder pass over the clean batch; the cache keeps every position of every layer."""
+def encode_clean(model: DiffusionGemma, x: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+    """Causal encoder pass over the clean batch; the cache keeps every position of every layer. `attention_mask`
+    [B, T] bool hides positions (SFT filler) from every query; None = all visible."""
     cache = KVCache.empty(model.config, keep_all=True)
-    return model.encode(x, cache), cache
+    return model.encode(x, cache, attention_mask=attention_mask), cache
 
 
 def denoise_all_canvases(model: DiffusionGemma, noisy: torch.Tensor, cache: KVCache, masks: Masks,
@@ -314,3 +320,64 @@ def evaluate_losses(model: DiffusionGemma, x: torch.Tensor, t_values: Sequence[f
         dec = denoise_all_canvases(model, noisy, cache, masks, sc_logits=sc)
         sums[float(t)] = float(_ce_sum(model, dec[sup], x[sup], 0))
     return EvalLosses(ar_sum=ar_sum, ar_count=int(ar_sup.sum()), diffusion_sum=sums, diffusion_count=int(sup.sum()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT: one example per row, roles [B, T] int8 from sft.py, answers supervised
+def sft_masks(roles: torch.Tensor, ar_on_prompt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """roles int8 [B, T] -> (valid, diffusion targets, AR targets), bool [B, T] each. An AR target needs a valid
+    token before it."""
+    valid = roles != FILL
+    diff = (roles == ANSWER) | (roles == ANSWER_FILL)
+    ar = (roles == ANSWER) | ((roles == PROMPT) if ar_on_prompt else torch.zeros_like(valid))
+    ar[:, 0] = False
+    ar[:, 1:] &= valid[:, :-1]
+    return valid, diff, ar
+
+
+def _encode_and_masks(model: DiffusionGemma, x: torch.Tensor,
+                      valid: torch.Tensor) -> tuple[torch.Tensor, KVCache, Masks]:
+    """The encoder pass with the filler (`~valid`) masked out, and the decoder's training masks with the filler's
+    clean keys hidden too."""
+    hidden, cache = encode_clean(model, x, attention_mask=valid)
+    keys = torch.cat([valid, torch.ones_like(valid)], dim=1)[:, None, None, :]  # [B, 1, 1, 2T]: filler keys hidden
+    masks = {t: m & keys for t, m in training_masks(model.config, x.shape[1], x.device).items()}
+    return hidden, cache, masks
+
+
+def sft_losses(model: DiffusionGemma, x: torch.Tensor, roles: torch.Tensor, noise: Noise, *, ar_weight: float = 1.0,
+               ar_on_prompt: bool = False, ce_chunk: int = 0, diffusion_norm: float | None = None,
+               ar_norm: float | None = None,
+               self_conditioning: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, diffusion CE sum, AR CE sum) of one SFT batch; x [B, T] ids, roles [B, T] (sft.py). The norms
+    default to this batch's supervised counts; data-parallel training passes the global ones."""
+    valid, diff, ar = sft_masks(roles, ar_on_prompt)
+    hidden, cache, masks = _encode_and_masks(model, x, valid)
+    ar_sup = ar[:, 1:]
+    ar_sum = _ce_sum(model, hidden[:, :-1][ar_sup], x[:, 1:][ar_sup], ce_chunk)
+    sc_logits = None
+    if self_conditioning:
+        with torch.no_grad():
+            sc_logits = model.logits(denoise_all_canvases(model, noise.noisy, cache, masks))
+    dec = denoise_all_canvases(model, noise.noisy, cache, masks, sc_logits=sc_logits, sc_mask=noise.sc_mask)
+    diff_sum = _ce_sum(model, dec[diff], x[diff], ce_chunk)
+    d_norm = diffusion_norm if diffusion_norm is not None else max(int(diff.sum()), 1)
+    a_norm = ar_norm if ar_norm is not None else max(int(ar_sup.sum()), 1)
+    return diff_sum / d_norm + ar_weight * ar_sum / a_norm, diff_sum.detach(), ar_sum.detach()
+
+
+@torch.no_grad()
+def sft_eval_losses(model: DiffusionGemma, x: torch.Tensor, roles: torch.Tensor, t_values: Sequence[float],
+                    generators: Generators) -> list[float]:
+    """[AR sum, AR count, diffusion count, diffusion sum at each t]: answer positions only, two-pass SC. A flat list
+    so that data-parallel validation can add it up element by element."""
+    valid, diff, ar = sft_masks(roles, False)
+    hidden, cache, masks = _encode_and_masks(model, x, valid)
+    ar_sup = ar[:, 1:]
+    out = [float(_ce_sum(model, hidden[:, :-1][ar_sup], x[:, 1:][ar_sup], 0)), float(ar_sup.sum()), float(diff.sum())]
+    for t in t_values:
+        noisy, _ = corrupt(x, torch.full((x.shape[0],), float(t)), model.config.vocab_size, generators)
+        sc = model.logits(denoise_all_canvases(model, noisy, cache, masks))
+        dec = denoise_all_canvases(model, noisy, cache, masks, sc_logits=sc)
+        out.append(float(_ce_sum(model, dec[diff], x[diff], 0)))
+    return out
