@@ -1,4 +1,7 @@
-"""What several test files share: a free local port, a live `dgemma serve` subprocess, a random-weight model."""
+"""What several test files share: a free local port, a live `dgemma serve` subprocess, a random-weight model, and the
+scaffold of the hypothesis fuzzes against a live server (a JSON-value strategy, their settings, a request helper, the
+never-5xx / OpenAI-error-shape check, the still-alive checks after a fuzz). hypothesis and httpx are imported where
+used, so that a file needing none of this does not need them."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import torch
 
@@ -74,3 +77,67 @@ class LiveServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fuzzing a live server's request bodies
+ERROR_FIELDS = frozenset({"message", "type", "param"})  # OpenAI's error object
+
+
+def json_values(max_leaves: int = 6):
+    """A hypothesis strategy for small arbitrary JSON values (null, bools, small ints, short strings, and lists and
+    objects of them): what a fuzz puts in a field instead of the value of the right type."""
+    from hypothesis import strategies as st
+
+    return st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=6),
+                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                    max_size=3),
+                        max_leaves=max_leaves)
+
+
+def fuzz_settings(max_examples: int):
+    """The settings of a fuzz against a live server: no deadline (a request may queue behind the last one), no
+    example database (nothing is replayed from an earlier run), every health check off (the server fixture is
+    module-scoped and the strategies are deliberately wide)."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=max_examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+
+
+def post_fuzz_body(url: str, body: dict[str, Any], chat: bool, timeout: float = 60):
+    """POST `body` over a minimal valid request (prompt "x", or one user message "x" when `chat`) to the server's
+    /v1/chat/completions or /v1/completions; the body's fields win."""
+    import httpx
+
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    base = {"messages": [{"role": "user", "content": "x"}]} if chat else {"prompt": "x"}
+    return httpx.post(f"{url}{path}", json={**base, **body}, timeout=timeout)
+
+
+def assert_no_5xx(response, body: Any) -> None:
+    """The server never answers a request with a 5xx, and every 4xx is OpenAI's error shape: {"error": {message,
+    type, param, ...}}. `body` is what was sent (it goes into the failure message)."""
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert isinstance(error, dict) and set(error) >= ERROR_FIELDS, (body, response.text)
+
+
+def assert_healthy(url: str) -> None:
+    """The server still answers /health with a 200 (after a fuzz: nothing it was sent took it down)."""
+    import httpx
+
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def wait_metrics(url: str, done, timeout_s: float = 30) -> bool:
+    """Poll /metrics until `done(text)` holds; False if it still does not after `timeout_s` (the caller decides
+    whether that fails the test)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while not done(httpx.get(f"{url}/metrics").text):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
