@@ -23,15 +23,11 @@ reported in one `CheckpointError`; a tensor holding NaN or infinity is reported 
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dgemma.config import FULL, SLIDING, ConfigError, ModelConfig, preset
+from dgemma.fsio import install_folder, new_sibling_dir
 from dgemma.model import DiffusionGemma, rope_inv_freq
 
 logger = logging.getLogger(__name__)
@@ -598,23 +595,15 @@ def save_checkpoint(model: DiffusionGemma, path: str | Path, generation_config: 
     config["dtype"] = _DTYPE_NAMES[dtype]
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    os.mkdir(tmp)
+    tmp = new_sibling_dir(target, "tmp")
     try:
         _write_json(tmp / CONFIG_NAME, config)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        _fsync(tmp / WEIGHTS_NAME)
         if generation_config is not None:
             _write_json(tmp / GENERATION_CONFIG_NAME, generation_config)
         for src in tokenizer_files:
             shutil.copyfile(src, tmp / src.name)
-            _fsync(tmp / src.name)
-        _fsync(tmp)
-        if target.exists():
-            _replace_folder(tmp, target)
-        else:
-            os.rename(tmp, target)
-        _fsync(target.parent)
+        install_folder(tmp, target)  # fsyncs every file first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -642,56 +631,8 @@ def _tokenizer_files(tokenizer_path: str | Path) -> list[Path]:
 
 
 def _write_json(file: Path, data: Any) -> None:
-    with open(file, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Put folder `new` at `target`, which exists. Atomic where the OS can exchange two paths; otherwise the old
-    folder is renamed aside first and restored if the second rename fails. `new` is gone afterwards."""
-    if _exchange(new, target):
-        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old checkpoint
-        return
-    backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-    os.rename(target, backup)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
-        return False
-    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+    """A file inside the staging folder (install_folder fsyncs it): sorted keys, so saves compare as text."""
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tokenizers
+
+from dgemma.fsio import write_json_atomic, write_text_atomic
 
 PAD, EOS, BOS, UNK, MASK = "<pad>", "<eos>", "<bos>", "<unk>", "<mask>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
@@ -34,19 +35,6 @@ _REPLACEMENT = "\ufffd"  # what a lossy UTF-8 decode produces for an incomplete 
 
 class TokenizerError(ValueError):
     """A tokenizer file, chat template or message list the user supplied cannot be used; the message says why."""
-
-
-def _write_atomic(path: Path, data: str) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # not mkstemp: its files are always 0600
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _tokenizer_file(path: str | os.PathLike[str]) -> Path:
@@ -175,9 +163,9 @@ class Tokenizer:
         """
         p = Path(path).expanduser()
         file = p if p.suffix == ".json" else p / "tokenizer.json"
-        _write_atomic(file, self.inner.to_str(pretty=True))
+        write_text_atomic(file, self.inner.to_str(pretty=True))
         if self.chat_template is not None:
-            _write_atomic(file.parent / "chat_template.jinja", self.chat_template)
+            write_text_atomic(file.parent / "chat_template.jinja", self.chat_template)
         # An explicit add_bos_token lives only in tokenizer_config.json: write it there, so the saved folder loads
         # with the same add_bos_default; and drop a different one already in the target folder.
         config = _read_tokenizer_config(file.parent)
@@ -187,7 +175,7 @@ class Tokenizer:
         elif config.get("add_bos_token", self._add_bos) != self._add_bos:
             del config["add_bos_token"]
         if config != before:
-            _write_atomic(file.parent / TOKENIZER_CONFIG, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+            write_json_atomic(file.parent / TOKENIZER_CONFIG, config, ensure_ascii=False)
         return file
 
     # --- beginning of sequence --------------------------------------------------------------------------------

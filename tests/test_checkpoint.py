@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dgemma.checkpoint as ckpt
+from dgemma import fsio
 from dgemma.cache import KVCache
 from dgemma.checkpoint import (
     CheckpointError,
@@ -476,7 +477,7 @@ def test_failed_save_keeps_old_checkpoint(tiny_saved, tmp_path, monkeypatch, exc
     path, model = tiny_saved
     work = copy_folder(path, tmp_path / "w")
     if not exchange:  # the two-rename fallback used where the OS cannot swap folders
-        monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(fsio, "_exchange", lambda a, b: False)
     monkeypatch.setattr(ckpt, "save_file", _boom)
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(random_dgemma(CONFIGS["tiny"], seed=7), work)
@@ -486,7 +487,7 @@ def test_failed_save_keeps_old_checkpoint(tiny_saved, tmp_path, monkeypatch, exc
     assert [p.name for p in tmp_path.iterdir()] == ["w"]
     # and a successful overwrite through the same path
     if not exchange:
-        monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(fsio, "_exchange", lambda a, b: False)
     new = random_dgemma(CONFIGS["tiny"], seed=8)
     save_checkpoint(new, work)
     _, loaded = load_checkpoint(work)
@@ -497,7 +498,7 @@ def test_failed_save_keeps_old_checkpoint(tiny_saved, tmp_path, monkeypatch, exc
 def test_failed_swap_restores_old_checkpoint(tiny_saved, tmp_path, monkeypatch):
     path, model = tiny_saved
     work = copy_folder(path, tmp_path / "w")
-    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(fsio, "_exchange", lambda a, b: False)
     real_rename, calls = os.rename, []
 
     def flaky_rename(src, dst):
@@ -506,7 +507,7 @@ def test_failed_swap_restores_old_checkpoint(tiny_saved, tmp_path, monkeypatch):
             raise OSError("rename failed (simulated)")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "rename", flaky_rename)
+    monkeypatch.setattr(fsio.os, "rename", flaky_rename)
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(random_dgemma(CONFIGS["tiny"], seed=7), work)
     monkeypatch.undo()

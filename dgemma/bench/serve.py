@@ -46,6 +46,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from dgemma.fsio import git_dirty, git_revision, replacing, write_json_atomic
 from dgemma.options import positive_float, positive_int, seed_int
 
 MODES = ("diffusion", "ar")
@@ -470,15 +471,8 @@ class RssWatch:
 
 
 def _git() -> dict:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=False, timeout=10,
-                                  cwd=Path(__file__).resolve().parent).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    rev = git("rev-parse", "--short", "HEAD") or "unknown"
-    return {"revision": rev, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    rev = git_revision()
+    return {"revision": rev or "unknown", "dirty": bool(rev and git_dirty())}
 
 
 def _device() -> dict:
@@ -717,17 +711,12 @@ def plot(r: dict, path: Path) -> bool:
     fig.suptitle(f"dgemma serve: {r['model'] or r['served_model']} ({r['dtype']}), {d['cpu']}, {d['cores']} cores, "
                  f"git {r['git']['revision']}", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with replacing(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return True
-
-
-def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def _default_name(cfg: ServeBenchConfig) -> str:
@@ -824,7 +813,7 @@ def run_cli(args: argparse.Namespace) -> int:
     name = cfg.name or _default_name(cfg.resolved())
     png = out / f"{name}.png"
     result["files"] = {"json": str(out / f"{name}.json"), "png": str(png) if plot(result, png) else None}
-    _write_json(result, out / f"{name}.json")
+    write_json_atomic(out / f"{name}.json", result, indent=1)
     print_table(result)
     if result["files"]["png"] is None:
         print("(no PNG: matplotlib is not installed; pip install 'dgemma[plot]')")

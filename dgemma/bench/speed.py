@@ -32,7 +32,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from dgemma.fsio import git_revision, write_json_atomic
 from dgemma.options import BenchConfig, add_bench
 
 
@@ -55,11 +55,8 @@ def run_cli(args) -> int:
 
 
 def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The short revision, or "unknown": the `git` field of the bench JSONs (speed, train, structured)."""
+    return git_revision() or "unknown"
 
 
 def _device() -> str:
@@ -543,9 +540,7 @@ def run(cfg: BenchConfig) -> dict:
 def finish(result: dict, out: str | None) -> None:
     """Write the result JSON to `out` (beside it first, then renamed in) and print it as the last line."""
     if out:
-        tmp = Path(out).with_name(Path(out).name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
+        write_json_atomic(out, result)
     print(json.dumps(result))
 
 

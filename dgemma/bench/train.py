@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgemma.config import ModelConfig
+from dgemma.fsio import replacing
 from dgemma.model import DiffusionGemma
 from dgemma.options import BenchTrainConfig, bench_train_config
 
@@ -338,8 +339,7 @@ def dgemma_step(model: DiffusionGemma, optimizer, params, loader, index: int, cl
                 seed: int = 0) -> dict:
     """One `dgemma train` step (single process, grad_accum 1), its parts timed into `clock`. Returns the loss and
     the shape figures the FLOP count needs."""
-    from dgemma.train.objective import sample_noise, training_losses
-    from dgemma.train.objective import example_generators
+    from dgemma.train.objective import example_generators, sample_noise, training_losses
     from dgemma.train.pretrain import unpack_batch
 
     c = model.config
@@ -734,8 +734,9 @@ def _plot(r: dict, path: str) -> str:
     fig.suptitle(f"dgemma bench train: {r['model'] or r['preset']}, batch {s['batch']} x {s['seq_len']}, "
                  f"git {r['machine']['git']}", fontsize=9)
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with replacing(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path

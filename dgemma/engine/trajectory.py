@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from dgemma.fsio import install_file, replacing, temp_sibling
 
 FORMAT = "dgemma-trajectory"
 VERSION = 1
@@ -178,7 +179,7 @@ class Recorder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.tmp = temp_sibling(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.tmp, "w", encoding="utf-8")  # noqa: SIM115  (closed by end / abandon)
         self.ids: set[int] = set()
@@ -222,7 +223,8 @@ class Recorder:
         self._write({"type": "end", "finish_reason": finish_reason, "tokens": len(tokens),
                      "text": tokenizer.decode(tokens), **stats, "seconds": self.now(), "pieces": pieces})
         self.file.close()
-        os.replace(self.tmp, self.path)
+        # Not fsynced: the server ends recordings on its event loop, and a recording lost to a crash is no harm.
+        install_file(self.tmp, self.path, sync=False)
 
     def abandon(self) -> None:
         self.file.close()
@@ -381,12 +383,9 @@ def plot(traj: Trajectory, out: str | Path, title: str | None = None) -> Path:
     ax3.set_yticks(range(len(heat)))
     fig.colorbar(im, ax=ax3, label="step finally accepted")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
+        with replacing(out, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return out

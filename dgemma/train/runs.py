@@ -23,21 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from dgemma.fsio import install_folder, replacing, write_json_atomic, write_text_atomic
 from dgemma.options import TrainError
 
 TRAINER_STATE = "trainer_state.pt"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 LOG = "log.jsonl"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def jsonable(v: Any) -> Any:
@@ -77,18 +69,9 @@ def write_checkpoint(run: Path, step: int, save_model: Callable[[Path], None], t
     final = root / f"step-{step:06d}"
     staging = root / f".{final.name}.partial"
     save_model(staging)
-    tmp_state = staging / f".{TRAINER_STATE}.tmp"
-    torch.save(trainer_state, tmp_state)
-    with open(tmp_state, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp_state, staging / TRAINER_STATE)
-    if final.exists():  # a step re-reached after resuming from an earlier checkpoint
-        old = root / f".{final.name}.old"
-        os.rename(final, old)
-        os.rename(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, final)
+    with replacing(staging / TRAINER_STATE) as tmp:  # last: a folder holding it is complete
+        torch.save(trainer_state, tmp)
+    install_folder(staging, final)  # a step re-reached after resuming replaces the earlier folder
     point_latest(run, final)
     if keep:
         for old in sorted(p for p in root.glob("step-*") if is_complete(p))[:-keep]:
@@ -128,7 +111,7 @@ def check_resume(run: Path, resume: bool, config_file: str, section: str, settin
 
 def write_run_config(run: Path, config_file: str, section: str, settings: dict[str, Any], model: dict) -> None:
     run.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run / config_file, json.dumps({section: jsonable(settings), "model": model}, indent=2))
+    write_json_atomic(run / config_file, {section: jsonable(settings), "model": model})
 
 
 class RunLog:

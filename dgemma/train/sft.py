@@ -50,16 +50,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dgemma.fsio import install_folder, new_sibling_dir, sha256_file
 from dgemma.tokenizer import Tokenizer, TokenizerError
-from dgemma.train.data import (
-    DataError,
-    _new_sibling_dir,
-    _sha256_file,
-    install_folder,
-    resolve_source,
-    split_of,
-    tokenizer_sha256,
-)
+from dgemma.train.data import DataError, resolve_source, split_of, tokenizer_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -308,7 +301,7 @@ def prepare_sft(sources: Sequence[str], out_dir: str | os.PathLike[str], fmt: st
         records = read_jsonl(source, fmt)
         origin = {"source": source, "kind": "path", "licence": "user-supplied (licence not recorded)",
                   "origin": str(Path(source).expanduser().resolve()), "examples": len(records),
-                  "sha256": _sha256_file(Path(source).expanduser())}
+                  "sha256": sha256_file(Path(source).expanduser())}
     if max_examples is not None:
         records = records[:max_examples]
 
@@ -329,7 +322,7 @@ def prepare_sft(sources: Sequence[str], out_dir: str | os.PathLike[str], fmt: st
 
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _new_sibling_dir(out, "partial")
+    staging = new_sibling_dir(out, "partial")
     try:
         counts, tokens, longest = {}, {}, {}
         for name, rows in splits.items():
@@ -369,7 +362,7 @@ def prepare_sft(sources: Sequence[str], out_dir: str | os.PathLike[str], fmt: st
                             "start_of_turn": tokenizer.start_of_turn_id, "end_of_turn": tokenizer.end_of_turn_id},
             "notes": notes,
         }
-        meta["sha256"] = {p.name: _sha256_file(p) for p in sorted(staging.iterdir())}
+        meta["sha256"] = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         install_folder(staging, out)  # a previous output: checked above (prepared data and --force)
     except OSError as e:
