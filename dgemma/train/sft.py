@@ -52,7 +52,8 @@ import numpy as np
 
 from dgemma.fsio import install_folder, new_sibling_dir, sha256_file
 from dgemma.tokenizer import Tokenizer, TokenizerError
-from dgemma.train.data import DataError, resolve_source, split_of, tokenizer_sha256
+from dgemma.train.corpora import DataError, resolve_source
+from dgemma.train.data import split_of, tokenizer_sha256
 
 if TYPE_CHECKING:
     import torch
