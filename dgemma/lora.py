@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgemma.fsio import replacing, write_json_atomic
 from dgemma.model import DiffusionGemma
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -226,17 +227,6 @@ def adapter_state_dict(model: DiffusionGemma) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_adapter(model: DiffusionGemma, folder: str | os.PathLike[str], base_model: str | None = None,
                  dtype: torch.dtype | None = None) -> Path:
     """Write adapter_config.json and adapter_model.safetensors into `folder` (each to a temporary name, renamed into
@@ -253,9 +243,9 @@ def save_adapter(model: DiffusionGemma, folder: str | os.PathLike[str], base_mod
     tensors = adapter_state_dict(model)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    _write_atomic(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    text = json.dumps(peft_config(cfg, base_model), indent=2) + "\n"
-    _write_atomic(out / ADAPTER_CONFIG, lambda p: p.write_text(text, encoding="utf-8"))
+    with replacing(out / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json_atomic(out / ADAPTER_CONFIG, peft_config(cfg, base_model))
     return out
 
 

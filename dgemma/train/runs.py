@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dgemma.fsio import install_folder, replacing, write_json_atomic, write_text_atomic
+from dgemma.fsio import install_file, install_folder, replacing, temp_sibling, write_json_atomic, write_text_atomic
 from dgemma.options import TrainError
 
 TRAINER_STATE = "trainer_state.pt"
@@ -52,10 +52,10 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def point_latest(run: Path, folder: Path) -> None:
-    tmp = run / f".{LATEST}.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
+    """Point the symlink `latest` at `folder`: a new link under a temporary name, renamed over the old one."""
+    tmp = temp_sibling(run / LATEST)
     os.symlink(os.path.relpath(folder, run), tmp)
-    os.replace(tmp, run / LATEST)
+    install_file(tmp, run / LATEST, sync=False)
 
 
 def write_checkpoint(run: Path, step: int, save_model: Callable[[Path], None], trainer_state: dict[str, Any],
