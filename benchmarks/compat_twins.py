@@ -14,13 +14,13 @@ import dataclasses
 import json
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
 
 from dgemma.api import encode_prompts, load
 from dgemma.engine.generate import generate_diffusion
+from dgemma.fsio import git_revision
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
                 print(f"round {r} {side:>9}: {dt:.3f} s", flush=True)
     same &= tokens["fast"] == tokens["reference"]
     fast, ref = statistics.median(times["fast"]), statistics.median(times["reference"])
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    git = git_revision()
     print(json.dumps({"bench": "compat_twins", "model": args.model, "batch": len(ids), "max_new_tokens":
                       args.max_new_tokens, "threads": args.threads, "rounds": args.rounds, "fast_s": fast,
                       "reference_s": ref, "reference_over_fast": ref / fast, "identical_tokens": same, "git": git,

@@ -193,9 +193,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, min_rows: int = 0) -> torch.Tensor:
         E, k = self.gate_up_proj.shape[0], idx.shape[1]
-        if torch.compiler.is_compiling() and uses_dense_experts(E, k):  # one graph, whatever the routing
-            return dense_mix_experts(x, weights, idx, E, self.gate_up_proj.flatten(0, 1),
-                                     self.down_proj.permute(1, 0, 2).flatten(1))
+        if torch.compiler.is_compiling() and not min_rows:  # one graph, whatever the routing
+            if x.device.type == "cpu":
+                return grouped_mix_experts(x, weights, idx, self.gate_up_proj, self.down_proj)
+            if uses_dense_experts(E, k):
+                return dense_mix_experts(x, weights, idx, E, self.gate_up_proj.flatten(0, 1),
+                                         self.down_proj.permute(1, 0, 2).flatten(1))
         return mix_experts(x, weights, idx, E, self.expert, min_rows)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -228,6 +231,85 @@ def mix_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_e
             outs.append(expert(e, block)[:n])
             start += n
     y = torch.cat(outs) * weights.reshape(-1)[order, None]  # [N*k, H] fp32
+    unsorted = torch.empty_like(y)
+    unsorted[order] = y
+    return unsorted.view(N, k, -1).sum(dim=1).to(x.dtype)
+
+
+# Grouped matmul for compiled CPU code: `torch._grouped_mm` multiplies each expert's block of sorted rows by that
+# expert's matrix in one call, with the blocks' ends given as a tensor (so the shapes stay fixed whatever the routing).
+# Its eager CPU kernel takes fp32, but its shape function for the compiler accepts only CUDA's bf16, so it is wrapped
+# as an opaque operator with its own shape function and backward. The kernel wants every stride a multiple of 16
+# bytes; other shapes take a loop over the groups (the same products).
+def _aligned(*tensors: torch.Tensor) -> bool:
+    return all(st * t.element_size() % 16 == 0 for t in tensors for st in t.stride() if st != 1)
+
+
+@torch.library.custom_op("dgemma::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """a [M, K] rows sorted by group; b [G, K, N]; ends [G] int32, cumulative row counts -> [M, N], group g's rows
+    times b[g]."""
+    a, b = a.contiguous(), b.transpose(1, 2).contiguous().transpose(1, 2)
+    if _aligned(a, b):
+        return torch._grouped_mm(a, b, offs=ends)
+    out, start = a.new_empty(a.shape[0], b.shape[2]), 0
+    for g, end in enumerate(ends.tolist()):
+        torch.mm(a[start:end], b[g], out=out[start:end])
+        start = end
+    return out
+
+
+@grouped_mm.register_fake
+def _grouped_mm_shape(a, b, ends):
+    return a.new_empty(a.shape[0], b.shape[2])
+
+
+@torch.library.custom_op("dgemma::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The gradient of `grouped_mm` for b: [G, K, N], group g's rows of a transposed times its rows of grad."""
+    at, grad = a.t().contiguous(), grad.contiguous()
+    if _aligned(at, grad):
+        return torch._grouped_mm(at, grad, offs=ends)
+    out, start = a.new_empty(ends.shape[0], a.shape[1], grad.shape[1]), 0
+    for g, end in enumerate(ends.tolist()):
+        torch.mm(at[:, start:end], grad[start:end], out=out[g])
+        start = end
+    return out
+
+
+@grouped_mm_weight_grad.register_fake
+def _grouped_mm_weight_grad_shape(a, grad, ends):
+    return a.new_empty(ends.shape[0], a.shape[1], grad.shape[1])
+
+
+def _grouped_mm_save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, ends = ctx.saved_tensors
+    return grouped_mm(grad, b.transpose(1, 2), ends), grouped_mm_weight_grad(a, grad, ends), None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_save)
+
+
+def grouped_mix_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
+                        down: torch.Tensor) -> torch.Tensor:
+    """`mix_experts` (no `min_rows`) with the per-expert loop replaced by two grouped matmuls, so every shape is
+    fixed and compiled code needs one graph whatever the routing, doing only the top-k experts' arithmetic.
+    gate_up [E, 2I, H] and down [E, H, I]: `Experts`' packed weights. Same grouping, same order of sums."""
+    N, k = idx.shape
+    E = gate_up.shape[0]
+    expert_of, order = torch.sort(idx.reshape(-1))  # [N*k]
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype  # as F.linear
+    xs = x[order // k].to(dtype)
+    ends = (expert_of[:, None] == torch.arange(E, device=x.device)).sum(0).cumsum(0).to(torch.int32)
+    gate, up = grouped_mm(xs, gate_up.to(dtype).transpose(1, 2), ends).chunk(2, dim=-1)
+    act = F.gelu(gate, approximate="tanh") * up
+    y = grouped_mm(act, down.to(act.dtype).transpose(1, 2), ends)
+    y = y * weights.reshape(-1)[order, None]  # [N*k, H] fp32
     unsorted = torch.empty_like(y)
     unsorted[order] = y
     return unsorted.view(N, k, -1).sum(dim=1).to(x.dtype)

@@ -15,7 +15,6 @@ import platform
 from pathlib import Path
 
 import pytest
-
 from helpers import LiveServer
 
 
@@ -32,8 +31,8 @@ def pytest_report_header(config) -> list[str]:
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     import torch
 
-    return [f"machine: {platform.machine()}, {os.cpu_count()} cores, cpu flags {' '.join(wanted) or 'unknown'}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)"]
+    return [(f"machine: {platform.machine()}, {os.cpu_count()} cores, cpu flags {' '.join(wanted) or 'unknown'}, "
+             f"torch {torch.__version__} ({torch.get_num_threads()} threads)")]
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ import tokenizers
 import torch
 from safetensors.torch import load_file, save_file
 
-from dgemma.api import BUNDLED_TOKENIZER, ModelLoadError, load
-from dgemma.checkpoint import CheckpointError, describe, load_checkpoint, run_folder_checkpoint, save_checkpoint
+from dgemma.api import ModelLoadError, load
+from dgemma.checkpoint import CheckpointError, describe, load_checkpoint, run_folder_checkpoint
 from dgemma.cli.main import main
 from dgemma.config import ConfigError
 from dgemma.tokenizer import Tokenizer

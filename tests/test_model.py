@@ -188,11 +188,39 @@ def test_dense_expert_mix_matches_the_sorted_one_with_gradients(name):
         assert (a - b).abs().max() <= 1e-5 * max(a.abs().max(), 1e-3 * floor)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_grouped_expert_mix_matches_the_sorted_one_with_gradients(name):
+    """`grouped_mix_experts` (two grouped matmuls over the sorted rows, fixed shapes: what compiled CPU code runs)
+    against `mix_experts` (one product pair per expert): outputs and every gradient agree to float rounding, also
+    when an expert gets no token."""
+    from dgemma.model import grouped_mix_experts, mix_experts
+
+    cfg = CONFIGS[name]
+    layer = init_weights(DiffusionGemma(cfg), std=0.5, seed=0).layers[0]
+    ex = layer.experts
+    for rows in (45, 1):  # one row: most experts get nothing
+        x = torch.randn(rows, cfg.hidden_size, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        w, idx = layer.router(x)
+        outs, grads = [], []
+        for grouped in (False, True):
+            y = (grouped_mix_experts(x, w, idx, ex.gate_up_proj, ex.down_proj) if grouped
+                 else mix_experts(x, w, idx, cfg.num_experts, ex.expert))
+            g = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(),
+                                    [x, ex.gate_up_proj, ex.down_proj, layer.router.proj.weight], retain_graph=True)
+            outs.append(y)
+            grads.append(g)
+        assert outs[1].dtype == outs[0].dtype
+        assert (outs[0] - outs[1]).abs().max() <= 1e-6 * outs[0].abs().max()
+        floor = grads[0][0].abs().max()
+        for a, b in zip(*grads, strict=True):
+            assert (a - b).abs().max() <= 1e-5 * max(a.abs().max(), 1e-3 * floor)
+
+
 def test_a_compiled_layer_never_recompiles_for_new_routing():
-    """A compiled layer (as `dgemma train --compile` compiles them) mixes few experts densely: one graph, no graph
-    break and no recompile however the tokens are routed, step after step, forward and backward."""
+    """A compiled layer (as `dgemma train --compile` compiles them) mixes the experts with grouped matmuls on the
+    CPU: one graph, no graph break and no recompile however the tokens are routed, step after step, forward and
+    backward; and the compiled layer's output and gradients equal the eager layer's to float rounding."""
     from dgemma.engine.compiled import compiler_available
-    from dgemma.model import uses_dense_experts
 
     if compiler_available() is not None:
         pytest.skip(compiler_available())
@@ -200,7 +228,6 @@ def test_a_compiled_layer_never_recompiles_for_new_routing():
     from torch._dynamo.utils import counters
 
     cfg = CONFIGS["tiny"]
-    assert uses_dense_experts(cfg.num_experts, cfg.top_k_experts)
     model = init_weights(DiffusionGemma(cfg), std=0.5, seed=0)
     layer = model.layers[0]
     torch._dynamo.reset()
@@ -209,6 +236,13 @@ def test_a_compiled_layer_never_recompiles_for_new_routing():
     for step in range(4):  # new tokens each step, so a new routing
         g = torch.Generator().manual_seed(step)
         h = torch.randn(2, 24, cfg.hidden_size, generator=g, requires_grad=True)
-        compiled(h, torch.randn(2, 24, cfg.hidden_size, generator=g), False).square().sum().backward()
+        r = torch.randn(2, 24, cfg.hidden_size, generator=g)
+        y = compiled(h, r, False)
+        y.square().sum().backward()
         assert h.grad is not None and torch.isfinite(h.grad).all()
+        h_eager = h.detach().clone().requires_grad_()
+        y_eager = layer.after_attention(h_eager, r, False)
+        y_eager.square().sum().backward()
+        assert (y - y_eager).abs().max() <= 1e-5 * y_eager.abs().max()
+        assert (h.grad - h_eager.grad).abs().max() <= 1e-4 * h_eager.grad.abs().max()
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

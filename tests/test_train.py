@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 
 from dgemma.checkpoint import load_checkpoint, save_checkpoint
 from dgemma.config import preset
-from dgemma.options import add_train
 from dgemma.model import DiffusionGemma, init_weights
+from dgemma.options import add_train
+from dgemma.train.loop import lr_factor
 from dgemma.train.objective import ObjectiveError
 from dgemma.train.pretrain import (
     DataSource,
@@ -31,7 +32,6 @@ from dgemma.train.pretrain import (
     synthetic_data,
     train,
 )
-from dgemma.train.loop import lr_factor
 from dgemma.train.runs import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
