@@ -52,13 +52,15 @@ def accept_entropy_bound(token_entropy: torch.Tensor, bound: float) -> torch.Ten
     return torch.scatter(torch.zeros_like(keep), -1, order, keep)
 
 
-def stable_and_confident(argmax: torch.Tensor, processed_logits: torch.Tensor, history: torch.Tensor | None,
-                         stability_threshold: int, confidence_threshold: float,
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def stable_and_confident(argmax: torch.Tensor, processed_logits: torch.Tensor | None,
+                         history: torch.Tensor | None, stability_threshold: int, confidence_threshold: float,
+                         token_entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Adaptive stopping: a row is done when its argmax canvas equals each of the previous `stability_threshold`
     argmax canvases and the mean entropy of its processed logits is below `confidence_threshold`.
 
-    argmax [B, C]; history [s, B, C] or None (first step: filled with -1, so never stable).
+    argmax [B, C]; processed_logits [B, C, V]; history [s, B, C] or None (first step: filled with -1, so never
+    stable). `token_entropy` [B, C]: that entropy per position when the caller already has it (a sampler that never
+    holds all the logits at once); processed_logits is then not read and may be None.
     Returns (done [B] bool, new history)."""
     if stability_threshold == 0:
         stable = torch.ones(argmax.shape[0], dtype=torch.bool, device=argmax.device)
@@ -69,7 +71,9 @@ def stable_and_confident(argmax: torch.Tensor, processed_logits: torch.Tensor, h
         stable = (history == argmax[None]).all(dim=-1).all(dim=0)
         new_history = torch.roll(history, shifts=-1, dims=0)
         new_history[-1] = argmax
-    confident = entropy(processed_logits).mean(dim=-1) < confidence_threshold
+    if token_entropy is None:
+        token_entropy = entropy(processed_logits)
+    confident = token_entropy.mean(dim=-1) < confidence_threshold
     return stable & confident, new_history
 
 

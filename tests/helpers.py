@@ -1,5 +1,5 @@
 """What several test files share: a free local port, a live `dgemma serve` subprocess, a random-weight model, and the
-scaffold of the hypothesis fuzzes against a live server (a JSON-value strategy, their settings, a request helper, the
+scaffold of the hypothesis fuzzes against a live server (a JSON-value strategy, their settings, request helpers, the
 never-5xx / OpenAI-error-shape check, the still-alive checks after a fuzz). hypothesis and httpx are imported where
 used, so that a file needing none of this does not need them."""
 
@@ -84,13 +84,19 @@ class LiveServer:
 ERROR_FIELDS = frozenset({"message", "type", "param"})  # OpenAI's error object
 
 
-def json_values(max_leaves: int = 6):
-    """A hypothesis strategy for small arbitrary JSON values (null, bools, small ints, short strings, and lists and
-    objects of them): what a fuzz puts in a field instead of the value of the right type."""
+def json_values(max_leaves: int = 6, *, max_int: int = 3, floats: bool = False, max_text: int = 6,
+                max_key: int = 5):
+    """A hypothesis strategy for small arbitrary JSON values (null, bools, ints in [-max_int, max_int], any float when
+    `floats` (NaN and infinities too), strings of up to `max_text` characters, and lists and objects of them, keys of
+    up to `max_key`): what a fuzz puts in a field instead of the value of the right type."""
     from hypothesis import strategies as st
 
-    return st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=6),
-                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+    leaves = st.none() | st.booleans() | st.integers(-max_int, max_int)
+    if floats:
+        leaves |= st.floats()
+    leaves |= st.text(max_size=max_text)
+    return st.recursive(leaves,
+                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=max_key), inner,
                                                                                     max_size=3),
                         max_leaves=max_leaves)
 
@@ -104,14 +110,29 @@ def fuzz_settings(max_examples: int):
     return settings(max_examples=max_examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
+def fuzz_path(chat: bool) -> str:
+    """The endpoint a fuzz posts to: /v1/chat/completions when `chat`, else /v1/completions."""
+    return "/v1/chat/completions" if chat else "/v1/completions"
+
+
 def post_fuzz_body(url: str, body: dict[str, Any], chat: bool, timeout: float = 60):
     """POST `body` over a minimal valid request (prompt "x", or one user message "x" when `chat`) to the server's
     /v1/chat/completions or /v1/completions; the body's fields win."""
     import httpx
 
-    path = "/v1/chat/completions" if chat else "/v1/completions"
     base = {"messages": [{"role": "user", "content": "x"}]} if chat else {"prompt": "x"}
-    return httpx.post(f"{url}{path}", json={**base, **body}, timeout=timeout)
+    return httpx.post(f"{url}{fuzz_path(chat)}", json={**base, **body}, timeout=timeout)
+
+
+def post_fuzz_content(url: str, content: bytes, chat: bool, headers: dict[str, str] | None = None,
+                      timeout: float = 60):
+    """POST `content` exactly as given (no minimal request under it; not necessarily JSON: e.g. json.dumps with its
+    NaN and Infinity, or random bytes) as application/json to /v1/chat/completions or /v1/completions, with
+    `headers` added."""
+    import httpx
+
+    return httpx.post(f"{url}{fuzz_path(chat)}", content=content,
+                      headers={"content-type": "application/json", **(headers or {})}, timeout=timeout)
 
 
 def assert_no_5xx(response, body: Any) -> None:

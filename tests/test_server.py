@@ -28,8 +28,17 @@ import pytest
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
-from helpers import STARTUP_S, LiveServer, free_port
-from hypothesis import HealthCheck, example, given, settings
+from helpers import (
+    STARTUP_S,
+    LiveServer,
+    assert_healthy,
+    assert_no_5xx,
+    free_port,
+    fuzz_settings,
+    json_values,
+    post_fuzz_content,
+)
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from openai.types import Completion, CompletionChoice
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -538,10 +547,7 @@ def test_hostile_bodies(live):
     assert httpx.get(f"{live.url}/health").json() == {"status": "ok"}
 
 
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=8)
+_json = json_values(max_leaves=8, max_int=2**70, floats=True, max_text=12, max_key=6)
 _fields = {
     "model": st.sampled_from(["random:tiny", "other"]) | _json,
     "prompt": st.text(max_size=20) | st.lists(st.integers(-5, 9000), max_size=4) | _json,
@@ -565,20 +571,21 @@ _bodies = st.fixed_dictionaries(
     {"max_tokens": st.integers(-2, 6) | _json, "denoising_steps": st.integers(-1, 3) | _json}, optional=_fields)
 
 
-@settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@fuzz_settings(max_examples=100)
 @given(body=_bodies, extra=st.dictionaries(st.text(max_size=8), _json, max_size=2), chat=st.booleans(),
        raw=st.none() | st.binary(max_size=64))
 def test_fuzz_never_5xx(live, body, extra, chat, raw):
-    path = "/v1/chat/completions" if chat else "/v1/completions"
+    # the body as it is (no minimal request under it: a missing prompt is fuzzed too), JSON with NaN and Infinity
+    # (which httpx's json= refuses), or random bytes
     content = raw if raw is not None else json.dumps({**extra, **body}).encode()
-    r = httpx.post(f"{live.url}{path}", content=content, headers={"content-type": "application/json"}, timeout=60)
-    assert r.status_code < 500, (body, r.text)
+    r = post_fuzz_content(live.url, content, chat)
+    assert_no_5xx(r, body)
     if r.status_code >= 400:
-        _error(r, r.status_code)
+        _error(r, r.status_code)  # this server's error object exactly: message (non-empty), type, param, code
 
 
 def test_server_alive_after_fuzz(live):
-    assert httpx.get(f"{live.url}/health").status_code == 200
+    assert_healthy(live.url)
     assert _complete(live, max_tokens=3, seed=1).usage.completion_tokens == 3
     live.wait_idle()
 
@@ -747,20 +754,21 @@ def test_api_keys(keyed):
     assert httpx.get(f"{keyed.url}/metrics", headers={"Authorization": f"Bearer {KEYS[1]}"}).status_code == 200
 
 
-@settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@fuzz_settings(max_examples=40)
 @given(body=_bodies, chat=st.booleans(), key=st.none() | st.text(max_size=12),
        raw=st.none() | st.binary(max_size=64))
 def test_fuzz_with_a_key_never_gets_past_401(keyed, body, chat, key, raw):
-    path = "/v1/chat/completions" if chat else "/v1/completions"
-    headers = {"content-type": "application/json"}
+    headers = {}
     if key and key.isascii() and key.isprintable() and key.strip() == key:  # a header httpx can send
         headers["Authorization"] = f"Bearer {key}"
     content = raw if raw is not None else json.dumps(body).encode()
-    r = httpx.post(f"{keyed.url}{path}", content=content, headers=headers, timeout=60)
+    r = post_fuzz_content(keyed.url, content, chat, headers)
+    # stricter than never a 5xx: whatever the body, a wrong or missing key is a 401 before anything else
     assert _error(r, 401, None)["code"] == "invalid_api_key"
 
 
 def test_keyed_server_alive_after_fuzz(keyed):
+    assert_healthy(keyed.url)
     c = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=KEYS[0], max_retries=0, timeout=60)
     assert c.completions.create(model="random:tiny", prompt="x", max_tokens=3, seed=1,
                                 extra_body=FAST).usage.completion_tokens == 3

@@ -36,6 +36,7 @@ from dgemma.sampler import (
     draw_uniforms,
     linear_temperature,
     sample_inverse_cdf,
+    stable_and_confident,
     top_confidence,
 )
 
@@ -347,8 +348,6 @@ def diffusion_compat(model, input_ids, attention_mask, p, on_step):
         masks = eng.decoder_masks(cache, C)
         canvas = torch.randint(0, V, (B, C), generator=gen, device=dev)
         soft, history = None, None
-        if use_stopper and p.stability_threshold > 0:
-            history = torch.full((p.stability_threshold, B, C), -1, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         argmax = canvas
         row_steps = torch.zeros(B, dtype=torch.long)
@@ -366,11 +365,9 @@ def diffusion_compat(model, input_ids, attention_mask, p, on_step):
                     new_argmax = torch.where(done[:, None], argmax, new_argmax)
                     new_canvas = torch.where(done[:, None], canvas, new_canvas)
                     new_soft = torch.where(done[:, None, None], soft, new_soft)
-                stop = h.mean(dim=-1) < p.confidence_threshold
-                if history is not None:
-                    stop &= (history == new_argmax[None]).all(dim=-1).all(dim=0)
-                    history = torch.roll(history, shifts=-1, dims=0)
-                    history[-1] = new_argmax
+                # the reference's test, on the entropy of the processed logits that the chunked sampler computed
+                stop, history = stable_and_confident(new_argmax, None, history, p.stability_threshold,
+                                                     p.confidence_threshold, token_entropy=h)
                 done |= stop
             soft = new_soft
             argmax, canvas = new_argmax, new_canvas
