@@ -18,6 +18,7 @@ import torch
 
 from dgemma.config import ConfigError, ModelConfig
 from dgemma.engine.generate import ARParams, DiffusionParams, GenerationStats, StepFn, generate_ar, generate_diffusion
+from dgemma.hw import fast_half
 from dgemma.model import DiffusionGemma, init_weights
 from dgemma.params import RequestError, TokenLogprob
 from dgemma.template import fill_ids, hole_texts
@@ -113,18 +114,6 @@ def load(spec: str | Path | None = None, dtype: torch.dtype | str | None = None)
     if dtype is None and model.dtype in (torch.bfloat16, torch.float16) and not fast_half(model.device):
         model = model.float()  # a half-precision checkpoint on a CPU without fast half matmuls: compute in fp32
     return LoadedModel(model.eval(), tok, str(path), load_generation_config(path))
-
-
-def fast_half(device: torch.device) -> bool:
-    """Whether bf16/fp16 matmuls run at least as fast as fp32 on `device`: CUDA, or a CPU whose oneDNN has native
-    bf16 (AVX512-BF16 or AMX), detected at run time. Elsewhere (an AVX2-only CPU) they run many times slower, so
-    `load(dtype=None)` computes a half-precision checkpoint in fp32 there (`dgemma bench` measures both)."""
-    if device.type == "cuda":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 CHECKPOINT_FILES = "config.json, model.safetensors, tokenizer.json"

@@ -20,15 +20,10 @@ from helpers import LiveServer
 
 def pytest_report_header(config) -> list[str]:
     """What timings and kernels depend on: the CPU's vector extensions and the torch build."""
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    from dgemma.hw import cpu_info
+
+    flags = (cpu_info() or ("", frozenset()))[1]
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16") if f in flags]
     import torch
 
     return [(f"machine: {platform.machine()}, {os.cpu_count()} cores, cpu flags {' '.join(wanted) or 'unknown'}, "

@@ -46,3 +46,38 @@ def test_half_checkpoints_compute_in_fp32_where_half_is_slow():
     auto = load(DEFAULT_MODEL).model.dtype
     assert stored == torch.bfloat16
     assert auto == (torch.bfloat16 if fast_half(torch.device("cpu")) else torch.float32)
+
+
+def test_cpuinfo_is_read_on_x86_and_arm():
+    from dgemma.hw import parse_cpuinfo
+
+    x86 = ("processor\t: 0\nmodel name\t: Example Xeon\nflags\t\t: fpu avx2 avx512f\n\n"
+           "processor\t: 1\nmodel name\t: second\nflags\t\t: fpu\n")
+    assert parse_cpuinfo(x86) == ("Example Xeon", frozenset({"fpu", "avx2", "avx512f"}))
+    arm = "processor\t: 0\nFeatures\t: fp asimd bf16\nCPU part\t: 0xd40\n"
+    assert parse_cpuinfo(arm) == ("", frozenset({"fp", "asimd", "bf16"}))
+    assert parse_cpuinfo("garbage without colons\n") == ("", frozenset())
+
+
+@pytest.mark.parametrize("flags, onednn, fast", [
+    (("avx2", "fma"), False, False),
+    (("avx2", "avx512f", "avx512bw"), True, False),  # oneDNN says yes, but would emulate bf16
+    (("avx512f", "avx512_bf16"), True, True),
+    (("avx512f", "amx_bf16", "amx_tile"), True, True),
+    (("fp", "asimd", "bf16"), True, True),
+    (None, True, True),  # flags unreadable: oneDNN's answer stands
+    (None, False, False),
+])
+def test_half_precision_is_fast_only_with_native_bf16_instructions(monkeypatch, flags, onednn, fast):
+    """bf16 weights at load and bf16 autocast in training both follow the CPU's own flags, not oneDNN's answer
+    alone: an AVX-512 CPU without the BF16 extension emulates bf16 several times slower than fp32."""
+    import torch
+
+    from dgemma import hw
+    from dgemma.api import fast_half
+    from dgemma.train.dist import bf16_supported
+
+    monkeypatch.setattr(hw, "cpu_info", lambda: None if flags is None else ("cpu", frozenset(flags)))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    cpu = torch.device("cpu")
+    assert fast_half(cpu) is fast and bf16_supported(cpu) is fast

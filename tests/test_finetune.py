@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
 def _cfg(setup, out, **kw) -> FinetuneConfig:
     base = {"model": str(setup / "base"), "data": str(setup / "data"), "out": str(out), "steps": 4, "batch_size": 4,
             "seq_len": 32, "warmup_steps": 1, "val_every": 2, "val_batches": 1, "ckpt_every": 2, "progress": "none",
-            "threads": 1}
+            "threads": 1, "bf16": False}  # fp32 everywhere: the equalities below hold to fp32 roundoff
     return FinetuneConfig(**{**base, **kw})
 
 

@@ -42,7 +42,7 @@ The plain step: L pre-norm blocks (q, k, v, o of width nh*d, d = H / nh; scores 
 GELU MLP H -> I -> H) and a tied head over every position, all x3. Norms, softmax, RoPE, GELU and the optimizer's
 elementwise work are not matmuls and are not counted. FLOP/s are set against the fp32 matmul peak measured in the
 same run at the same thread count (`dgemma.bench.speed.machine_limits`), and against the bf16 peak where the CPU has
-native bf16 (`api.fast_half`; elsewhere bf16 runs far below fp32 and that fraction is left out as None).
+native bf16 (`hw.fast_half`; elsewhere bf16 runs far below fp32 and that fraction is left out as None).
 
 The plain step (`PlainModel`): token embedding, pre-norm blocks with bidirectional `F.scaled_dot_product_attention`
 and a dense GELU MLP of the model's intermediate size, a tied head, one denoising cross-entropy (uniform-token
@@ -525,16 +525,10 @@ def profile_step(base: DiffusionGemma, cfg: BenchTrainConfig, seq_len: int, bf16
 def machine_info() -> dict:
     """CPU model and the flags that decide fp32/bf16 speed (/proc/cpuinfo), cores, torch, git revision."""
     from dgemma.bench.speed import _git
+    from dgemma.hw import cpu_info
 
-    cpu, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    cpu, flags = cpu_info() or ("", frozenset())
+    cpu = cpu or "unknown"
     try:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
