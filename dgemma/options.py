@@ -239,7 +239,8 @@ def add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
     g.add_argument("--data", default=None, help="prepared data folder (dgemma data prepare --out ...)")
     g.add_argument("--synthetic-data", action="store_true", help="uniform random tokens (speed checks)")
     g.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --out (an error if it has none)")
+                   help="continue from the newest checkpoint in --out, with the run's own settings for every "
+                        "flag not given (an error if it has none)")
     g.add_argument("--steps", type=positive_int, default=d.steps, help=f"total optimizer steps (default {d.steps})")
     g.add_argument("--max-minutes", type=positive_float, default=None,
                    help="stop cleanly after this much training time")

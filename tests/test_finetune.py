@@ -95,6 +95,13 @@ def test_command_line_finetune_generate_with_adapter_and_merge(setup, tmp_path, 
                  "--threads", "1"]) == 0
     adapter = run / "latest"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    # --resume alone continues the run with its own flags (model, data, rank, batch)
+    assert main(["finetune", "--out", str(run), "--resume", "--steps", "3"]) == 0
+    assert (run / "checkpoints" / "step-000003" / "adapter_config.json").is_file()
+    capsys.readouterr()
+    assert main(["finetune", "--out", str(tmp_path / "other"), "--steps", "3"]) == 2
+    assert "--model and --data required" in capsys.readouterr().err
+    adapter = run / "latest"
     args = ["generate", "--model", str(setup / "base"), "--max-new-tokens", "8", "--stats", "none", "hello"]
     assert main(args + ["--adapter", str(adapter)]) == 0
     capsys.readouterr()

@@ -284,6 +284,27 @@ def test_resume_with_nothing_to_resume_is_an_error(tmp_path, capsys):
         train(tiny_cfg(tmp_path / "new", lr=float("inf")))
 
 
+def test_resume_on_the_command_line_takes_the_runs_own_flags(tmp_path, capsys):
+    """`dgemma train --out RUN --resume` continues the run as it was started (every flag not given comes from
+    RUN/train_config.json); flags given override, and those that must agree with the run are still checked."""
+    from dgemma.cli.main import main
+
+    out = tmp_path / "run"
+    start = ["train", "--synthetic-data", "--preset", "tiny", "--seq-len", "32", "--batch-size", "3", "--steps", "2",
+             "--lr", "2e-3", "--val-t", "0.3", "--no-bf16", "--threads", "1", "--val-every", "0", "--ckpt-every", "2",
+             "--progress", "none", "--out", str(out)]
+    assert main(start) == 0
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3"]) == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[-1]["tokens"] == 3 * 3 * 32  # the run's batch size and sequence length, not the defaults
+    assert [r["step"] for r in records if r["kind"] == "start"] == [0, 2]
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--steps", "4", "--batch-size", "2"]) == 2
+    assert "--batch-size: run has 3, now 2" in capsys.readouterr().err
+
+
 def test_data_of_another_tokenizer_than_the_checkpoint_is_an_error(tmp_path, capsys):
     """Fine-tuning (or resuming) on data tokenized with another tokenizer than the checkpoint's: the ids would
     mean other tokens, even at the same vocabulary size."""

@@ -451,6 +451,38 @@ _OOM_FIX = {"generate": "ask for fewer tokens (--max-new-tokens) or fewer prompt
             "eval": "lower --batch-size or --max-new-tokens", "train": "lower --batch-size or --seq-len"}
 
 
+# Where `train` and `finetune` keep the settings a run was started with: (file in --out, its section).
+_RUN_CONFIGS = {"train": ("train_config.json", "train"), "finetune": ("finetune_config.json", "finetune")}
+
+
+def _given_flags(argv: list[str]) -> set[str]:
+    """The destinations of the flags `argv` sets itself, as opposed to those left at their defaults."""
+    quiet = build_parser()
+    for action in quiet._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for a in sub._actions:
+                    a.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def _take_flags_from_the_run(args: argparse.Namespace, argv: list[str]) -> None:
+    """`--resume` continues a run as it was started: every flag not given takes the value saved in the run folder,
+    so `dgemma train --out RUN --resume` needs no other flag. Flags given still apply (and the run's resume check
+    refuses those that must agree with it). A missing or damaged run folder is left to that check to report."""
+    name, section = _RUN_CONFIGS[args.command]
+    try:
+        saved = json.loads((Path(args.out) / name).read_text())[section]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not isinstance(saved, dict):
+        return
+    given = _given_flags(argv)
+    for key, value in saved.items():
+        if key not in ("out", "resume") and key not in given and hasattr(args, key):
+            setattr(args, key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `dgemma ARGV`; the exit status: 0, 2 for any user error (one line on stderr), 130 on Ctrl-C."""
     parser = build_parser()
@@ -460,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     command = " ".join(filter(None, (args.command, getattr(args, "data_command", None),
                                      getattr(args, "bench_command", None))))
+    if args.command in _RUN_CONFIGS and args.resume:
+        _take_flags_from_the_run(args, sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

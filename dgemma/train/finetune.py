@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 
 from dgemma.options import (
     LoopConfig,
+    TrainError,
     below_one,
     non_negative_float,
     non_negative_int,
@@ -88,10 +89,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                                           "LoRA with --lora-rank.")
     d = FinetuneConfig()
     g = p.add_argument_group("run and data")
-    g.add_argument("--model", required=True, help="base checkpoint folder")
-    g.add_argument("--data", required=True, help="SFT data folder (dgemma data prepare --format ...)")
+    g.add_argument("--model", default="", help="base checkpoint folder (required, except with --resume)")
+    g.add_argument("--data", default="", help="SFT data folder (dgemma data prepare --format ...; required, "
+                                              "except with --resume)")
     g.add_argument("--out", required=True, help="run folder")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out (an error if it has none)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out, with its own settings for every flag not "
+                                                         "given (an error if it has none)")
     g.add_argument("--steps", type=positive_int, default=d.steps)
     g.add_argument("--max-minutes", type=positive_float, default=None)
     g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="examples per micro-step, all processes")
@@ -163,6 +166,10 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 def run_cli(args: argparse.Namespace) -> int:
     from dgemma.train.finetune_loop import finetune
 
+    missing = [f"--{k}" for k in ("model", "data") if not getattr(args, k)]
+    if missing:  # with --resume the run's own flags fill them in (cli.main)
+        raise TrainError(f"{' and '.join(missing)} required: the base checkpoint and the SFT data to fine-tune on "
+                         "(or --resume with the --out of an existing run)")
     finetune(config_from_args(args))
     return 0
 
