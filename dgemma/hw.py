@@ -17,7 +17,7 @@ NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
     """(model name, flags) of the first processor in a /proc/cpuinfo text: x86's `model name`/`flags`, or Arm's
-    `Features` (and `Hardware` or `CPU part` when no model name is given)."""
+    `Features` (and `Hardware` when no model name is given)."""
     model, flags = "", frozenset()
     for line in text.splitlines():
         key, sep, value = line.partition(":")

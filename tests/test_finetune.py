@@ -100,7 +100,7 @@ def test_command_line_finetune_generate_with_adapter_and_merge(setup, tmp_path, 
     assert (run / "checkpoints" / "step-000003" / "adapter_config.json").is_file()
     capsys.readouterr()
     assert main(["finetune", "--out", str(tmp_path / "other"), "--steps", "3"]) == 2
-    assert "--model and --data required" in capsys.readouterr().err
+    assert "--model and --data are required" in capsys.readouterr().err
     adapter = run / "latest"
     args = ["generate", "--model", str(setup / "base"), "--max-new-tokens", "8", "--stats", "none", "hello"]
     assert main(args + ["--adapter", str(adapter)]) == 0

@@ -168,8 +168,9 @@ def run_cli(args: argparse.Namespace) -> int:
 
     missing = [f"--{k}" for k in ("model", "data") if not getattr(args, k)]
     if missing:  # with --resume the run's own flags fill them in (cli.main)
-        raise TrainError(f"{' and '.join(missing)} required: the base checkpoint and the SFT data to fine-tune on "
-                         "(or --resume with the --out of an existing run)")
+        verb = "are" if len(missing) > 1 else "is"
+        raise TrainError(f"{' and '.join(missing)} {verb} required: the base checkpoint and the SFT data to fine-tune "
+                         "on (or --resume with the --out of an existing run)")
     finetune(config_from_args(args))
     return 0
 
