@@ -3,6 +3,7 @@ that decide whether bf16 arithmetic is fast here. Importing it imports no torch.
 
 from __future__ import annotations
 
+import platform
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +41,12 @@ def cpu_info() -> tuple[str, frozenset[str]] | None:
         return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
         return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name for benchmark logs; the platform's processor or machine name where it is not given."""
+    model = (cpu_info() or ("", frozenset()))[0]
+    return model or platform.processor() or platform.machine()
 
 
 def native_bf16() -> bool | None:

@@ -36,7 +36,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -478,12 +477,9 @@ def _git() -> dict:
 def _device() -> dict:
     import torch  # only for the thread count the server's torch starts with in this environment
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from dgemma.hw import cpu_name
+
+    cpu = cpu_name()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 

@@ -93,8 +93,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--data", default="", help="SFT data folder (dgemma data prepare --format ...; required, "
                                               "except with --resume)")
     g.add_argument("--out", required=True, help="run folder")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out, with its own settings for every flag not "
-                                                         "given (an error if it has none)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out, with its own settings for every flag not given (an error if it "
+                        "has none)")
     g.add_argument("--steps", type=positive_int, default=d.steps)
     g.add_argument("--max-minutes", type=positive_float, default=None)
     g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="examples per micro-step, all processes")
