@@ -3,6 +3,7 @@ that decide whether bf16 arithmetic is fast here. Importing it imports no torch.
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import cache
 from pathlib import Path
@@ -47,6 +48,14 @@ def cpu_name() -> str:
     """The CPU's model name for benchmark logs; the platform's processor or machine name where it is not given."""
     model = (cpu_info() or ("", frozenset()))[0]
     return model or platform.processor() or platform.machine()
+
+
+def cores_allowed() -> int:
+    """The cores this process may run on (`taskset` and cgroup cpusets narrow it), not all the machine has."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity call on this platform
+        return os.cpu_count() or 1
 
 
 def native_bf16() -> bool | None:

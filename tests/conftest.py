@@ -18,6 +18,26 @@ import pytest
 from helpers import LiveServer
 
 
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist every worker is a process that would otherwise start one torch thread per core, so two
+    workers on two cores run four busy threads and each waits on the other's (measured: a group of files took 1.7x
+    longer that way). Each worker, and every process it starts (servers, torchrun, the command line), gets its share
+    of the cores instead. Runs at import; tests that set their own thread count still do."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    from dgemma.hw import cores_allowed
+
+    threads = max(1, cores_allowed() // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+_share_the_cores_between_workers()
+
+
 def pytest_report_header(config) -> list[str]:
     """What timings and kernels depend on: the CPU's vector extensions and the torch build."""
     from dgemma.hw import cpu_info

@@ -81,3 +81,29 @@ def test_half_precision_is_fast_only_with_native_bf16_instructions(monkeypatch, 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
     cpu = torch.device("cpu")
     assert fast_half(cpu) is fast and bf16_supported(cpu) is fast
+
+
+def test_thread_counts_follow_the_cores_this_process_may_use(monkeypatch):
+    """`taskset -c 0 dgemma train` on a 2-core machine: two torchrun processes get one thread each from the cores
+    allowed, not from all the machine has; where the platform has no affinity call, the machine's count."""
+    import os
+
+    import torch
+
+    from dgemma import hw
+    from dgemma.train.dist import Distributed, set_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert hw.cores_allowed() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    before = torch.get_num_threads()
+    try:
+        set_threads(None, Distributed(0, 2, 0, 2, torch.device("cpu"), False))
+        assert torch.get_num_threads() == 2
+        set_threads(3, Distributed(0, 1, 0, 1, torch.device("cpu"), False))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert hw.cores_allowed() == 8

@@ -477,11 +477,9 @@ def _git() -> dict:
 def _device() -> dict:
     import torch  # only for the thread count the server's torch starts with in this environment
 
-    from dgemma.hw import cpu_name
+    from dgemma.hw import cores_allowed, cpu_name
 
-    cpu = cpu_name()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"cpu": cpu_name(), "cores": cores_allowed(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def _served_dtype(cfg: ServeBenchConfig) -> str:

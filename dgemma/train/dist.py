@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dgemma.hw import cores_allowed, fast_half
 from dgemma.options import TrainError
 
 
@@ -62,8 +63,6 @@ def bf16_supported(device: torch.device) -> bool:
     5x (AVX-512) to 60x (AVX2) slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    from dgemma.hw import fast_half
-
     return fast_half(device)
 
 
@@ -91,7 +90,7 @@ def set_threads(threads: int | None, env: Distributed) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
     elif env.device.type == "cpu" and env.local_world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+        torch.set_num_threads(max(1, cores_allowed() // env.local_world_size))
 
 
 def wrap(step_module: nn.Module, layers: nn.ModuleList, env: Distributed, fsdp: bool) -> nn.Module:
