@@ -426,3 +426,28 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32(tmp_path):
     for a, b in zip(fp32.history, bf16.history, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=0.1)
     assert load_checkpoint(bf16.checkpoint)[1].dtype == torch.float32  # master weights stay fp32
+
+
+@pytest.mark.slow
+def test_compiled_training_compiles_two_graphs_per_layer_kind_and_validates_eagerly(tmp_path):
+    """--compile: one graph per layer kind for the encoder and one that both decoder passes share, none for
+    validation (it runs eagerly), none more over later steps; the losses stay those of eager training to float
+    rounding (compiled kernels fuse and reorder the sums)."""
+    from dgemma.bench.train import _dynamo_counts
+    from dgemma.engine.compiled import compiler_available
+
+    if compiler_available() is not None:
+        pytest.skip(compiler_available())
+    cfg = tiny_cfg(tmp_path / "eager", steps=4, seq_len=64, batch_size=2, val_every=2, val_batches=1)
+    eager = train(cfg, data=data_for(cfg))
+    torch._dynamo.reset()
+    before = _dynamo_counts()[0]
+    compiled = train(replace(cfg, out=str(tmp_path / "compiled"), compile=True), data=data_for(cfg))
+    kinds = len(set(preset("tiny").layer_types))
+    assert _dynamo_counts()[0] - before == 2 * kinds
+    assert len(compiled.validations) == len(eager.validations) == 2
+    for a, b in zip(eager.history, compiled.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-4)
+    for a, b in zip(eager.validations, compiled.validations, strict=True):
+        assert b["val_diffusion_mean"] == pytest.approx(a["val_diffusion_mean"], rel=1e-4, abs=1e-4)
+

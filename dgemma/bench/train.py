@@ -235,21 +235,22 @@ class Clock:
 
 @contextmanager
 def timed_model(model: DiffusionGemma, clock: Clock):
-    """Time `model.encode`, `model.denoise_hidden` (pass 1 = without gradients, pass 2 = with) and `model.logits` into
-    `clock`, by shadowing the bound methods on the instance for the duration; removed on exit. The wrapped calls get
-    the same arguments and return the same tensors, so nothing the objective computes changes."""
+    """Time `model.encode`, `model.denoise_hidden` (pass 1 = called without self-conditioning logits, pass 2 = with
+    them) and `model.logits` into `clock`, by shadowing the bound methods on the instance for the duration; removed
+    on exit. The wrapped calls get the same arguments and return the same tensors, so nothing the objective computes
+    changes."""
     def wrap(name: str, key_of):
         method = getattr(model, name)
 
         def timed(*args, **kwargs):
-            with clock(key_of()):
+            with clock(key_of(kwargs)):
                 return method(*args, **kwargs)
 
         setattr(model, name, timed)
 
-    wrap("encode", lambda: "encoder")
-    wrap("denoise_hidden", lambda: "decoder_pass2" if torch.is_grad_enabled() else "decoder_pass1")
-    wrap("logits", lambda: "head")
+    wrap("encode", lambda kw: "encoder")
+    wrap("denoise_hidden", lambda kw: "decoder_pass1" if kw.get("sc_logits") is None else "decoder_pass2")
+    wrap("logits", lambda kw: "head")
     try:
         yield model
     finally:
@@ -336,9 +337,10 @@ def loader_for(cfg: BenchTrainConfig, c: ModelConfig, seq_len: int) -> Iterator:
 # ---------------------------------------------------------------------------------------------------------------
 # One step of each
 def dgemma_step(model: DiffusionGemma, optimizer, params, loader, index: int, clock: Clock, autocast,
-                seed: int = 0) -> dict:
-    """One `dgemma train` step (single process, grad_accum 1), its parts timed into `clock`. Returns the loss and
-    the shape figures the FLOP count needs."""
+                seed: int = 0, compiled: bool = False) -> dict:
+    """One `dgemma train` step (single process, grad_accum 1), its parts timed into `clock`; `compiled` as train's
+    --compile (pass 1 then records autograd to share pass 2's graphs). Returns the loss and the shape figures the
+    FLOP count needs."""
     from dgemma.train.objective import example_generators, sample_noise, training_losses
     from dgemma.train.pretrain import unpack_batch
 
@@ -348,7 +350,7 @@ def dgemma_step(model: DiffusionGemma, optimizer, params, loader, index: int, cl
         B, T = x.shape
         noise = sample_noise(x, c.vocab_size, example_generators(seed, "train", index * B, B), eps=T_EPS, sc_prob=0.5)
     with clock("forward"), autocast, timed_model(model, clock):
-        losses = training_losses(model, x, noise, loss_mask=mask, self_conditioning=True)
+        losses = training_losses(model, x, noise, loss_mask=mask, self_conditioning=True, sc_graph=compiled)
     with clock("backward"):
         losses.total.backward()
     with clock("optimizer"):
@@ -417,7 +419,7 @@ def measure(base: DiffusionGemma, cfg: BenchTrainConfig, seq_len: int, mode: str
             g0 = _dynamo_counts()[0]
             t0 = time.perf_counter()
             if who == 0:
-                info = dgemma_step(model, opt, params, loader, i, clock, autocast, cfg.seed)
+                info = dgemma_step(model, opt, params, loader, i, clock, autocast, cfg.seed, mode == "compile")
             else:
                 info = {"loss": plain_step(plain, popt, pparams, plain_batch, i, clock, autocast, cfg.seed)}
             dt = time.perf_counter() - t0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -231,7 +232,7 @@ def supervised_canvases(config: ModelConfig, sup: torch.Tensor, masks: Masks) ->
 def training_losses(model: DiffusionGemma, x: torch.Tensor, noise: Noise, ar_weight: float = 1.0,
                     loss_mask: torch.Tensor | None = None, ce_chunk: int = 0,
                     diffusion_norm: float | None = None, ar_norm: float | None = None,
-                    self_conditioning: bool = True, diffusion: bool = True) -> Losses:
+                    self_conditioning: bool = True, diffusion: bool = True, sc_graph: bool = False) -> Losses:
     """Diffusion + AR losses of one batch.
 
     x: [B, T] clean ids; noise: from `sample_noise(x, ...)`.
@@ -243,7 +244,10 @@ def training_losses(model: DiffusionGemma, x: torch.Tensor, noise: Noise, ar_wei
     self_conditioning: False skips pass 1 (zero signal for every example, whatever noise.sc_mask says). Pass 1
         otherwise always runs, even when no example's switch is on: sharded data-parallel processes must run the
         same sequence of layer calls.
-    diffusion: False skips both decoder passes (the AR-only control: the diffusion loss is 0, without gradients)."""
+    diffusion: False skips both decoder passes (the AR-only control: the diffusion loss is 0, without gradients).
+    sc_graph: run pass 1 with autograd recording and detach its logits (the same values, no gradient through them)
+        instead of under no_grad. Compiled layers (train --compile) then run pass 1 through the graphs compiled for
+        pass 2 instead of compiling no-gradient graphs of their own: fewer graphs to compile, the same losses."""
     _check_batch(model, x)
     T = x.shape[1]
     sup = torch.ones_like(x, dtype=torch.bool) if loss_mask is None else loss_mask.to(x.device, torch.bool)
@@ -266,8 +270,9 @@ def training_losses(model: DiffusionGemma, x: torch.Tensor, noise: Noise, ar_wei
         noisy, target, dsup = noisy[:, positions], x[:, positions], sup[:, positions]
     sc_logits = None
     if self_conditioning:  # pass 1
-        with torch.no_grad():
+        with nullcontext() if sc_graph else torch.no_grad():
             sc_logits = model.logits(denoise_all_canvases(model, noisy, cache, masks, positions=positions))  # fp32
+        sc_logits = sc_logits.detach()
     dec = denoise_all_canvases(model, noisy, cache, masks, sc_logits=sc_logits, sc_mask=noise.sc_mask,
                                positions=positions)
     diff_sum = _ce_sum(model, dec[dsup], target[dsup], ce_chunk)

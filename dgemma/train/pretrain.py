@@ -167,12 +167,13 @@ class TrainStep(nn.Module):
 
     def forward(self, x: torch.Tensor, loss_mask: torch.Tensor | None, noise=None, diffusion_norm: float = 1.0,
                 ar_norm: float = 1.0, ar_weight: float = 1.0, ce_chunk: int = 0, self_conditioning: bool = True,
-                eval_t: tuple[float, ...] | None = None, eval_generators=None, diffusion: bool = True):
+                eval_t: tuple[float, ...] | None = None, eval_generators=None, diffusion: bool = True,
+                sc_graph: bool = False):
         if eval_t is not None:  # validation (no gradients)
             return evaluate_losses(self.model, x, eval_t, eval_generators, loss_mask=loss_mask)
         losses = training_losses(self.model, x, noise, ar_weight=ar_weight, loss_mask=loss_mask, ce_chunk=ce_chunk,
                                  diffusion_norm=diffusion_norm, ar_norm=ar_norm, self_conditioning=self_conditioning,
-                                 diffusion=diffusion)
+                                 diffusion=diffusion, sc_graph=sc_graph)
         return losses.total, losses.diffusion_sum, losses.ar_sum
 
 
@@ -349,7 +350,8 @@ def _job(cfg: TrainConfig, data: DataSource, mc: ModelConfig, model: DiffusionGe
 
     def loss(wrapped, x, mask, noise, diffusion_norm, ar_norm):
         return wrapped(x, mask, noise, diffusion_norm=diffusion_norm, ar_norm=ar_norm, ar_weight=cfg.ar_weight,
-                       ce_chunk=cfg.ce_chunk, self_conditioning=cfg.sc_prob > 0, diffusion=not cfg.ar_only)
+                       ce_chunk=cfg.ce_chunk, self_conditioning=cfg.sc_prob > 0, diffusion=not cfg.ar_only,
+                       sc_graph=cfg.compile)  # compiled layers: pass 1 reuses pass 2's graphs
 
     def validate(wrapped, at_step):
         if data.val is None or not cfg.val_t:
