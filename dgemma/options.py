@@ -285,7 +285,10 @@ def add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=d.bf16,
                    help="bf16 autocast (default: on where the CPU/GPU has native bf16 matmuls; without them, e.g. on "
                         "AVX2-only CPUs, bf16 matmuls are many times slower than fp32)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile, help="torch.compile layers")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
+                   help="torch.compile each layer: the first step compiles (a minute or more on a small CPU with an "
+                        "empty cache, seconds once inductor's on-disk cache holds the graphs), validation stays "
+                        "eager. Faster than eager on some CPUs, not all: measure with `dgemma bench train --compile`")
     g.add_argument("--fsdp", action="store_true", help="FSDP2 sharding instead of DDP (several processes)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     g.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process")
