@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.grid(alpha=0.3)
         top = ax.secondary_xaxis("top", functions=(lambda t: t, lambda t: t))
         top.set_xticks(x[:: max(1, len(x) // 4)], [f"{p['hours']:.1f}h" for p in points[:: max(1, len(x) // 4)]])
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left")
         fig.tight_layout()
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.plot, dpi=120)
