@@ -450,4 +450,3 @@ def test_compiled_training_compiles_two_graphs_per_layer_kind_and_validates_eage
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-4)
     for a, b in zip(eager.validations, compiled.validations, strict=True):
         assert b["val_diffusion_mean"] == pytest.approx(a["val_diffusion_mean"], rel=1e-4, abs=1e-4)
-

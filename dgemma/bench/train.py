@@ -527,15 +527,11 @@ def profile_step(base: DiffusionGemma, cfg: BenchTrainConfig, seq_len: int, bf16
 def machine_info() -> dict:
     """CPU model and the flags that decide fp32/bf16 speed (/proc/cpuinfo), cores, torch, git revision."""
     from dgemma.bench.speed import _git
-    from dgemma.hw import cpu_info
+    from dgemma.hw import cores_allowed, cpu_info
 
     cpu, flags = cpu_info() or ("", frozenset())
     cpu = cpu or "unknown"
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        affinity = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "cores_allowed": affinity,
+    return {"cpu": cpu, "cores": os.cpu_count(), "cores_allowed": cores_allowed(),
             "cpu_flags": {f: f in flags for f in CPU_FLAGS}, "torch": torch.__version__, "git": _git()}
 
 
